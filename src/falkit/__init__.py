@@ -1,0 +1,3 @@
+"""falkit: federated active learning (FairFAL, FAST and their baselines)."""
+
+__version__ = "0.1.0"
