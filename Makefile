@@ -1,0 +1,50 @@
+# Everything a fresh machine needs: `make demo`, `make test`, `make bench`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch; pyproject keeps a range that this pin satisfies, so pip never
+# replaces it with a multi-GB CUDA build. Override on other machines: make TORCH=torch==2.5.1
+TORCH  ?= torch==2.13.0
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test test-fast bench data lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST: any data root falkit searches will do; on Debian/Ubuntu the package
+# dataset-fashion-mnist provides it offline, elsewhere `falkit data download fmnist`.
+data: $(VENV)/.installed
+	@if $(VENV)/bin/falkit data find fmnist >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "Fashion-MNIST: installing Debian package dataset-fashion-mnist"; \
+	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }; \
+	else \
+	  $(VENV)/bin/falkit data download fmnist; \
+	fi
+	@$(VENV)/bin/falkit data find fmnist
+
+demo: data
+	$(VENV)/bin/falkit demo
+
+test: data
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+bench: data
+	$(PY) benchmarks/run.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

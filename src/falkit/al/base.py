@@ -1,0 +1,153 @@
+"""The query-strategy contract (DESIGN.md §2): `Strategy.query(ctx, budget)` returns exactly
+min(budget, |U|) distinct indices of the client's unlabeled pool.
+
+A strategy sees only its client's data, through a `QueryContext` whose model outputs are
+computed lazily, in large batches, once per cycle per client, and then reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from falkit.al.primitives import grad_embeddings
+from falkit.errors import ConfigError
+
+# (model, indices) -> (probs N×C, features N×D) for "global" or "local"
+Infer = Callable[[str, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class QueryContext:
+    """Everything client `client_id` may use when it queries in cycle `cycle`."""
+
+    client_id: int
+    cycle: int
+    labeled: np.ndarray  # sorted train indices with known labels
+    labeled_y: np.ndarray  # their labels (from the oracle)
+    unlabeled: np.ndarray  # sorted train indices of the unlabeled pool
+    num_classes: int
+    rng: np.random.Generator
+    infer: Infer
+    server: dict[str, float] = field(default_factory=dict)  # what server_reduce broadcast
+    _cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
+
+    def outputs(self, model: str, subset: str = "unlabeled") -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs, features) of `model` ("global" | "local") on `subset` ("unlabeled" |
+        "labeled"). Both subsets are inferred in one batched pass and cached."""
+        if (model, subset) not in self._cache:
+            pool = np.concatenate([self.unlabeled, self.labeled])
+            probs, feats = self.infer(model, pool)
+            nu = len(self.unlabeled)
+            self._cache[(model, "unlabeled")] = (probs[:nu], feats[:nu])
+            self._cache[(model, "labeled")] = (probs[nu:], feats[nu:])
+        return self._cache[(model, subset)]
+
+    def probs(self, model: str, subset: str = "unlabeled") -> torch.Tensor:
+        return self.outputs(model, subset)[0]
+
+    def features(self, model: str, subset: str = "unlabeled") -> torch.Tensor:
+        return self.outputs(model, subset)[1]
+
+    def grad_embeddings(self, model: str, subset: str = "unlabeled",
+                        hot: torch.Tensor | None = None) -> torch.Tensor:
+        probs, feats = self.outputs(model, subset)
+        return grad_embeddings(feats, probs, hot)
+
+
+class Strategy:
+    """Base class. Subclasses set `name`, `description` and implement `select`, returning
+    positions into `ctx.unlabeled`; `query` maps them to indices and enforces the contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    uses_selector: ClassVar[bool] = False  # takes @G / @L
+    local_model_mode: ClassVar[str | None] = None  # None: the config's local_model.mode
+
+    def __init__(self, selector: str | None = None, **options: object):
+        if self.uses_selector:
+            selector = selector or "G"
+            if selector not in ("G", "L"):
+                raise ConfigError(f"selector must be @G or @L, got @{selector}")
+        elif selector is not None:
+            raise ConfigError(f"strategy '{self.name}' takes no @{selector} selector")
+        self.selector = selector
+        self.options = options
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.selector}" if self.selector else self.name
+
+    @property
+    def query_model(self) -> str:
+        return "local" if self.selector == "L" else "global"
+
+    @property
+    def needs_local_model(self) -> bool:
+        return self.selector == "L"
+
+    def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def query(self, ctx: QueryContext, budget: int) -> np.ndarray:
+        """Exactly min(budget, |U|) distinct indices from ctx.unlabeled."""
+        n = len(ctx.unlabeled)
+        want = min(int(budget), n)
+        if want <= 0:
+            return np.zeros(0, dtype=np.int64)
+        if want == n:
+            return ctx.unlabeled.copy()
+        pos = np.asarray(self.select(ctx, want), dtype=np.int64)
+        if len(pos) != want or len(np.unique(pos)) != want or pos.min() < 0 or pos.max() >= n:
+            raise RuntimeError(f"{self.id} broke the query contract: {len(pos)} positions "
+                               f"({len(np.unique(pos))} distinct) for a budget of {want}")
+        return ctx.unlabeled[pos]
+
+    # Optional two-phase hook for strategies with a server statistic (FairFAL's γ).
+    def client_stats(self, ctx: QueryContext) -> dict[str, float] | None:
+        return None
+
+    def server_reduce(self, stats: list[dict[str, float]]) -> dict[str, float]:
+        return {}
+
+    def diagnostics(self) -> dict[str, object]:
+        """Per-query diagnostics recorded in queries.jsonl (cleared by the loop)."""
+        return getattr(self, "_diag", {})
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def parse_id(strategy_id: str) -> tuple[str, str | None]:
+    name, _, selector = strategy_id.partition("@")
+    return name, (selector or None)
+
+
+def create(strategy_id: str, **options: object) -> Strategy:
+    """`create("entropy@G")`; an unknown name is a ConfigError listing the valid ones."""
+    import falkit.al.strategies  # noqa: F401  (registers every strategy)
+
+    name, selector = parse_id(strategy_id)
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy '{strategy_id}' (valid: {', '.join(list_ids())})")
+    return STRATEGIES[name](selector=selector, **options)
+
+
+def list_ids() -> list[str]:
+    """Every runnable strategy id, selectors spelled out (entropy@G, entropy@L, ...)."""
+    import falkit.al.strategies  # noqa: F401
+
+    out = []
+    for name, cls in STRATEGIES.items():
+        out += [f"{name}@G", f"{name}@L"] if cls.uses_selector else [name]
+    return out

@@ -1,0 +1,107 @@
+"""Selection primitives: pure functions on arrays, unit-tested on inputs with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def top_k(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """Positions of the k largest scores; ties go to the smaller position (ALGORITHMS.md §4)."""
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.lexsort((np.arange(len(s)), -s))  # primary: score desc, secondary: position
+    return order[:k]
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -Σ p log p per row, with 0 log 0 = 0."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+
+
+def margin(p: torch.Tensor) -> torch.Tensor:
+    """p(1) - p(2): the gap between the two most probable classes."""
+    top2 = p.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+def grad_embeddings(features: torch.Tensor, probs: torch.Tensor,
+                    hot: torch.Tensor | None = None) -> torch.Tensor:
+    """BADGE gradient embedding (Ash et al. 2020): block c = f(x)·(1{c = ŷ} − p_c), the
+    gradient of the cross-entropy w.r.t. the last layer at the hypothesised label ŷ
+    (argmax p unless `hot` is given). Shape N × (C·D)."""
+    if hot is None:
+        hot = probs.argmax(1)
+    coef = -probs.clone()
+    coef[torch.arange(len(coef)), hot] += 1.0
+    return (coef.unsqueeze(2) * features.unsqueeze(1)).reshape(len(features), -1)
+
+
+def _sq_dists(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """min over centers of squared Euclidean distance, for every row of x (chunked)."""
+    out = torch.full((len(x),), float("inf"), dtype=torch.float64)
+    if len(centers) == 0:
+        return out
+    x64 = x.to(torch.float64)
+    for b in range(0, len(centers), chunk):
+        c = centers[b:b + chunk].to(torch.float64)
+        d = torch.cdist(x64, c).pow_(2).min(1).values
+        out = torch.minimum(out, d)
+    return out
+
+
+def kcenter_greedy(x: torch.Tensor, k: int, centers: torch.Tensor | None = None,
+                   first: int | None = None) -> np.ndarray:
+    """Greedy k-center (Sener & Savarese 2018): repeatedly add the point farthest from its
+    nearest center. `centers` (e.g. the labeled points) start the center set; without them
+    the first pick is `first` (default: position 0). Returns k distinct positions into x.
+    Distances are computed once per pick against the new center only: O(k·N·D)."""
+    n = len(x)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x64 = x.to(torch.float64)
+    chosen: list[int] = []
+    if centers is not None and len(centers) > 0:
+        dist = _sq_dists(x64, centers)
+    else:
+        start = 0 if first is None else int(first)
+        chosen.append(start)
+        dist = (x64 - x64[start]).pow(2).sum(1)
+    taken = torch.zeros(n, dtype=torch.bool)
+    taken[chosen] = True
+    while len(chosen) < k:
+        d = dist.masked_fill(taken, -1.0)
+        i = int(torch.argmax(d))  # argmax returns the first maximum: ties go to position
+        chosen.append(i)
+        taken[i] = True
+        dist = torch.minimum(dist, (x64 - x64[i]).pow(2).sum(1))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def kmeanspp_seeding(x: torch.Tensor, k: int, rng: np.random.Generator) -> np.ndarray:
+    """BADGE's k-means++ seeding: first center = the largest ‖x‖; each next center drawn
+    with probability ∝ squared distance to the nearest chosen center; once every remaining
+    distance is 0, the rest are drawn uniformly at random (ALGORITHMS.md §4 badge)."""
+    n = len(x)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x64 = x.to(torch.float64)
+    first = int(top_k(x64.norm(dim=1).numpy(), 1)[0])
+    chosen = [first]
+    taken = np.zeros(n, dtype=bool)
+    taken[first] = True
+    dist = (x64 - x64[first]).pow(2).sum(1).numpy()
+    while len(chosen) < k:
+        d = np.where(taken, 0.0, dist)
+        total = d.sum()
+        if total <= 0:  # all remaining points coincide with a center
+            rest = np.flatnonzero(~taken)
+            extra = rng.choice(rest, size=k - len(chosen), replace=False)
+            chosen.extend(int(i) for i in extra)
+            break
+        i = int(rng.choice(n, p=d / total))
+        chosen.append(i)
+        taken[i] = True
+        dist = np.minimum(dist, (x64 - x64[i]).pow(2).sum(1).numpy())
+    return np.asarray(chosen, dtype=np.int64)

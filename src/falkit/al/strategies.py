@@ -1,0 +1,3 @@
+"""Imports every strategy module so that each registers itself."""
+
+from falkit.al import badge, coreset, uncertainty  # noqa: F401

@@ -1,0 +1,322 @@
+"""The `falkit` command line: run | sweep | demo | show | partition | data | list."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from falkit import __version__
+from falkit import config as config_mod
+from falkit.errors import ConfigError, FalkitError
+
+log = logging.getLogger("falkit")
+
+REPORT_PCTS = (15, 25, 35, 45)  # the papers report accuracy at these labeled fractions
+
+
+# -- progress -------------------------------------------------------------------------------
+class RichReporter:
+    """Progress bars for the phases of each cycle, one summary line per finished cycle."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.progress = None
+        self.task = None
+
+    def start(self, run_name: str, cycles: int, first_cycle: int) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        resumed = f" (resuming at cycle {first_cycle + 1})" if first_cycle else ""
+        self.console.print(f"[bold]{run_name}[/bold]: {cycles} cycles{resumed}")
+        if not self.quiet:
+            self.progress = Progress(TextColumn("  {task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=self.console,
+                                     transient=True)
+            self.progress.start()
+
+    def phase(self, description: str, total: int) -> None:
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def cycle_done(self, row: dict[str, Any]) -> None:
+        msg = (f"  cycle {row['cycle'] + 1}: {row['labeled_pct']:.1f}% labeled, "
+               f"accuracy {100 * row['accuracy']:.2f}%  "
+               f"(train {row['time_train']:.1f}s, query {row['time_query']:.1f}s, "
+               f"local model {row['time_local_model']:.1f}s, eval {row['time_eval']:.1f}s)")
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        else:
+            self.console.print(msg)
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+            self.task = None
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _load_config(path: str | None, preset: str | None, overrides: list[str]) -> config_mod.Config:
+    return config_mod.load(path, preset=preset, overrides=config_mod.parse_overrides(overrides))
+
+
+def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """`falkit run [CONFIG] [key=value ...]`: the first positional is a file unless it has '='."""
+    items = list(args.items)
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def accuracy_table(runs: list[tuple[str, list[dict[str, Any]]]],
+                   pcts: tuple[int, ...] = REPORT_PCTS) -> str:
+    """A text table: one row per run, accuracy (%) at each reported labeled fraction."""
+    name_w = max([len(n) for n, _ in runs] + [6])
+    head = f"{'method':<{name_w}}  " + "  ".join(f"{p:>5d}%" for p in pcts)
+    lines = [head, "-" * len(head)]
+    for name, rows in runs:
+        by_pct = {round(float(r["target_pct"])): float(r["accuracy"]) for r in rows}
+        cells = [f"{100 * by_pct[p]:6.2f}" if p in by_pct else f"{'-':>6}" for p in pcts]
+        lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
+    from falkit.loop import run
+
+    result = run(cfg, reporter=RichReporter(quiet), overwrite=overwrite)
+    if result.skipped:
+        print(f"{result.run_dir}: already complete (use --overwrite to run again)",
+              file=sys.stderr)
+    return result
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    path, overrides = _split_config_arg(args)
+    cfg = _load_config(path, args.preset, overrides)
+    result = _run_one(cfg, args.quiet, args.overwrite)
+    print(accuracy_table([(cfg.strategy, result.metrics)]))
+    print(f"results: {result.run_dir}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from falkit.results import csv_text, write_atomic
+
+    path, overrides = _split_config_arg(args)
+    base = _load_config(path, args.preset, overrides)  # validates the base first
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else [base.strategy]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    grid: list[tuple[str, list[str]]] = []
+    for g in args.grid or []:
+        if "=" not in g:
+            raise ConfigError(f"--grid '{g}' is not key=v1,v2")
+        k, v = g.split("=", 1)
+        grid.append((k, v.split(",")))
+    combos = list(itertools.product(*[v for _, v in grid])) or [()]
+    jobs = []
+    for values in combos:
+        for strategy in strategies:
+            for seed in seeds:
+                extra = dict(config_mod.parse_overrides(overrides))
+                extra.update({k: v for (k, _), v in zip(grid, values, strict=True)})
+                extra.update(strategy=strategy, seed=str(seed))
+                jobs.append((config_mod.load(path, args.preset, extra), dict(zip(
+                    [k for k, _ in grid], values, strict=True))))
+    from falkit.loop import run_dir_of
+    from falkit.results import is_complete
+
+    done = sum(is_complete(run_dir_of(c)) for c, _ in jobs)
+    print(f"sweep: {len(jobs)} runs ({done} already complete)", file=sys.stderr)
+    long_rows = []
+    for i, (cfg, settings) in enumerate(jobs):
+        print(f"[{i + 1}/{len(jobs)}] {cfg.run_name()}", file=sys.stderr)
+        result = _run_one(cfg, args.quiet)
+        for row in result.metrics:
+            long_rows.append({"run": cfg.run_name(), "strategy": cfg.strategy, "seed": cfg.seed,
+                              **settings, **row})
+    out = Path(base.out_dir) / (args.name or "sweep") / "sweep.csv"
+    write_atomic(out, csv_text(long_rows))
+    print(f"sweep results: {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    runs = []
+    for strategy in args.strategies.split(","):
+        cfg = config_mod.load(args.config, preset="quick",
+                              overrides={"strategy": strategy, "out_dir": args.out})
+        result = _run_one(cfg, args.quiet)
+        runs.append((strategy, result.metrics, result.run_dir))
+    print()
+    print("Accuracy (%) of the global model on the full Fashion-MNIST test set, "
+          "FMNIST-LT rho=20, alpha=0.1, 10 clients, quick preset, seed 0:")
+    print(accuracy_table([(s, m) for s, m, _ in runs]))
+    print()
+    for s, _, d in runs:
+        print(f"results of {s}: {d}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from falkit.results import read_metrics
+
+    runs = []
+    for d in args.runs:
+        rows = read_metrics(d)
+        if not rows:
+            raise FalkitError(f"{d} has no metrics.csv (not a falkit run directory?)")
+        runs.append((Path(d).name, rows))
+    print(accuracy_table(runs))
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from falkit.data.federation import build, client_budgets
+    from falkit.data.partition import format_partition_table, write_partition_csv
+
+    path, overrides = _split_config_arg(args)
+    cfg = _load_config(path, args.preset, overrides)
+    data = build(cfg)
+    counts = data.partition_counts()
+    print(f"{cfg.data.dataset}: {data.num_train} train samples after the long tail "
+          f"(rho={cfg.data.rho}), {len(data.clients)} clients, "
+          f"{cfg.partition.method} alpha={cfg.partition.alpha:g}, seed {cfg.seed}")
+    print(format_partition_table(counts, data.dataset.classes))
+    budgets = client_budgets(cfg, data)
+    print(f"per-client budget per cycle: {budgets[0] if len(set(budgets)) == 1 else budgets}")
+    if args.csv:
+        write_partition_csv(Path(args.csv), counts, data.dataset.classes)
+        print(f"written: {args.csv}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from falkit.data import sources
+
+    if args.action == "list":
+        for name, desc in sources.describe():
+            where = sources.find(name, args.data_root)
+            print(f"{name:<14} {'present' if where else 'missing':<8} {where or ''}  {desc}")
+        return 0
+    if not args.name:
+        raise ConfigError(f"falkit data {args.action} needs a dataset NAME")
+    if args.action == "find":
+        where = sources.find(args.name, args.data_root)
+        if where is None:
+            sources.load(args.name, args.data_root)  # raises the error that says how to get it
+        print(where)
+        return 0
+    print(sources.download(args.name, args.data_root))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from falkit.al.base import STRATEGIES, list_ids
+    from falkit.data import partition, sources
+    from falkit.fl.algorithms import ALGORITHMS
+    from falkit.models.backbones import describe as describe_backbones
+
+    list_ids()
+    sections = [
+        ("strategies (@G = global model, @L = local model)",
+         [(n + ("@G|@L" if c.uses_selector else ""), c.description)
+          for n, c in STRATEGIES.items()]),
+        ("FL algorithms", [(n, d) for n, (_, d) in ALGORITHMS.items()]),
+        ("backbones", describe_backbones()),
+        ("datasets", sources.describe()),
+        ("partitions", [(n, d) for n, (_, d) in partition.PARTITIONERS.items()]),
+        ("presets", [("paper", "the papers' protocol (100 rounds x 5 epochs per cycle)"),
+                     ("quick", "the same protocol scaled to a 2-core CPU (see README)")]),
+    ]
+    for title, items in sections:
+        print(f"{title}:")
+        for name, desc in items:
+            print(f"  {name:<22} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="falkit", description="Federated active learning.")
+    p.add_argument("--version", action="version", version=f"falkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
+                        help="a TOML config file, then overrides such as partition.alpha=100")
+        sp.add_argument("--preset", choices=list(config_mod.PRESETS), help="paper or quick")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("run", help="run (or resume) one experiment")
+    with_config(sp)
+    sp.add_argument("--overwrite", action="store_true", help="discard an existing run directory")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("sweep", help="run a grid of strategies x seeds x settings")
+    with_config(sp)
+    sp.add_argument("--strategies", help="comma-separated, e.g. random,entropy@G,coreset@L")
+    sp.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
+    sp.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                    help="a setting to vary, e.g. partition.alpha=0.1,100 (repeatable)")
+    sp.add_argument("--name", help="sweep name (default: sweep)")
+    sp.set_defaults(func=cmd_sweep)
+
+    sp = sub.add_parser("demo", help="the quick FMNIST-LT demo of `make demo`")
+    sp.add_argument("config", nargs="?", default=None, help="base config (default: built-in)")
+    sp.add_argument("--strategies", default="random,entropy@G,coreset@G")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("show", help="print the accuracy table of run directories")
+    sp.add_argument("runs", nargs="+")
+    sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("partition", help="print the client x class partition of a config")
+    with_config(sp)
+    sp.add_argument("--csv", help="also write the counts to this CSV")
+    sp.set_defaults(func=cmd_partition)
+
+    sp = sub.add_parser("data", help="list, find or download datasets")
+    sp.add_argument("action", choices=["list", "find", "download"])
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--data-root", help="searched before $FALKIT_DATA and ~/.cache/falkit")
+    sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("list", help="every strategy, FL algorithm, backbone, dataset, partition")
+    sp.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FalkitError as e:
+        print(f"falkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("falkit: interrupted; run the same command again to resume after the last "
+              "finished cycle", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Typed experiment configuration: dataclasses, TOML load/save, presets, key=value overrides.
+
+Defaults are the FairFAL paper protocol (ALGORITHMS.md §1, §3). Every knob a paper names
+keeps that name. Validation turns impossible settings into one-line `ConfigError`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from falkit.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fmnist"
+    data_root: str | None = None  # searched first; then $FALKIT_DATA, ~/.cache/falkit, /usr/share/datasets
+    rho: float | None = 20.0  # global long tail n_max / n_min; None = keep the dataset as it is
+    profile: str = "exp"  # exp | step
+
+
+@dataclass
+class PartitionConfig:
+    method: str = "dirichlet_balanced"  # dirichlet_balanced | dirichlet | iid | shards | json
+    num_clients: int = 10
+    alpha: float = 0.1
+    min_partition_size: int = 10  # dirichlet (flwr-datasets semantics)
+    self_balancing: bool = False  # dirichlet
+    classes_per_client: int = 2  # shards
+    file: str | None = None  # json
+
+
+@dataclass
+class BudgetConfig:
+    fraction: float = 0.05  # q: per-cycle budget as a fraction of the training set
+    rule: str = "fairfal"  # fairfal: int(round(N,-2)*q/K) per client | proportional: ceil(q*|pool_k|)
+    cycles: int = 9  # trainings; cycles-1 queries (5 % -> 45 %)
+
+
+@dataclass
+class FLConfig:
+    algorithm: str = "fedavg"
+    rounds: int = 100
+    local_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    lr_decay: float = 0.1  # lr x lr_decay for rounds r > int(lr_decay_at * rounds)
+    lr_decay_at: float = 0.75
+    fraction: float = 1.0  # participating clients per round
+    reset: str = "random"  # random: fresh init every cycle | continue: warm start
+    mu: float = 0.01  # FedProx
+
+
+@dataclass
+class LocalModelConfig:
+    mode: str = "scratch"  # scratch | last_round (strategies may fix their own)
+    lr: float = 0.01
+    epochs: int = 50
+    decay_epoch: int = 37  # lr x 0.1 from this epoch on (per epoch, not per batch)
+    stop_accuracy: float = 0.99  # stop early once training accuracy reaches this
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "cnn4"
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and aggregation stay fp32)
+    channels_last: bool = True
+    threads: int = 0  # 0 = torch's default
+    eval_batch: int = 512
+    eval_every: int = 0  # 0 = evaluate once per cycle; n = also every n rounds
+
+
+@dataclass
+class Config:
+    name: str = ""  # run directory name; empty = derived from the settings
+    seed: int = 0
+    strategy: str = "random"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    local_model: LocalModelConfig = field(default_factory=LocalModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        alpha = f"{self.partition.alpha:g}"
+        strategy = self.strategy.replace("@", "-")
+        return f"{self.data.dataset}_{self.partition.method}_a{alpha}_{strategy}_s{self.seed}"
+
+
+# The `quick` preset: the FairFAL protocol scaled to a 2-core CPU (README "Presets").
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "quick": {
+        "fl.rounds": 4,
+        "fl.local_epochs": 1,
+        "fl.lr": 0.05,
+        "fl.reset": "continue",
+        "local_model.epochs": 15,
+        "local_model.decay_epoch": 11,
+    },
+}
+
+CHOICES = {
+    "data.profile": ("exp", "step"),
+    "partition.method": ("dirichlet_balanced", "dirichlet", "iid", "shards", "json"),
+    "budget.rule": ("fairfal", "proportional"),
+    "fl.reset": ("random", "continue"),
+    "local_model.mode": ("scratch", "last_round"),
+    "runtime.precision": ("fp32", "bf16"),
+}
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _field_type(cfg: Any, dotted: str) -> tuple[Any, str, Any]:
+    """(owner dataclass instance, attribute, type) for a dotted key; ConfigError if unknown."""
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{dotted}' (valid at {where}: {valid})")
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(obj))
+            if dataclasses.is_dataclass(hints[part]):
+                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.X")
+            return obj, part, hints[part]
+        obj = getattr(obj, part)
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config key '{dotted}'")
+    raise AssertionError
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type."""
+    args = typing.get_args(typ)
+    optional = isinstance(typ, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), typ) if optional else typ
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be {base.__name__}, got {value!r}") from None
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    owner, attr, typ = _field_type(cfg, dotted)
+    setattr(owner, attr, _coerce(value, typ, dotted))
+
+
+def apply(cfg: Config, flat: dict[str, Any]) -> Config:
+    for k, v in flat.items():
+        set_key(cfg, k, v)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. partition.alpha=100)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load(path: str | Path | None = None, preset: str | None = None,
+         overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults ← TOML file ← preset (file key `preset` or argument) ← key=value overrides."""
+    cfg = Config()
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            file_values = _flatten(tomllib.loads(p.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    apply(cfg, file_values)
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}' (valid: {', '.join(PRESETS)})")
+        apply(cfg, PRESETS[preset])
+    apply(cfg, dict(overrides or {}))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject what cannot run, one line each. Budget feasibility needs the data: see loop."""
+    flat = _flatten(to_dict(cfg))
+    for key, valid in CHOICES.items():
+        if flat[key] not in valid:
+            raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
+    if cfg.partition.alpha <= 0:
+        raise ConfigError(f"partition.alpha must be > 0, got {cfg.partition.alpha:g}")
+    if cfg.data.rho is not None and cfg.data.rho < 1:
+        raise ConfigError(f"data.rho must be >= 1 (n_max / n_min), got {cfg.data.rho:g}; "
+                          "the reference code's 0.05 is rho = 20")
+    if cfg.partition.num_clients < 1:
+        raise ConfigError("partition.num_clients must be >= 1")
+    if not 0 < cfg.budget.fraction < 1:
+        raise ConfigError(f"budget.fraction must be in (0, 1), got {cfg.budget.fraction:g}")
+    if cfg.budget.cycles < 1:
+        raise ConfigError("budget.cycles must be >= 1")
+    if cfg.fl.rounds < 1 or cfg.fl.local_epochs < 1 or cfg.fl.batch_size < 2:
+        raise ConfigError("fl.rounds and fl.local_epochs must be >= 1, fl.batch_size >= 2")
+    if not 0 < cfg.fl.fraction <= 1:
+        raise ConfigError(f"fl.fraction must be in (0, 1], got {cfg.fl.fraction:g}")
+    if cfg.fl.lr <= 0:
+        raise ConfigError("fl.lr must be > 0")
+    if cfg.partition.method == "json" and not cfg.partition.file:
+        raise ConfigError("partition.method = json needs partition.file = PATH")
+    if cfg.runtime.device not in ("cpu", "cuda") and not cfg.runtime.device.startswith("cuda:"):
+        raise ConfigError(f"runtime.device must be cpu or cuda[:N], got {cfg.runtime.device!r}")
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '"none"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text of the resolved config; TOML has no null, so None is written as "none"."""
+    d = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for section, values in d.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def loads(text: str) -> Config:
+    cfg = Config()
+    apply(cfg, _flatten(tomllib.loads(text)))
+    return cfg

@@ -1,0 +1,83 @@
+"""FederatedData: one in-memory copy of the (long-tailed) train set, the test set, and each
+client's train indices. Training and querying index the same arrays (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from falkit.config import Config
+from falkit.data import partition as partition_mod
+from falkit.data.imbalance import long_tail
+from falkit.data.sources import ImageDataset, load
+from falkit.errors import ConfigError
+from falkit.seeding import rng
+
+
+@dataclass
+class FederatedData:
+    dataset: ImageDataset  # train split already reduced to the long-tailed subset
+    clients: list[np.ndarray]  # per client: sorted indices into dataset.x_train
+    source_indices: np.ndarray  # position of each kept train sample in the original split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.classes)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.dataset.y_train)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.dataset.y_train, minlength=self.num_classes)
+
+    def partition_counts(self) -> np.ndarray:
+        return partition_mod.partition_counts(self.dataset.y_train, self.clients,
+                                              self.num_classes)
+
+
+def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
+    """Load, apply the global long tail, and partition — deterministic in cfg.seed."""
+    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)
+    keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,
+                     rng(cfg.seed, "long_tail"))
+    ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])
+    p = cfg.partition
+    options: dict[str, object] = {}
+    if p.method in ("dirichlet_balanced", "dirichlet"):
+        options["alpha"] = p.alpha
+    if p.method == "dirichlet":
+        options.update(min_partition_size=p.min_partition_size, self_balancing=p.self_balancing)
+    if p.method == "shards":
+        options["classes_per_client"] = p.classes_per_client
+    if p.method == "json":
+        options["path"] = p.file
+    clients = partition_mod.make_partition(p.method, ds.y_train, p.num_clients,
+                                           rng(cfg.seed, "partition"), **options)
+    clients = [np.sort(np.asarray(c, dtype=np.int64)) for c in clients]
+    return FederatedData(dataset=ds, clients=clients, source_indices=keep)
+
+
+def client_budgets(cfg: Config, data: FederatedData) -> list[int]:
+    """Per-client per-cycle budget (ALGORITHMS.md §1): FairFAL's int(round(N,-2)*q/K), or
+    KAFAL's proportional ceil(q·|pool_k|). The initial labeled set has the same size.
+    Impossible budgets are a ConfigError."""
+    q, k = cfg.budget.fraction, len(data.clients)
+    if cfg.budget.rule == "fairfal":
+        total = round(data.num_train, -2) * q
+        budgets = [int(total / k)] * k
+    else:
+        budgets = [math.ceil(q * len(c)) for c in data.clients]
+    cycles = cfg.budget.cycles
+    for i, (b, pool) in enumerate(zip(budgets, data.clients, strict=True)):
+        if b < 1:
+            raise ConfigError(f"budget of client {i} is 0 (N={data.num_train}, "
+                              f"q={q:g}, K={k}); raise budget.fraction")
+        if b * cycles > len(pool):
+            raise ConfigError(f"impossible budget: client {i} holds {len(pool)} samples but "
+                              f"{cycles} cycles x {b} labels need {b * cycles}; lower "
+                              "budget.fraction or budget.cycles")
+    return budgets

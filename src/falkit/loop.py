@@ -1,0 +1,304 @@
+"""The FAL cycle driver (DESIGN.md §3): initial labels → train → evaluate → query → …
+
+Every cycle ends with an atomic checkpoint; a killed run started again with the same config
+resumes after the last finished cycle and produces the same numbers as an uninterrupted run,
+because every random draw comes from a stream keyed by (seed, purpose, cycle, client).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from falkit import config as config_mod
+from falkit.al.base import QueryContext, Strategy
+from falkit.al.base import create as create_strategy
+from falkit.config import Config
+from falkit.data.federation import FederatedData, build, client_budgets
+from falkit.data.partition import write_partition_csv
+from falkit.data.sources import ImageDataset
+from falkit.errors import ConfigError
+from falkit.fl.algorithms import State, state_bytes
+from falkit.fl.engine import Engine, ImageTensors
+from falkit.oracle import SimulatedOracle
+from falkit.results import is_complete, read_metrics, save_torch, write_atomic, write_csv
+from falkit.results import write_jsonl
+from falkit.seeding import rng
+
+
+class Reporter:
+    """Progress callbacks; the CLI shows them as rich progress bars. Silent by default."""
+
+    def start(self, run_name: str, cycles: int, first_cycle: int) -> None: ...
+    def phase(self, description: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def cycle_done(self, row: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    resumed_from: int | None = None  # first cycle run in this call, if resumed
+    skipped: bool = False  # already complete, nothing run
+
+
+@dataclass
+class _State:
+    labeled: list[np.ndarray]
+    global_state: State | None = None
+    last_round: dict[int, State] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    queries: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.out_dir) / cfg.run_name()
+
+
+def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
+        dataset: ImageDataset | None = None, stop_after: int | None = None) -> RunResult:
+    """Run (or resume, or skip if finished) the experiment `cfg`. `stop_after` ends the call
+    after that cycle as if the process had been killed (used by tests)."""
+    rep = reporter or Reporter()
+    out = run_dir_of(cfg)
+    text = config_mod.dumps(cfg)
+    cfg_path = out / "config.toml"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if cfg_path.is_file():
+        if cfg_path.read_text() != text:
+            raise ConfigError(f"{out} holds a run with a different config; pass --overwrite "
+                              "or choose another name=")
+        if is_complete(out):
+            return RunResult(out, read_metrics(out), skipped=True)
+
+    data = build(cfg, dataset)
+    budgets = client_budgets(cfg, data)
+    strategy = create_strategy(cfg.strategy)
+    ds = data.dataset
+    engine = Engine(cfg,
+                    ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
+                                 ds.hflip, ds.crop_pad),
+                    ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
+                    data.num_classes)
+    oracle = SimulatedOracle(ds.y_train)
+    write_atomic(cfg_path, text)
+    write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
+
+    st, first = _resume(out, cfg, oracle)
+    resumed = first if st is not None else None
+    if st is None:
+        st = _initial_labels(cfg, data, budgets, oracle)
+        first = 0
+    rep.start(out.name, cfg.budget.cycles, first)
+    for cycle in range(first, cfg.budget.cycles):
+        row = _cycle(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep)
+        st.metrics.append(row)
+        _checkpoint(out, cycle, cfg, st)
+        rep.cycle_done(row)
+        if stop_after is not None and cycle >= stop_after and cycle < cfg.budget.cycles - 1:
+            rep.finish()
+            return RunResult(out, st.metrics, resumed_from=resumed)
+    rep.finish()
+    return RunResult(out, st.metrics, resumed_from=resumed)
+
+
+def _initial_labels(cfg: Config, data: FederatedData, budgets: list[int],
+                    oracle: SimulatedOracle) -> _State:
+    """Cycle 0: b_k labels per client, uniformly at random from its pool (ALGORITHMS.md §1)."""
+    labeled = []
+    for k, pool in enumerate(data.clients):
+        pick = rng(cfg.seed, "initial_labels", k).choice(pool, size=budgets[k], replace=False)
+        oracle.label(k, pick)
+        labeled.append(np.sort(pick))
+    st = _State(labeled=labeled)
+    st.queries = [{"cycle": 0, "client": k, "strategy": "initial_random",
+                   "indices": lab.tolist(), "labels": data.dataset.y_train[lab].tolist()}
+                  for k, lab in enumerate(labeled)]
+    return st
+
+
+def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
+           strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: _State,
+           rep: Reporter) -> dict[str, Any]:
+    C = data.num_classes
+    y = data.dataset.y_train
+    times = {"query": 0.0, "local_model": 0.0, "train": 0.0, "eval": 0.0}
+    queried = np.zeros(C, dtype=np.int64)
+    if cycle == 0:
+        for lab in st.labeled:
+            queried += np.bincount(y[lab], minlength=C)
+    else:
+        t = time.perf_counter()
+        new = _query_phase(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep, times)
+        times["query"] = time.perf_counter() - t - times["local_model"]
+        queried += np.bincount(y[new], minlength=C) if len(new) else 0
+    # the oracle must have revealed exactly the budget so far, no more, no less
+    oracle.audit(sum(min(b * (cycle + 1), len(pool))
+                     for b, pool in zip(budgets, data.clients, strict=True)))
+
+    # -- federated training on the labeled pools -------------------------------------------
+    t = time.perf_counter()
+    fl = cfg.fl
+    if fl.reset == "continue" and st.global_state is not None:
+        global_state = st.global_state
+    else:  # a fresh init every cycle (FairFAL protocol); the init differs per seed and cycle
+        global_state = engine.init_state(cfg.seed, cycle)
+    K = len(data.clients)
+    keep_last = strategy.needs_local_model and _local_mode(cfg, strategy) == "last_round"
+    comm = 0
+    decay_after = int(fl.lr_decay_at * fl.rounds)
+    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} train", fl.rounds)
+    for r in range(fl.rounds):
+        lr = fl.lr * (fl.lr_decay if r + 1 > decay_after else 1.0)  # FairFAL: r > int(0.75R)
+        if fl.fraction < 1.0:
+            m = max(1, round(fl.fraction * K))
+            clients = sorted(rng(cfg.seed, "participation", cycle, r).choice(K, m, replace=False))
+        else:
+            clients = list(range(K))
+        last = r == fl.rounds - 1
+        global_state, kept = engine.fl_round(global_state, clients, st.labeled, lr, cfg.seed,
+                                             (cycle, r), keep_states=keep_last and last)
+        comm += 2 * state_bytes(global_state) * sum(1 for k in clients if len(st.labeled[k]))
+        if keep_last and last:
+            st.last_round = kept
+        if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
+            acc_r, _ = engine.evaluate(global_state)
+            st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
+        rep.advance()
+    st.global_state = global_state
+    times["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    acc, per_class = engine.evaluate(global_state)
+    times["eval"] = time.perf_counter() - t
+    if cfg.runtime.eval_every:
+        st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
+
+    labeled = sum(len(lab) for lab in st.labeled)
+    row: dict[str, Any] = {
+        "cycle": cycle,
+        "target_pct": round(100 * cfg.budget.fraction * (cycle + 1), 6),
+        "labeled": labeled,
+        "labeled_pct": round(100 * labeled / data.num_train, 4),
+        "accuracy": round(acc, 6),
+    }
+    row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(per_class)})
+    row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
+    row["comm_bytes"] = comm
+    row["comm_mib"] = round(comm / 2**20, 4)
+    row.update({f"time_{k}": round(v, 3) for k, v in times.items()})
+    return row
+
+
+def _local_mode(cfg: Config, strategy: Strategy) -> str:
+    return strategy.local_model_mode or cfg.local_model.mode
+
+
+def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
+                 strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: _State,
+                 rep: Reporter, times: dict[str, float]) -> np.ndarray:
+    """Every client queries with the previous cycle's global model (query before training)."""
+    assert st.global_state is not None
+    y = data.dataset.y_train
+    global_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    mode = _local_mode(cfg, strategy)
+
+    def global_outputs(pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if not global_out:  # the global model's outputs on the whole train set, once
+            global_out.append(engine.predict(st.global_state))
+        probs, feats = global_out[0]
+        idx = torch.as_tensor(pool)
+        return probs[idx], feats[idx]
+
+    def make_infer(k: int):
+        local: list[State] = []
+
+        def infer(model: str, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            if model == "global":
+                return global_outputs(pool)
+            if not local:
+                t = time.perf_counter()
+                if mode == "last_round":
+                    if k not in st.last_round:
+                        raise RuntimeError(f"no last_round model kept for client {k}")
+                    local.append(st.last_round[k])
+                else:
+                    labels = torch.as_tensor(y)  # only st.labeled[k] is read: known labels
+                    local.append(engine.train_scratch(st.labeled[k], labels, cfg.seed,
+                                                      (cycle, k)))
+                times["local_model"] += time.perf_counter() - t
+            return engine.predict(local[0], pool)
+
+        return infer
+
+    K = len(data.clients)
+    contexts = []
+    for k in range(K):
+        unl = np.setdiff1d(data.clients[k], st.labeled[k], assume_unique=True)
+        contexts.append(QueryContext(client_id=k, cycle=cycle, labeled=st.labeled[k],
+                                     labeled_y=y[st.labeled[k]], unlabeled=unl,
+                                     num_classes=data.num_classes,
+                                     rng=rng(cfg.seed, "query", cycle, k), infer=make_infer(k)))
+    # two-phase strategies: client statistics -> server reduce -> broadcast (DESIGN.md §2)
+    stats = [strategy.client_stats(ctx) for ctx in contexts]
+    if any(s is not None for s in stats):
+        server = strategy.server_reduce([s for s in stats if s is not None])
+        for ctx in contexts:
+            ctx.server = dict(server)
+    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} query", K)
+    new_all = []
+    for k, ctx in enumerate(contexts):
+        strategy._diag = {}
+        picks = strategy.query(ctx, budgets[k])
+        labels = oracle.label(k, picks)
+        st.labeled[k] = np.union1d(st.labeled[k], picks)
+        record = {"cycle": cycle, "client": k, "strategy": strategy.id,
+                  "indices": picks.tolist(), "labels": labels.tolist()}
+        record.update(strategy.diagnostics())
+        st.queries.append(record)
+        new_all.append(picks)
+        rep.advance()
+    return np.concatenate(new_all) if new_all else np.zeros(0, dtype=np.int64)
+
+
+def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State) -> None:
+    save_torch(out / "checkpoint" / "latest.pt", {
+        "cycle": cycle, "labeled": st.labeled, "global_state": st.global_state,
+        "last_round": st.last_round, "metrics": st.metrics, "queries": st.queries,
+        "rounds": st.rounds,
+    })
+    _write_results(out, cfg, st, cycle)
+
+
+def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
+    write_csv(out / "metrics.csv", st.metrics)
+    write_jsonl(out / "queries.jsonl", st.queries)
+    if st.rounds:
+        write_csv(out / "rounds.csv", st.rounds)
+    complete = cycle == cfg.budget.cycles - 1
+    write_atomic(out / "status.json",
+                 f'{{"complete": {str(complete).lower()}, "cycles_done": {cycle + 1}, '
+                 f'"cycles": {cfg.budget.cycles}}}\n')
+
+
+def _resume(out: Path, cfg: Config, oracle: SimulatedOracle) -> tuple[_State | None, int]:
+    path = out / "checkpoint" / "latest.pt"
+    if not path.is_file():
+        return None, 0
+    ck = torch.load(path, weights_only=False)
+    st = _State(labeled=ck["labeled"], global_state=ck["global_state"],
+                last_round=ck["last_round"], metrics=ck["metrics"], queries=ck["queries"],
+                rounds=ck.get("rounds", []))
+    oracle.restore(np.concatenate(st.labeled))
+    _write_results(out, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
+    return st, ck["cycle"] + 1

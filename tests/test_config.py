@@ -1,0 +1,56 @@
+"""Typed config: TOML round trip, presets, overrides, one-line validation errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from falkit import config
+from falkit.errors import ConfigError
+
+
+def test_defaults_are_the_fairfal_protocol():
+    cfg = config.Config()
+    assert (cfg.partition.num_clients, cfg.fl.rounds, cfg.fl.local_epochs) == (10, 100, 5)
+    assert (cfg.fl.lr, cfg.fl.batch_size, cfg.budget.cycles, cfg.budget.fraction) == (
+        0.01, 64, 9, 0.05)
+    assert cfg.data.rho == 20 and cfg.partition.alpha == 0.1
+
+
+def test_roundtrip_dumps_loads_including_none():
+    cfg = config.load(None, preset="quick", overrides={"data.rho": "none", "seed": "3",
+                                                       "strategy": "entropy@L"})
+    again = config.loads(config.dumps(cfg))
+    assert again == cfg and again.data.rho is None and again.seed == 3
+
+
+def test_file_preset_and_overrides_order(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('preset = "quick"\nseed = 5\n[fl]\nrounds = 7\n')
+    cfg = config.load(p, overrides={"partition.alpha": "100"})
+    assert cfg.seed == 5 and cfg.partition.alpha == 100.0
+    assert cfg.fl.rounds == config.PRESETS["quick"]["fl.rounds"]  # preset applies after file
+    cfg = config.load(p, overrides={"fl.rounds": "9"})
+    assert cfg.fl.rounds == 9
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"partition.alhpa": "1"}, "unknown config key 'partition.alhpa'"),
+    ({"partition.alpha": "0"}, "partition.alpha must be > 0"),
+    ({"data.rho": "0.05"}, "data.rho must be >= 1"),
+    ({"fl.rounds": "two"}, "fl.rounds must be int"),
+    ({"fl.reset": "sometimes"}, "fl.reset"),
+    ({"budget.fraction": "1.5"}, "budget.fraction"),
+])
+def test_invalid_settings_raise_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+        config.load(None, overrides=overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_exit_code_2_and_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "falkit.cli", "run", "partition.alpha=-1",
+                        f"out_dir={tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "partition.alpha must be > 0" in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written

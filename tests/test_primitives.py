@@ -1,0 +1,52 @@
+"""Selection primitives on hand-made inputs whose answers are known."""
+
+import numpy as np
+import torch
+
+from falkit.al.primitives import (entropy, grad_embeddings, kcenter_greedy, kmeanspp_seeding,
+                                  margin, top_k)
+
+
+def test_top_k_breaks_ties_by_position():
+    assert top_k(np.array([0.5, 0.9, 0.5, 0.9, 0.1]), 3).tolist() == [1, 3, 0]
+
+
+def test_entropy_and_margin_known_values():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.75, 0.25]])
+    assert torch.allclose(entropy(p), torch.tensor([0.0, np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))], dtype=torch.float32))
+    assert torch.allclose(margin(p), torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_grad_embedding_blocks():
+    f = torch.tensor([[1.0, 2.0]])
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    g = grad_embeddings(f, p)  # ŷ = 0: coefficients (0.3, -0.2, -0.1)
+    assert torch.allclose(g, torch.tensor([[0.3, 0.6, -0.2, -0.4, -0.1, -0.2]]))
+    g_hot = grad_embeddings(f, p, hot=torch.tensor([2]))
+    assert torch.allclose(g_hot[0, 4:], torch.tensor([0.9, 1.8]))
+
+
+def test_kcenter_on_a_line_with_labeled_center():
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    # labeled center at 0: farthest is 11, then the point farthest from {0, 11}: 5 is absent,
+    # distances: 0->0, 1->1, 2->2, 10->1 -> pick 2 (position 2)
+    assert kcenter_greedy(x, 2, centers=torch.tensor([[0.0]])).tolist() == [4, 2]
+
+
+def test_kcenter_without_centers_starts_at_first():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])
+    assert kcenter_greedy(x, 2, first=2).tolist() == [2, 1]
+    assert kcenter_greedy(x, 3).tolist() == [0, 1, 2]
+
+
+def test_kmeanspp_first_is_largest_norm_and_distinct():
+    rng = np.random.default_rng(0)
+    x = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.1, 0.0], [0.0, 0.1], [-4.0, 1.0]])
+    picks = kmeanspp_seeding(x, 4, rng)
+    assert picks[0] == 1 and len(set(picks.tolist())) == 4
+
+
+def test_kmeanspp_fills_uniformly_when_all_distances_vanish():
+    x = torch.ones(6, 3)
+    picks = kmeanspp_seeding(x, 4, np.random.default_rng(1))
+    assert picks[0] == 0 and len(set(picks.tolist())) == 4
