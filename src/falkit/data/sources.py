@@ -121,12 +121,14 @@ _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
 
 
-def _medmnist(name: str, title: str, md5: str, classes: tuple[str, ...], what: str) -> DatasetInfo:
+def _medmnist(name: str, title: str, md5: str, classes: tuple[str, ...], what: str,
+              channels: int) -> DatasetInfo:
     return DatasetInfo(
         name=name, title=title, kind="medmnist",
         description=f"{title}: {what}, {len(classes)} classes (MedMNIST v2 28×28 npz)",
         dirs=("medmnist", ""), files=(f"{name}.npz",), urls=(_MEDMNIST_URL.format(name),),
-        md5={f"{name}.npz": md5}, mean=None, std=None, hflip=True, classes=classes)
+        md5={f"{name}.npz": md5}, mean=(0.5,) * channels, std=(0.5,) * channels, hflip=True,
+        classes=classes)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -180,19 +182,19 @@ DATASETS: dict[str, DatasetInfo] = {
     "octmnist": _medmnist(
         "octmnist", "OCTMNIST", "c68d92d5b585d8d81f7112f81e2d0842",
         ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
-        "97k/1k grayscale retinal OCT scans"),
+        "97k/1k grayscale retinal OCT scans", channels=1),
     "dermamnist": _medmnist(
         "dermamnist", "DermaMNIST", "0744692d530f8e62ec473284d019b0c7",
         ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
          "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
          "vascular lesions"),
-        "7k/2k colour dermatoscopy images"),
+        "7k/2k colour dermatoscopy images", channels=3),
     "pathmnist": _medmnist(
         "pathmnist", "PathMNIST", "a8b06965200029087d5bd730944a56c1",
         ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
          "normal colon mucosa", "cancer-associated stroma",
          "colorectal adenocarcinoma epithelium"),
-        "90k/7k colour colon histology patches"),
+        "90k/7k colour colon histology patches", channels=3),
     "tinyimagenet": DatasetInfo(
         name="tinyimagenet", title="Tiny-ImageNet", kind="tinyimagenet",
         description="Tiny-ImageNet-200: 100k/10k 64×64 colour images, 200 classes (val = test)",
@@ -210,15 +212,19 @@ DATASETS: dict[str, DatasetInfo] = {
 _ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100", "tiny-imagenet": "tinyimagenet",
             "tiny-imagenet-200": "tinyimagenet", "tiny_imagenet": "tinyimagenet"}
-_GENERIC = (("npz:<file>", "any .npz with x_train, y_train, x_test, y_test (optional classes)"),
-            ("imagefolder:<dir>", "<dir>/train/<class>/*.png|jpg and <dir>/test/<class>/..."))
+#: The generic forms, (pattern, description); not in describe() as they have no fixed location.
+GENERIC_FORMATS = [
+    ("npz:<file>", "any .npz with x_train, y_train, x_test, y_test (optional classes)"),
+    ("imagefolder:<dir>", "<dir>/train/<class>/*.png|jpg|bmp and <dir>/test/<class>/..."),
+]
 
 
 # -- public API ----------------------------------------------------------------------------
 
 def describe() -> list[tuple[str, str]]:
-    """(name, one-line description) of every dataset, for ``falkit list``."""
-    return [(n, i.description) for n, i in DATASETS.items()] + list(_GENERIC)
+    """(name, one-line description) of every named dataset, for ``falkit list``; the
+    generic ``npz:``/``imagefolder:`` forms are in :data:`GENERIC_FORMATS`."""
+    return [(n, i.description) for n, i in DATASETS.items()]
 
 
 def data_roots(data_root: str | Path | None = None) -> list[Path]:
@@ -596,7 +602,10 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict:
     with _reading(path), open(path, "rb") as f:
-        obj = _ArrayUnpickler(f, encoding="bytes").load()
+        try:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise FalkitError(f"cannot read {path}: not a CIFAR python pickle ({e})") from e
     if not isinstance(obj, dict):
         raise FalkitError(f"cannot read {path}: expected a pickled dict, got {type(obj).__name__}")
     return obj
@@ -652,7 +661,10 @@ def _svhn_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io  # lazily: importing scipy.io costs startup time for everyone else
 
     with _reading(path):
-        mat = scipy.io.loadmat(str(path))
+        try:
+            mat = scipy.io.loadmat(str(path))
+        except scipy.io.matlab.MatReadError as e:  # not a ValueError
+            raise FalkitError(f"cannot read {path}: {e}") from e
     if "X" not in mat or "y" not in mat:
         raise FalkitError(f"cannot read {path}: expected variables 'X' and 'y'")
     x, y = np.asarray(mat["X"]), _to_labels(np.asarray(mat["y"]), str(path))
