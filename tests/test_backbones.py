@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,17 @@ CASES = [(name, 10, 1, 28) for name in NAMES] + [(name, 10, 3, 32) for name in N
 CASES += [("cnn4", 200, 3, 64), ("resnet18", 200, 3, 64)]
 CASE_IDS = [f"{n}-C{c}-ch{ch}-{s}px" for n, c, ch, s in CASES]
 BATCH = 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny batches run fastest on one thread; with more, every OpenMP region can stall for a
+    scheduler slice on a busy machine, and bf16 depthwise convs on CPUs without native bf16
+    run one region per channel (MobileNet took 40 s instead of 0.3 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _input(name: str, in_channels: int, image_size: int, seed: int = 0) -> torch.Tensor:
@@ -97,12 +110,13 @@ def test_channels_last_matches_contiguous(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_autocast_runs(name: str) -> None:
-    model = _build(name, 10, 3, 32).eval()
-    x = _input(name, 3, 32)
+    # one 28 px gray image: bf16 convolutions are emulated (slow) on CPUs without native bf16
+    model = _build(name, 10, 1, 28).eval()
+    x = _input(name, 1, 28)[:1]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, features = model(x)
     assert logits.dtype == torch.bfloat16  # autocast did engage on the classifier
-    assert logits.shape == (BATCH, 10) and features.shape == (BATCH, model.feature_dim)
+    assert logits.shape == (1, 10) and features.shape == (1, model.feature_dim)
     assert torch.isfinite(logits.float()).all() and torch.isfinite(features.float()).all()
 
 
@@ -213,6 +227,24 @@ def test_resnet8_preact16_structure() -> None:
     for block, width_in in zip(blocks, (16, 16, 32), strict=True):
         first = next(block.children())
         assert isinstance(first, nn.BatchNorm2d) and first.num_features == width_in
+
+
+def test_resnet8_preact16_convs_see_activated_inputs() -> None:
+    """Pre-activation: every conv but the stem consumes a ReLU output; features follow
+    the final BN → ReLU → pool, so they are non-negative too."""
+    model = _build("resnet8_preact16", 10, 3, 32).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    mins: list[float] = []
+    handles = [c.register_forward_hook(lambda _m, inp, _o: mins.append(inp[0].min().item()))
+               for c in convs]
+    with torch.no_grad():
+        _, features = model(_input("resnet8_preact16", 3, 32))
+    for h in handles:
+        h.remove()
+    assert len(mins) == len(convs) == 1 + 2 * 3 + 2
+    assert mins[0] < 0  # the stem sees the raw image
+    assert all(v >= 0 for v in mins[1:])
+    assert (features >= 0).all()
 
 
 def test_resnet8_w64_parameter_count() -> None:
