@@ -35,7 +35,7 @@ class RichReporter:
                                    TimeElapsedColumn, TimeRemainingColumn)
 
         resumed = f" (resuming at cycle {first_cycle + 1})" if first_cycle else ""
-        self.console.print(f"[bold]{run_name}[/bold]: {cycles} cycles{resumed}")
+        self.console.print(f"[bold]{run_name}[/bold]: {cycles} cycles{resumed}", soft_wrap=True)
         if not self.quiet:
             self.progress = Progress(TextColumn("  {task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TimeElapsedColumn(),
@@ -58,10 +58,8 @@ class RichReporter:
                f"accuracy {100 * row['accuracy']:.2f}%  "
                f"(train {row['time_train']:.1f}s, query {row['time_query']:.1f}s, "
                f"local model {row['time_local_model']:.1f}s, eval {row['time_eval']:.1f}s)")
-        if self.progress is not None:
-            self.progress.console.print(msg)
-        else:
-            self.console.print(msg)
+        console = self.progress.console if self.progress is not None else self.console
+        console.print(msg, soft_wrap=True, highlight=False)
 
     def finish(self) -> None:
         if self.progress is not None:
@@ -306,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # options may come after key=value overrides: collect the stray positionals
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "items") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
     try:
         return int(args.func(args) or 0)
     except FalkitError as e:

@@ -79,7 +79,7 @@ class RuntimeConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights and aggregation stay fp32)
     channels_last: bool = True
     threads: int = 0  # 0 = torch's default
-    eval_batch: int = 512
+    eval_batch: int = 128  # larger batches are slower on small CPUs (cache)
     eval_every: int = 0  # 0 = evaluate once per cycle; n = also every n rounds
 
 
@@ -109,7 +109,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
-        "fl.rounds": 4,
+        "fl.rounds": 3,
         "fl.local_epochs": 1,
         "fl.lr": 0.05,
         "fl.reset": "continue",
