@@ -3,8 +3,14 @@
 import numpy as np
 import torch
 
-from falkit.al.primitives import (entropy, grad_embeddings, kcenter_greedy, kmeanspp_seeding,
-                                  margin, top_k)
+from falkit.al.primitives import (
+    entropy,
+    grad_embeddings,
+    kcenter_greedy,
+    kmeanspp_seeding,
+    margin,
+    top_k,
+)
 
 
 def test_top_k_breaks_ties_by_position():
@@ -13,7 +19,8 @@ def test_top_k_breaks_ties_by_position():
 
 def test_entropy_and_margin_known_values():
     p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.75, 0.25]])
-    assert torch.allclose(entropy(p), torch.tensor([0.0, np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))], dtype=torch.float32))
+    h = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert torch.allclose(entropy(p), torch.tensor([0.0, np.log(2), h], dtype=torch.float32))
     assert torch.allclose(margin(p), torch.tensor([1.0, 0.0, 0.5]))
 
 

@@ -31,8 +31,14 @@ class RichReporter:
         self.task = None
 
     def start(self, run_name: str, cycles: int, first_cycle: int) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         resumed = f" (resuming at cycle {first_cycle + 1})" if first_cycle else ""
         self.console.print(f"[bold]{run_name}[/bold]: {cycles} cycles{resumed}", soft_wrap=True)
@@ -119,7 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_arg(args)
     base = _load_config(path, args.preset, overrides)  # validates the base first
-    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else [base.strategy]
+    strategies = ([s for s in args.strategies.split(",") if s] if args.strategies
+                  else [base.strategy])
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
     grid: list[tuple[str, list[str]]] = []
     for g in args.grid or []:

@@ -20,7 +20,8 @@ from falkit.errors import ConfigError
 @dataclass
 class DataConfig:
     dataset: str = "fmnist"
-    data_root: str | None = None  # searched first; then $FALKIT_DATA, ~/.cache/falkit, /usr/share/datasets
+    # searched first; then $FALKIT_DATA, ~/.cache/falkit, /usr/share/datasets
+    data_root: str | None = None
     rho: float | None = 20.0  # global long tail n_max / n_min; None = keep the dataset as it is
     profile: str = "exp"  # exp | step
 
@@ -39,7 +40,8 @@ class PartitionConfig:
 @dataclass
 class BudgetConfig:
     fraction: float = 0.05  # q: per-cycle budget as a fraction of the training set
-    rule: str = "fairfal"  # fairfal: int(round(N,-2)*q/K) per client | proportional: ceil(q*|pool_k|)
+    # fairfal: int(round(N,-2)*q/K) per client | proportional (KAFAL): ceil(q*|pool_k|)
+    rule: str = "fairfal"
     cycles: int = 9  # trainings; cycles-1 queries (5 % -> 45 %)
 
 

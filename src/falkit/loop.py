@@ -27,8 +27,14 @@ from falkit.errors import ConfigError
 from falkit.fl.algorithms import State, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.oracle import SimulatedOracle
-from falkit.results import is_complete, read_metrics, save_torch, write_atomic, write_csv
-from falkit.results import write_jsonl
+from falkit.results import (
+    is_complete,
+    read_metrics,
+    save_torch,
+    write_atomic,
+    write_csv,
+    write_jsonl,
+)
 from falkit.seeding import rng
 
 

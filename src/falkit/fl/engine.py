@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from falkit.config import Config
-from falkit.fl.algorithms import Aggregator, State, clone_state, create as create_algorithm
+from falkit.fl.algorithms import Aggregator, State, clone_state
+from falkit.fl.algorithms import create as create_algorithm
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
 
