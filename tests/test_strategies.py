@@ -36,22 +36,30 @@ def make_ctx(seed=0, n_unlabeled=60, n_labeled=12, probs=None, feats=None):
     return ctx, calls
 
 
+def two_phase_query(strategy, ctx, budget):
+    """What the loop does: client statistics -> server reduce -> broadcast -> query."""
+    stats = strategy.client_stats(ctx)
+    if stats is not None:
+        ctx.server = strategy.server_reduce([stats])
+    return strategy.query(ctx, budget)
+
+
 @pytest.mark.parametrize("sid", list_ids())
 @pytest.mark.parametrize("budget", [1, 7, 59, 60, 200])
 def test_contract(sid, budget):
     ctx, _ = make_ctx()
-    picks = create(sid).query(ctx, budget)
+    picks = two_phase_query(create(sid), ctx, budget)
     assert len(picks) == min(budget, len(ctx.unlabeled))
     assert len(np.unique(picks)) == len(picks)
     assert np.isin(picks, ctx.unlabeled).all()
-    again = create(sid).query(make_ctx()[0], budget)
+    again = two_phase_query(create(sid), make_ctx()[0], budget)
     assert np.array_equal(picks, again)  # deterministic for a seed
 
 
 @pytest.mark.parametrize("sid", list_ids())
 def test_outputs_inferred_once_per_model(sid):
     ctx, calls = make_ctx()
-    create(sid).query(ctx, 10)
+    two_phase_query(create(sid), ctx, 10)
     models = [m for m, _ in calls]
     assert len(models) == len(set(models))  # each model's outputs computed once, batched
 

@@ -86,6 +86,20 @@ class RuntimeConfig:
 
 
 @dataclass
+class FairFALConfig:
+    """FairFAL (ALGORITHMS.md §5): defaults are the paper's; the ablation switches of its
+    Table 2 and appendix, and the reference code's choice as `embedding_probs = "code"`."""
+
+    selector: str = "adaptive"  # adaptive | complement | global | local
+    classwise: bool = True  # off = plain top-b uncertainty of the chosen model
+    prototypes: str = "global"  # global | local features for the prototype pseudo-labels
+    kappa: float = 4.0  # stage-1 pool = floor(kappa * q_c) most uncertain; 0 = one stage
+    delta: float = 0.75  # global model iff s_k > delta
+    uncertainty: str = "entropy"  # entropy | margin | least_confidence
+    embedding_probs: str = "paper"  # paper: global probs | code: global iff gamma_bar < 0.5
+
+
+@dataclass
 class Config:
     name: str = ""  # run directory name; empty = derived from the settings
     seed: int = 0
@@ -98,6 +112,7 @@ class Config:
     local_model: LocalModelConfig = field(default_factory=LocalModelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    fairfal: FairFALConfig = field(default_factory=FairFALConfig)
 
     def run_name(self) -> str:
         if self.name:
@@ -127,11 +142,22 @@ CHOICES = {
     "fl.reset": ("random", "continue"),
     "local_model.mode": ("scratch", "last_round"),
     "runtime.precision": ("fp32", "bf16"),
+    "fairfal.selector": ("adaptive", "complement", "global", "local"),
+    "fairfal.prototypes": ("global", "local"),
+    "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
+    "fairfal.embedding_probs": ("paper", "code"),
 }
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def strategy_options(cfg: Config) -> dict[str, Any]:
+    """The config section named after the strategy (e.g. [fairfal]), as keyword options."""
+    name = cfg.strategy.partition("@")[0]
+    section = getattr(cfg, name, None)
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -266,6 +292,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("fl.rounds and fl.local_epochs must be >= 1, fl.batch_size >= 2")
     if not 0 < cfg.fl.fraction <= 1:
         raise ConfigError(f"fl.fraction must be in (0, 1], got {cfg.fl.fraction:g}")
+    if cfg.fairfal.kappa < 0:
+        raise ConfigError(f"fairfal.kappa must be >= 0, got {cfg.fairfal.kappa:g}")
     if cfg.fl.lr <= 0:
         raise ConfigError("fl.lr must be > 0")
     if cfg.partition.method == "json" and not cfg.partition.file:

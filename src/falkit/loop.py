@@ -89,7 +89,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
 
     data = build(cfg, dataset)
     budgets = client_budgets(cfg, data)
-    strategy = create_strategy(cfg.strategy)
+    strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     ds = data.dataset
     engine = Engine(cfg,
                     ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
@@ -100,7 +100,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     write_atomic(cfg_path, text)
     write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
 
-    st, first = _resume(out, cfg, oracle)
+    st, first = _resume(out, cfg, oracle, strategy)
     resumed = first if st is not None else None
     if st is None:
         st = _initial_labels(cfg, data, budgets, oracle)
@@ -109,7 +109,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     for cycle in range(first, cfg.budget.cycles):
         row = _cycle(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep)
         st.metrics.append(row)
-        _checkpoint(out, cycle, cfg, st)
+        _checkpoint(out, cycle, cfg, st, strategy)
         rep.cycle_done(row)
         if stop_after is not None and cycle >= stop_after and cycle < cfg.budget.cycles - 1:
             rep.finish()
@@ -277,11 +277,11 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
     return np.concatenate(new_all) if new_all else np.zeros(0, dtype=np.int64)
 
 
-def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State) -> None:
+def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strategy) -> None:
     save_torch(out / "checkpoint" / "latest.pt", {
         "cycle": cycle, "labeled": st.labeled, "global_state": st.global_state,
         "last_round": st.last_round, "metrics": st.metrics, "queries": st.queries,
-        "rounds": st.rounds,
+        "rounds": st.rounds, "strategy": strategy.state_dict(),
     })
     _write_results(out, cfg, st, cycle)
 
@@ -297,7 +297,8 @@ def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
                  f'"cycles": {cfg.budget.cycles}}}\n')
 
 
-def _resume(out: Path, cfg: Config, oracle: SimulatedOracle) -> tuple[_State | None, int]:
+def _resume(out: Path, cfg: Config, oracle: SimulatedOracle,
+            strategy: Strategy) -> tuple[_State | None, int]:
     path = out / "checkpoint" / "latest.pt"
     if not path.is_file():
         return None, 0
@@ -305,6 +306,7 @@ def _resume(out: Path, cfg: Config, oracle: SimulatedOracle) -> tuple[_State | N
     st = _State(labeled=ck["labeled"], global_state=ck["global_state"],
                 last_round=ck["last_round"], metrics=ck["metrics"], queries=ck["queries"],
                 rounds=ck.get("rounds", []))
+    strategy.load_state_dict(ck.get("strategy", {}))
     oracle.restore(np.concatenate(st.labeled))
     _write_results(out, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

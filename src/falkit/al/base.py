@@ -34,6 +34,7 @@ class QueryContext:
     rng: np.random.Generator
     infer: Infer
     server: dict[str, float] = field(default_factory=dict)  # what server_reduce broadcast
+    state: dict[str, object] = field(default_factory=dict)  # the client's own scratch space
     _cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False)
 
@@ -69,14 +70,15 @@ class Strategy:
     uses_selector: ClassVar[bool] = False  # takes @G / @L
     local_model_mode: ClassVar[str | None] = None  # None: the config's local_model.mode
 
-    def __init__(self, selector: str | None = None, **options: object):
+    def __init__(self, at: str | None = None, **options: object):
+        """`at` is the @G / @L suffix of the strategy id; `options` its config section."""
         if self.uses_selector:
-            selector = selector or "G"
-            if selector not in ("G", "L"):
-                raise ConfigError(f"selector must be @G or @L, got @{selector}")
-        elif selector is not None:
-            raise ConfigError(f"strategy '{self.name}' takes no @{selector} selector")
-        self.selector = selector
+            at = at or "G"
+            if at not in ("G", "L"):
+                raise ConfigError(f"selector must be @G or @L, got @{at}")
+        elif at is not None:
+            raise ConfigError(f"strategy '{self.name}' takes no @{at} selector")
+        self.selector = at
         self.options = options
 
     @property
@@ -115,6 +117,13 @@ class Strategy:
     def server_reduce(self, stats: list[dict[str, float]]) -> dict[str, float]:
         return {}
 
+    def state_dict(self) -> dict[str, object]:
+        """Server-side state that must survive a resume (FairFAL's frozen γ̄)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what state_dict returned."""
+
     def diagnostics(self) -> dict[str, object]:
         """Per-query diagnostics recorded in queries.jsonl (cleared by the loop)."""
         return getattr(self, "_diag", {})
@@ -140,7 +149,7 @@ def create(strategy_id: str, **options: object) -> Strategy:
     name, selector = parse_id(strategy_id)
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy '{strategy_id}' (valid: {', '.join(list_ids())})")
-    return STRATEGIES[name](selector=selector, **options)
+    return STRATEGIES[name](selector, **options)
 
 
 def list_ids() -> list[str]:

@@ -105,3 +105,27 @@ def kmeanspp_seeding(x: torch.Tensor, k: int, rng: np.random.Generator) -> np.nd
         taken[i] = True
         dist = np.minimum(dist, (x64 - x64[i]).pow(2).sum(1).numpy())
     return np.asarray(chosen, dtype=np.int64)
+
+
+def class_quotas(budget: int, bucket_sizes: np.ndarray) -> np.ndarray:
+    """FairFAL class quotas (ALGORITHMS.md §5 step 3): base = b // C for every class, the
+    b mod C remaining go to the classes with the largest buckets (stable order); each quota
+    is capped at its bucket size and the leftover is handed out one at a time, round-robin
+    over the classes that still have spare candidates, largest buckets first."""
+    sizes = np.asarray(bucket_sizes, dtype=np.int64)
+    C = len(sizes)
+    order = np.argsort(-sizes, kind="stable")  # largest bucket first, ties by class id
+    quotas = np.full(C, budget // C, dtype=np.int64)
+    quotas[order[: budget % C]] += 1
+    leftover = int(np.maximum(quotas - sizes, 0).sum())
+    quotas = np.minimum(quotas, sizes)
+    while leftover > 0:
+        spare = [c for c in order if quotas[c] < sizes[c]]
+        if not spare:
+            break  # fewer candidates than budget: every candidate is taken
+        for c in spare:
+            if leftover == 0:
+                break
+            quotas[c] += 1
+            leftover -= 1
+    return quotas

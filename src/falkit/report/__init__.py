@@ -1,0 +1,256 @@
+"""Reports over finished runs (DESIGN.md §6): paper-style tables, paired statistics, PNG figures
+and one self-contained HTML page. Reads run directories only (falkit.results, falkit.config) and
+uses falkit.stats; it never imports the loop, the engine or the models.
+
+Conventions, decided once here:
+
+* A **run directory** is any directory holding both ``config.toml`` and ``metrics.csv``; every
+  path given to :func:`load_runs` is either one or a parent searched recursively. A path that
+  does not exist, or paths holding no run at all, raise :class:`~falkit.errors.FalkitError`; an
+  existing path without runs among others only warns. A run whose metrics.csv has no row yet is
+  skipped with a warning.
+* **Incomplete runs** (status.json missing or not ``complete``) are loaded with
+  ``Run.complete = False`` and a warning: their cycles count in accuracy tables and curves
+  (each cell shows its own n when it differs), but not in AULC or the paired statistics, since an
+  area over fewer cycles is not comparable. The report lists them.
+* Runs are grouped by **setting**: every config field except ``strategy`` (the method),
+  ``seed``, ``name``, ``out_dir``, ``data.data_root`` and runtime knobs other than precision.
+  The setting's label names dataset, partition, ρ and K, plus any other field that differs
+  between the loaded settings. If two runs share setting, method and seed, the complete one with
+  the most cycles is kept (the other is dropped with a warning).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from falkit import stats
+from falkit.config import Config, loads
+from falkit.errors import FalkitError
+from falkit.results import read_metrics, read_status
+
+__all__ = [
+    "Run", "load_runs", "find_run_dirs", "by_setting", "method_order",
+    "accuracy_table", "paired_table", "compare_text", "write_report",
+    "Table", "Section", "Cell",
+]
+
+# Config fields that do not define the experiment: they never split settings.
+_NOT_SETTING = ("name", "out_dir", "seed", "strategy", "data.data_root", "runtime.device",
+                "runtime.channels_last", "runtime.threads", "runtime.eval_batch",
+                "runtime.eval_every")
+_CORE = ("data.dataset", "partition.method", "partition.alpha", "partition.classes_per_client",
+         "data.rho", "partition.num_clients")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v).lower() if v is None else str(v)
+
+
+@dataclass
+class Run:
+    """One run directory, parsed. ``setting`` is filled in by :func:`load_runs`."""
+
+    dir: Path
+    config: Config
+    metrics: list[dict[str, Any]]
+    class_names: list[str]
+    partition: np.ndarray | None  # clients x classes, from partition.csv
+    class_counts: np.ndarray | None  # global training count per class (partition.csv total row)
+    complete: bool
+    status: dict[str, Any] = field(default_factory=dict)
+    setting: str = ""
+
+    @property
+    def method(self) -> str:
+        return self.config.strategy
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def num_classes(self) -> int:
+        return sum(1 for k in self.metrics[0] if k.startswith("acc_")) if self.metrics else 0
+
+    def setting_key(self) -> tuple[tuple[str, str], ...]:
+        flat = _flatten(dataclasses.asdict(self.config))
+        return tuple(sorted((k, _fmt(v)) for k, v in flat.items() if k not in _NOT_SETTING))
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labeled %, accuracy %) per cycle."""
+        x = np.array([float(r["labeled_pct"]) for r in self.metrics])
+        y = np.array([100.0 * float(r["accuracy"]) for r in self.metrics])
+        return x, y
+
+    def accuracy_at(self, pct: float) -> float | None:
+        """Accuracy (%) at the cycle whose target labeled fraction is ``pct`` %, if reached."""
+        for r in self.metrics:
+            if math.isclose(float(r["target_pct"]), pct, abs_tol=1e-6):
+                return 100.0 * float(r["accuracy"])
+        return None
+
+    def aulc(self) -> float:
+        return stats.aulc(*self.curve())
+
+    def query_hist(self) -> np.ndarray:
+        """cycles x classes: labels revealed per class in each cycle (row 0 = initial labels)."""
+        c = self.num_classes
+        return np.array([[int(r.get(f"queried_{k}", 0)) for k in range(c)] for r in self.metrics])
+
+    def query_shares(self, include_initial: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(cycles, cumulative majority/intermediate/minority shares), see stats.group_shares."""
+        if self.class_counts is None:
+            raise FalkitError(f"{self.dir}: no partition.csv, so no class groups")
+        groups = stats.class_groups(self.class_counts)
+        return stats.group_shares(self.query_hist(), groups, include_initial)
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths`` (each a run directory or a parent searched recursively)."""
+    found: list[Path] = []
+    seen: set[Path] = set()
+    paths = list(paths)
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FalkitError(f"{p}: no such run directory")
+        if (p / "config.toml").is_file() and (p / "metrics.csv").is_file():
+            here = [p]
+        else:
+            here = sorted(c.parent for c in p.rglob("config.toml")
+                          if (c.parent / "metrics.csv").is_file())
+            if not here:
+                warnings.warn(f"{p}: no run directory (config.toml + metrics.csv) found",
+                              stacklevel=2)
+        for d in here:
+            if d.resolve() not in seen:
+                seen.add(d.resolve())
+                found.append(d)
+    if not found:
+        where = ", ".join(map(str, paths)) or "(no path given)"
+        raise FalkitError(f"no run directory (config.toml + metrics.csv) under {where}")
+    return found
+
+
+def _read_partition(run_dir: Path) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    path = run_dir / "partition.csv"
+    if not path.is_file():
+        return [], None, None
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], [r for r in rows[1:] if r]
+    names = header[1:-1]
+    clients = np.array([[int(v) for v in r[1:-1]] for r in body if r[0] != "total"], dtype=np.int64)
+    total = [r for r in body if r[0] == "total"]
+    counts = (np.array([int(v) for v in total[0][1:-1]], dtype=np.int64) if total
+              else clients.sum(axis=0))
+    return names, clients, counts
+
+
+def _load_one(run_dir: Path) -> Run | None:
+    try:
+        cfg = loads((run_dir / "config.toml").read_text())
+    except Exception as e:  # noqa: BLE001 - any parse failure becomes one user-facing line
+        raise FalkitError(f"{run_dir / 'config.toml'}: cannot read config ({e})") from None
+    metrics = read_metrics(run_dir)
+    if not metrics:
+        warnings.warn(f"{run_dir}: metrics.csv has no cycle yet; skipped", stacklevel=3)
+        return None
+    names, part, counts = _read_partition(run_dir)
+    status = read_status(run_dir)
+    run = Run(run_dir, cfg, metrics, names, part, counts, bool(status.get("complete")), status)
+    if not names:
+        run.class_names = [str(c) for c in range(run.num_classes)]
+    if not run.complete:
+        warnings.warn(f"{run_dir}: incomplete run ({len(metrics)} cycles); "
+                      "used in accuracy tables and curves, not in AULC statistics", stacklevel=3)
+    return run
+
+
+def _label(key: dict[str, str], extra: Sequence[str]) -> str:
+    method = key["partition.method"]
+    if method in ("dirichlet", "dirichlet_balanced"):
+        part = f"{method} α={key['partition.alpha']}"
+    elif method == "shards":
+        part = f"shards c={key['partition.classes_per_client']}"
+    else:
+        part = method
+    bits = [key["data.dataset"], part, f"ρ={key['data.rho']}", f"K={key['partition.num_clients']}"]
+    bits += [f"{k}={key[k]}" for k in extra]
+    return ", ".join(bits)
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
+    """Load every run under ``run_dirs`` (see the module docstring for the conventions)."""
+    runs = [r for r in map(_load_one, find_run_dirs(run_dirs)) if r is not None]
+    keys = {r.setting_key() for r in runs}
+    dicts = [dict(k) for k in keys]
+    varying = sorted({k for d in dicts for k in d
+                      if k not in _CORE and len({dd.get(k) for dd in dicts}) > 1})
+    for r in runs:
+        r.setting = _label(dict(r.setting_key()), varying)
+    best: dict[tuple[str, str, int], Run] = {}
+    for r in runs:
+        k = (r.setting, r.method, r.seed)
+        old = best.get(k)
+        if old is None:
+            best[k] = r
+            continue
+        keep, drop = (r, old) if (r.complete, len(r.metrics)) > (old.complete,
+                                                                  len(old.metrics)) else (old, r)
+        warnings.warn(f"{drop.dir}: same setting, method and seed as {keep.dir}; dropped",
+                      stacklevel=2)
+        best[k] = keep
+    kept = {id(r) for r in best.values()}
+    return [r for r in runs if id(r) in kept]
+
+
+def _setting_sort_key(runs: list[Run]) -> tuple[Any, ...]:
+    c = runs[0].config
+    return (c.data.dataset, c.partition.method, c.partition.alpha,
+            c.data.rho if c.data.rho is not None else math.inf, c.partition.num_clients,
+            runs[0].setting)
+
+
+def by_setting(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by setting label, settings ordered by dataset, partition, α, ρ, K."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.setting, []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: _setting_sort_key(kv[1])))
+
+
+def method_order(runs: Iterable[Run]) -> list[str]:
+    """Distinct methods, ``random`` first, the rest alphabetically."""
+    return sorted({r.method for r in runs}, key=lambda m: (m != "random", m.lower()))
+
+
+# The submodules import Run and the helpers above, so they are imported last.
+from falkit.report.html import write_report  # noqa: E402
+from falkit.report.tables import (  # noqa: E402
+    Cell,
+    Section,
+    Table,
+    accuracy_table,
+    compare_text,
+    paired_table,
+)

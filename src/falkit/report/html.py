@@ -1,0 +1,145 @@
+"""`write_report`: Markdown tables, a tidy CSV, PNG figures and one self-contained HTML page
+(inline CSS, images as base64 data URIs, no script), every file written atomically."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from falkit.report import Run, by_setting, load_runs, method_order
+from falkit.report import plots as P
+from falkit.report.tables import REPORT_PCTS, accuracy_table, paired_table
+from falkit.results import csv_text, write_atomic
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
+max-width:1150px;padding:0 1em;color:#222;line-height:1.4}
+h1{border-bottom:2px solid #3b6ea5;padding-bottom:.2em}h2{margin-top:1.8em;color:#3b6ea5}
+h3{margin-bottom:.3em;font-size:1.02em}
+table.falkit{border-collapse:collapse;margin:.4em 0 1em;font-size:.9em}
+table.falkit th,table.falkit td{border:1px solid #ccc;padding:.25em .6em;white-space:nowrap}
+table.falkit th{background:#eef3f8}table.falkit td.num{text-align:right;
+font-variant-numeric:tabular-nums}table.falkit tr:nth-child(even){background:#fafafa}
+p.note{color:#555;font-size:.85em;margin:.2em 0}.warn{background:#fff4e0;border-left:4px solid
+#e0a030;padding:.5em 1em}figure{margin:1em 0}figure img{max-width:100%;height:auto;
+border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
+"""
+
+
+def _slug(text: str) -> str:
+    s = text.replace("α", "a").replace("ρ", "rho").replace("=", "")
+    return re.sub(r"[^A-Za-z0-9.@+-]+", "_", s).strip("_")[:80]
+
+
+def _tidy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        for m in r.metrics:
+            rows.append({"setting": r.setting, "method": r.method, "seed": r.seed,
+                         "cycle": m["cycle"], "target_pct": m["target_pct"],
+                         "labeled": m["labeled"], "labeled_pct": m["labeled_pct"],
+                         "accuracy_pct": round(100 * float(m["accuracy"]), 4),
+                         "complete": r.complete, "run_dir": str(r.dir)})
+    return rows
+
+
+def _figure_html(png: bytes, caption: str) -> str:
+    b64 = base64.b64encode(png).decode("ascii")
+    cap = html.escape(caption)
+    return (f'<figure><img alt="{cap}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{cap}</figcaption></figure>")
+
+
+def _partitions(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+    """Distinct partitions (setting + identical counts) with the runs that share each."""
+    seen: dict[tuple[str, bytes], list[Run]] = {}
+    for r in runs:
+        if r.partition is not None:
+            seen.setdefault((r.setting, r.partition.tobytes() + bytes(r.partition.shape)),
+                            []).append(r)
+    return [(k[0], v) for k, v in seen.items()]
+
+
+def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
+                 pcts: Sequence[float] | None = REPORT_PCTS,
+                 include_initial: bool = False) -> Path:
+    """Write accuracy.md, paired.md, accuracy.csv (tidy: one row per run and cycle),
+    figures/*.png and a self-contained report.html under ``out_dir``; return the HTML path."""
+    out = Path(out_dir)
+    runs = load_runs(run_dirs)
+    acc = accuracy_table(runs, pcts)
+    paired = paired_table(runs)
+    write_atomic(out / "accuracy.md", acc.to_markdown())
+    write_atomic(out / "paired.md", paired.to_markdown())
+    write_atomic(out / "accuracy.csv", csv_text(_tidy_rows(runs)))
+
+    colors = P.method_colors(method_order(runs))
+    figures: list[tuple[str, str, bytes]] = []  # (section, caption, png)
+    groups = by_setting(runs)
+    for i, (setting, group) in enumerate(groups.items()):
+        tag = f"{i + 1:02d}_{_slug(setting)}"
+        figures.append((setting, f"accuracy_{tag}.png",
+                        P.accuracy_figure(group, setting, colors)))
+        balance = P.query_balance_figure(group, setting, colors, include_initial)
+        if balance is not None:
+            figures.append((setting, f"query_balance_{tag}.png", balance))
+    for j, (setting, shared) in enumerate(_partitions(runs)):
+        seeds = sorted({r.seed for r in shared})
+        who = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        png = P.partition_figure(shared[0].partition, shared[0].class_names,
+                                 f"{setting} ({who})", shared[0].class_counts)
+        figures.append(("Partitions", f"partition_{j + 1:02d}_{_slug(setting)}.png", png))
+    for _, name, png in figures:
+        write_atomic(out / "figures" / name, png)
+
+    page = _html_page(runs, acc.to_html(), paired.to_html(), figures, list(groups))
+    path = out / "report.html"
+    write_atomic(path, page)
+    return path
+
+
+def _html_page(runs: Sequence[Run], acc_html: str, paired_html: str,
+               figures: list[tuple[str, str, bytes]], settings: list[str]) -> str:
+    e = html.escape
+    methods = method_order(runs)
+    seeds = sorted({r.seed for r in runs})
+    body = [f"<h1>falkit report</h1><p>{len(runs)} runs, {len(settings)} setting(s), "
+            f"methods: {e(', '.join(methods))}; seeds: {e(', '.join(map(str, seeds)))}. "
+            f"Generated {datetime.now().strftime('%Y-%m-%d %H:%M')}.</p>"]
+    bad = [r for r in runs if not r.complete]
+    if bad:
+        items = "".join(f"<li>{e(str(r.dir))} ({len(r.metrics)} of "
+                        f"{r.config.budget.cycles} cycles)</li>" for r in bad)
+        body.append(f'<div class="warn"><b>{len(bad)} incomplete run(s)</b>: counted in '
+                    f"accuracy tables and curves where they reached a fraction, not in AULC or "
+                    f"the paired statistics.<ul>{items}</ul></div>")
+    body += [acc_html, paired_html, "<h2>Figures</h2>"]
+    for setting in [*settings, "Partitions"]:
+        figs = [(n, p) for s, n, p in figures if s == setting]
+        if figs:
+            body.append(f"<h3>{e(setting)}</h3>")
+            body += [_figure_html(p, n) for n, p in figs]
+    body.append("<h2>Runs</h2>")
+    rows = "".join(
+        f"<tr><td>{e(r.setting)}</td><td>{e(r.method)}</td><td class='num'>{r.seed}</td>"
+        f"<td class='num'>{len(r.metrics)}</td><td>{'yes' if r.complete else 'no'}</td>"
+        f"<td class='num'>{_final_acc(r)}</td><td>{e(str(r.dir))}</td></tr>" for r in runs)
+    body.append('<table class="falkit"><thead><tr><th>setting</th><th>method</th><th>seed</th>'
+                "<th>cycles</th><th>complete</th><th>final acc. (%)</th><th>directory</th>"
+                f"</tr></thead><tbody>{rows}</tbody></table>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>falkit report</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _final_acc(r: Run) -> str:
+    y = r.curve()[1]
+    return f"{float(y[-1]):.2f}" if np.size(y) else "–"

@@ -1,0 +1,150 @@
+"""Report figures as PNG bytes (matplotlib, Agg, 150 dpi): accuracy vs labeled fraction, the
+cumulative class-group shares of queries (FairFAL Figure 2), and the client × class partition.
+
+Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot), so nothing here touches
+global backend state or leaks open figures.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from falkit import stats
+from falkit.report import Run, method_order
+
+DPI = 150
+_GROUP_TITLE = {"majority": "Majority classes (top 30 %)",
+                "intermediate": "Intermediate classes (middle 40 %)",
+                "minority": "Minority classes (bottom 30 %)"}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes at the report's resolution."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """A stable colour per method (tab10, then tab20 for more than 10 methods)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: tuple(cmap(i % cmap.N)) for i, m in enumerate(methods)}
+
+
+def _by_cycle(runs: Sequence[Run], values: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Per cycle index: mean labeled %, mean and std (ddof=0) of ``values`` over the runs."""
+    length = max(len(v) for v in values)
+    xs, ms, ss = [], [], []
+    for t in range(length):
+        have = [i for i, v in enumerate(values) if len(v) > t]
+        xs.append(np.mean([runs[i].curve()[0][t] for i in have]))
+        vals = np.array([values[i][t] for i in have], dtype=float)
+        ms.append(np.nanmean(vals) if np.isfinite(vals).any() else np.nan)
+        ss.append(np.nanstd(vals) if np.isfinite(vals).sum() > 1 else 0.0)
+    return np.array(xs), np.array(ms), np.array(ss)
+
+
+def accuracy_figure(runs: Sequence[Run], title: str,
+                    colors: dict[str, tuple[float, ...]] | None = None) -> bytes:
+    """Accuracy (%) vs labeled (%) per method: mean over seeds with a ±1 std band."""
+    methods = method_order(runs)
+    colors = colors or method_colors(methods)
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for m in methods:
+        mruns = [r for r in runs if r.method == m]
+        x, mean, std = _by_cycle(mruns, [r.curve()[1] for r in mruns])
+        ax.plot(x, mean, marker="o", ms=4, lw=1.8, color=colors[m], label=f"{m} (n={len(mruns)})")
+        ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.18, lw=0)
+    ax.set_xlabel("labeled samples (% of the training set)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Accuracy vs labeled fraction (mean ± std over seeds)\n{title}", fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
+    return png_bytes(fig)
+
+
+def query_balance_figure(runs: Sequence[Run], title: str,
+                         colors: dict[str, tuple[float, ...]] | None = None,
+                         include_initial: bool = False) -> bytes | None:
+    """Cumulative share (%) of queried samples from the majority / intermediate / minority
+    class groups vs labeled fraction, one panel per group, one line per method (mean over
+    seeds). The dashed line is the group's share of the training set (what uniform sampling
+    would give). None if no run has partition.csv or nothing was queried."""
+    runs = [r for r in runs if r.class_counts is not None and len(r.metrics) > 1 - include_initial]
+    if not runs:
+        return None
+    methods = method_order(runs)
+    colors = colors or method_colors(methods)
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3, sharey=True)
+    ref = np.zeros(3)
+    for r in runs:
+        groups = stats.class_groups(r.class_counts)
+        total = r.class_counts.sum()
+        ref += [r.class_counts[groups[g]].sum() / total for g in stats.GROUPS]
+    ref = 100 * ref / len(runs)
+    first = 0 if include_initial else 1
+    for m in methods:
+        mruns = [r for r in runs if r.method == m]
+        shares = [100 * r.query_shares(include_initial)[1] for r in mruns]
+        for gi, ax in enumerate(axes):
+            cols = [np.concatenate([np.full(first, np.nan), s[:, gi]]) for s in shares]
+            x, mean, _ = _by_cycle(mruns, cols)
+            ax.plot(x[first:], mean[first:], marker="o", ms=4, lw=1.8, color=colors[m],
+                    label=f"{m} (n={len(mruns)})")
+    example = stats.class_groups(runs[0].class_counts)
+    for gi, (ax, g) in enumerate(zip(axes, stats.GROUPS, strict=True)):
+        ax.axhline(ref[gi], color="0.35", ls="--", lw=1.2,
+                   label="share in training set" if gi == 0 else None)
+        names = [runs[0].class_names[c] for c in example[g]]
+        shown = ", ".join(names) if sum(map(len, names)) < 40 else f"{len(names)} classes"
+        ax.set_title(f"{_GROUP_TITLE[g]}\nclasses: {shown}", fontsize=9)
+        ax.set_xlabel("labeled samples (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cumulative share of queried samples (%)")
+    axes[0].set_ylim(bottom=0)
+    what = "all labels incl. the initial random ones" if include_initial else \
+        "strategy queries only, initial random labels excluded"
+    fig.suptitle(f"Query class balance ({what})\n{title}", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
+    return png_bytes(fig)
+
+
+def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
+                     class_counts: np.ndarray | None = None) -> bytes:
+    """Heatmap of the client × class training counts (annotated when small enough); class
+    labels carry their group (maj / int / min) by global count."""
+    counts = np.asarray(counts)
+    k, c = counts.shape
+    glob = counts.sum(axis=0) if class_counts is None else np.asarray(class_counts)
+    groups = stats.class_groups(glob)
+    tag = {cls: g[:3] for g in stats.GROUPS for cls in groups[g]}
+    fig = Figure(figsize=(min(3.0 + 0.62 * c, 16), min(2.2 + 0.34 * k, 14)),
+                 layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(counts, aspect="auto", cmap="YlGnBu", interpolation="nearest",
+                   vmin=0, vmax=max(int(counts.max()), 1))
+    fig.colorbar(im, ax=ax, label="training samples", shrink=0.9)
+    labels = [f"{class_names[i] if i < len(class_names) else i}\n{tag[i]}" for i in range(c)]
+    ax.set_xticks(range(c), labels, fontsize=8, rotation=0 if c <= 12 else 90)
+    step = max(1, k // 25)
+    ax.set_yticks(range(0, k, step), [str(i) for i in range(0, k, step)], fontsize=8)
+    ax.set_xlabel("class (group by global count: maj / int / min)")
+    ax.set_ylabel("client")
+    if k * c <= 400:
+        top = counts.max() or 1
+        for i in range(k):
+            for j in range(c):
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if counts[i, j] > 0.55 * top else "black")
+    ax.set_title(f"Client × class partition ({k} clients, {int(counts.sum())} samples)\n{title}",
+                 fontsize=10)
+    return png_bytes(fig)
