@@ -9,8 +9,13 @@ import torch
 
 from falkit import config
 from falkit.al.base import QueryContext, create
-from falkit.al.fairfal import (balanced_rows, discrepancy, imbalance_ratio,
-                               prototype_pseudo_labels, uncertainty)
+from falkit.al.fairfal import (
+    balanced_rows,
+    discrepancy,
+    imbalance_ratio,
+    prototype_pseudo_labels,
+    uncertainty,
+)
 from falkit.al.primitives import class_quotas
 from falkit.loop import run
 
