@@ -80,7 +80,10 @@ class RuntimeConfig:
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights and aggregation stay fp32)
     channels_last: bool = True
-    threads: int = 0  # 0 = torch's default
+    threads: int = 0  # intra-op threads with workers = 1; 0 = torch's default
+    # clients trained (and inference chunks run) concurrently, one intra-op thread each:
+    # on small CPUs this beats one process with several OpenMP threads per op
+    workers: int = 1
     eval_batch: int = 128  # larger batches are slower on small CPUs (cache)
     eval_every: int = 0  # 0 = evaluate once per cycle; n = also every n rounds
 
@@ -292,6 +295,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("fl.rounds and fl.local_epochs must be >= 1, fl.batch_size >= 2")
     if not 0 < cfg.fl.fraction <= 1:
         raise ConfigError(f"fl.fraction must be in (0, 1], got {cfg.fl.fraction:g}")
+    if cfg.runtime.workers < 1:
+        raise ConfigError("runtime.workers must be >= 1")
     if cfg.fairfal.kappa < 0:
         raise ConfigError(f"fairfal.kappa must be >= 0, got {cfg.fairfal.kappa:g}")
     if cfg.fl.lr <= 0:

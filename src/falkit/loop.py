@@ -87,9 +87,9 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
         if is_complete(out):
             return RunResult(out, read_metrics(out), skipped=True)
 
+    strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     data = build(cfg, dataset)
     budgets = client_budgets(cfg, data)
-    strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     ds = data.dataset
     engine = Engine(cfg,
                     ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
@@ -226,24 +226,28 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
         idx = torch.as_tensor(pool)
         return probs[idx], feats[idx]
 
-    def make_infer(k: int):
-        local: list[State] = []
+    local_states: dict[int, State] = {}
+    if strategy.needs_local_model:
+        t = time.perf_counter()
+        if mode == "last_round":
+            missing = [k for k in range(len(data.clients)) if k not in st.last_round]
+            if missing:
+                raise RuntimeError(f"no last_round model kept for clients {missing}")
+            local_states = st.last_round
+        else:  # every client's scratch model, trained concurrently when workers > 1
+            jobs = [(st.labeled[k], (cycle, k)) for k in range(len(data.clients))]
+            # only st.labeled[k] is read from these labels: the ones the oracle revealed
+            trained = engine.train_scratch(jobs, torch.as_tensor(y), cfg.seed)
+            local_states = dict(enumerate(trained))
+        times["local_model"] += time.perf_counter() - t
 
+    def make_infer(k: int):
         def infer(model: str, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             if model == "global":
                 return global_outputs(pool)
-            if not local:
-                t = time.perf_counter()
-                if mode == "last_round":
-                    if k not in st.last_round:
-                        raise RuntimeError(f"no last_round model kept for client {k}")
-                    local.append(st.last_round[k])
-                else:
-                    labels = torch.as_tensor(y)  # only st.labeled[k] is read: known labels
-                    local.append(engine.train_scratch(st.labeled[k], labels, cfg.seed,
-                                                      (cycle, k)))
-                times["local_model"] += time.perf_counter() - t
-            return engine.predict(local[0], pool)
+            if k not in local_states:
+                raise RuntimeError(f"{strategy.id} asked for a local model it did not declare")
+            return engine.predict(local_states[k], pool)
 
         return infer
 

@@ -9,8 +9,12 @@ augmented as a tensor op; nothing goes through a DataLoader.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +26,9 @@ from falkit.fl.algorithms import Aggregator, State, clone_state
 from falkit.fl.algorithms import create as create_algorithm
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
+
+J = TypeVar("J")
+R = TypeVar("R")
 
 
 @dataclass
@@ -62,6 +69,34 @@ class Engine:
         self.in_channels, self.image_size = c, train.x.shape[2]
         self.algorithm = create_algorithm(cfg.fl.algorithm)
         self.model = self.new_model(init_seed=0)  # the working model, reused for every client
+        self.workers = cfg.runtime.workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._replicas: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
+        self._configured = threading.local()
+
+    def map(self, fn: Callable[[nn.Module, J], R], jobs: Sequence[J]) -> list[R]:
+        """fn(working_model, job) for every job, results in job order. With workers > 1 the
+        jobs run on that many threads, each with one intra-op thread and its own model
+        replica (torch releases the GIL inside its kernels). A job must not depend on the
+        replica's previous contents: every job loads the weights it needs."""
+        if self.workers <= 1 or len(jobs) <= 1:
+            return [fn(self.model, j) for j in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="falkit")
+            for _ in range(self.workers):
+                self._replicas.put(self.new_model(init_seed=0))
+
+        def run(job: J) -> R:
+            if not getattr(self._configured, "done", False):
+                torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
+                self._configured.done = True
+            model = self._replicas.get()
+            try:
+                return fn(model, job)
+            finally:
+                self._replicas.put(model)
+
+        return list(self._pool.map(run, jobs))
 
     # -- models ---------------------------------------------------------------------------
     def new_model(self, init_seed: int) -> nn.Module:
@@ -159,36 +194,44 @@ class Engine:
         """One FL round: every participating client trains from the global weights, the
         server averages with labeled-count weights. Returns the new global state and, when
         asked, each client's final local state (the `last_round` local model)."""
-        agg = Aggregator(global_state)
-        kept: dict[int, State] = {}
-        for k in clients:
-            if len(pools[k]) == 0:
-                continue
-            self.model.load_state_dict(global_state)
-            self.algorithm.begin_client(self.model, global_state, k)
+        active = [k for k in clients if len(pools[k]) > 0]
+
+        def train_client(model: nn.Module, k: int) -> State:
+            model.load_state_dict(global_state)
+            self.algorithm.begin_client(model, global_state, k)
             gen = torch_generator(seed, "train", *key, k)
-            self.local_sgd(self.model, pools[k], self.cfg.fl.local_epochs, lr, gen)
-            state = self.model.state_dict()
+            self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen)
+            return {n: v.detach().clone() for n, v in model.state_dict().items()}
+
+        states = self.map(train_client, active)
+        agg = Aggregator(global_state)
+        for k, state in zip(active, states, strict=True):  # client order: deterministic sums
             agg.add(state, float(len(pools[k])))
-            if keep_states:
-                kept[k] = {n: v.detach().clone() for n, v in state.items()}
+        kept = dict(zip(active, states, strict=True)) if keep_states else {}
         return self.algorithm.aggregate(global_state, agg), kept
 
-    def train_scratch(self, idx: np.ndarray, labels: torch.Tensor, seed: int,
-                      key: tuple[object, ...]) -> State:
-        """The `scratch` local model: fresh init, trained only on the client's labels,
-        lr x 0.1 from `decay_epoch` (per epoch — the reference stepped per batch, a bug),
-        early stop at `stop_accuracy` training accuracy (ALGORITHMS.md §3)."""
+    def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
+                      labels: torch.Tensor, seed: int) -> list[State]:
+        """`scratch` local models, one per job (labeled indices, key): fresh init, trained
+        only on those labels, lr x 0.1 from `decay_epoch` (per epoch — the reference stepped
+        per batch, a bug), early stop at `stop_accuracy` training accuracy (ALGORITHMS.md
+        §3). Inits are drawn here, in order, because torch's init RNG is process-global."""
         lm = self.cfg.local_model
-        model = self.new_model(torch_seed(seed, "local_init", *key))
-        gen = torch_generator(seed, "local_train", *key)
+        inits = [clone_state(self.new_model(torch_seed(seed, "local_init", *key)))
+                 for _, key in jobs]
 
         def lr_at(epoch: int) -> float:
             return lm.lr * (0.1 if epoch >= lm.decay_epoch else 1.0)
 
-        self.local_sgd(model, idx, lm.epochs, lm.lr, gen, labels=labels, lr_at_epoch=lr_at,
-                       stop_accuracy=lm.stop_accuracy)
-        return clone_state(model)
+        def train(model: nn.Module, i: int) -> State:
+            idx, key = jobs[i]
+            model.load_state_dict(inits[i])
+            gen = torch_generator(seed, "local_train", *key)
+            self.local_sgd(model, idx, lm.epochs, lm.lr, gen, labels=labels, lr_at_epoch=lr_at,
+                           stop_accuracy=lm.stop_accuracy)
+            return clone_state(model)
+
+        return self.map(train, list(range(len(jobs))))
 
     # -- inference ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -196,23 +239,32 @@ class Engine:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and penultimate features (float32, on CPU) for the samples
         `idx` of a split, in batches of `runtime.eval_batch`, without augmentation."""
-        self.model.load_state_dict(state)
-        self.model.eval()
         x_all = self.train_x if split == "train" else self.test_x
         n = len(x_all) if idx is None else len(idx)
-        idx_t = None if idx is None else torch.as_tensor(idx, dtype=torch.int64)
-        probs, feats = [], []
+        idx_t = torch.arange(n) if idx is None else torch.as_tensor(idx, dtype=torch.int64)
         bs = self.cfg.runtime.eval_batch
-        for b in range(0, n, bs):
-            sel = slice(b, b + bs) if idx_t is None else idx_t[b:b + bs].to(self.device)
-            with self._autocast():
-                logits, f = self.model(self._inputs(x_all[sel]))
-            probs.append(torch.softmax(logits.float(), 1).cpu())
-            feats.append(f.float().cpu())
-        if not probs:
+        batches = [idx_t[b:b + bs] for b in range(0, n, bs)]
+        # one job per worker: a contiguous run of batches, the weights loaded once per job
+        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
+        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
+
+        @torch.inference_mode()
+        def infer(model: nn.Module, job: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            model.load_state_dict(state)
+            model.eval()
+            probs, feats = [], []
+            for sel in job:
+                with self._autocast():
+                    logits, f = model(self._inputs(x_all[sel.to(self.device)]))
+                probs.append(torch.softmax(logits.float(), 1).cpu())
+                feats.append(f.float().cpu())
+            return torch.cat(probs), torch.cat(feats)
+
+        outs = self.map(infer, jobs)
+        if not outs:
             d = getattr(self.model, "feature_dim", 0)
             return torch.zeros(0, self.num_classes), torch.zeros(0, d)
-        return torch.cat(probs), torch.cat(feats)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     @torch.inference_mode()
     def evaluate(self, state: State) -> tuple[float, np.ndarray]:

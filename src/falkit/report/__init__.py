@@ -15,8 +15,8 @@ Conventions, decided once here:
   area over fewer cycles is not comparable. The report lists them.
 * Runs are grouped by **setting**: every config field except ``strategy`` (the method),
   ``seed``, ``name``, ``out_dir``, ``data.data_root`` and runtime knobs other than precision.
-  The setting's label names dataset, partition, ρ and K, plus any other field that differs
-  between the loaded settings. If two runs share setting, method and seed, the complete one with
+  The setting's label names dataset, partition, ρ and K, plus the other fields that tell
+  apart settings that share those. If two runs share setting, method and seed, the complete one with
   the most cycles is kept (the other is dropped with a warning).
 """
 
@@ -129,6 +129,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories among ``paths`` (each a run directory or a parent searched recursively)."""
     found: list[Path] = []
     seen: set[Path] = set()
+    empty: list[Path] = []
     paths = list(paths)
     for p in map(Path, paths):
         if not p.exists():
@@ -139,8 +140,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             here = sorted(c.parent for c in p.rglob("config.toml")
                           if (c.parent / "metrics.csv").is_file())
             if not here:
-                warnings.warn(f"{p}: no run directory (config.toml + metrics.csv) found",
-                              stacklevel=2)
+                empty.append(p)
         for d in here:
             if d.resolve() not in seen:
                 seen.add(d.resolve())
@@ -148,6 +148,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     if not found:
         where = ", ".join(map(str, paths)) or "(no path given)"
         raise FalkitError(f"no run directory (config.toml + metrics.csv) under {where}")
+    for p in empty:
+        warnings.warn(f"{p}: no run directory (config.toml + metrics.csv) found", stacklevel=3)
     return found
 
 
@@ -202,11 +204,14 @@ def _label(key: dict[str, str], extra: Sequence[str]) -> str:
 def load_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
     """Load every run under ``run_dirs`` (see the module docstring for the conventions)."""
     runs = [r for r in map(_load_one, find_run_dirs(run_dirs)) if r is not None]
-    keys = {r.setting_key() for r in runs}
-    dicts = [dict(k) for k in keys]
-    varying = sorted({k for d in dicts for k in d
-                      if k not in _CORE and len({dd.get(k) for dd in dicts}) > 1})
+    by_core: dict[str, set[tuple[tuple[str, str], ...]]] = {}
     for r in runs:
+        by_core.setdefault(_label(dict(r.setting_key()), ()), set()).add(r.setting_key())
+    for r in runs:
+        # fields beyond the core ones are named only where they tell settings apart
+        dicts = [dict(k) for k in by_core[_label(dict(r.setting_key()), ())]]
+        varying = sorted({k for d in dicts for k in d
+                          if k not in _CORE and len({dd.get(k) for dd in dicts}) > 1})
         r.setting = _label(dict(r.setting_key()), varying)
     best: dict[tuple[str, str, int], Run] = {}
     for r in runs:

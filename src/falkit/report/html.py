@@ -28,7 +28,8 @@ table.falkit th,table.falkit td{border:1px solid #ccc;padding:.25em .6em;white-s
 table.falkit th{background:#eef3f8}table.falkit td.num{text-align:right;
 font-variant-numeric:tabular-nums}table.falkit tr:nth-child(even){background:#fafafa}
 p.note{color:#555;font-size:.85em;margin:.2em 0}.warn{background:#fff4e0;border-left:4px solid
-#e0a030;padding:.5em 1em}figure{margin:1em 0}figure img{max-width:100%;height:auto;
+#e0a030;padding:.5em 1em}figure{margin:1em 0}.grid{display:grid;gap:0 1em;
+grid-template-columns:repeat(auto-fill,minmax(460px,1fr))}figure img{max-width:100%;height:auto;
 border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 """
 
@@ -58,12 +59,14 @@ def _figure_html(png: bytes, caption: str) -> str:
 
 
 def _partitions(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
-    """Distinct partitions (setting + identical counts) with the runs that share each."""
+    """Distinct partitions (setting + identical counts) with the runs that share each, in
+    setting order, then by seed."""
     seen: dict[tuple[str, bytes], list[Run]] = {}
-    for r in runs:
-        if r.partition is not None:
-            seen.setdefault((r.setting, r.partition.tobytes() + bytes(r.partition.shape)),
-                            []).append(r)
+    for setting, group in by_setting(runs).items():
+        for r in sorted(group, key=lambda r: r.seed):
+            if r.partition is not None:
+                key = (setting, r.partition.tobytes() + str(r.partition.shape).encode())
+                seen.setdefault(key, []).append(r)
     return [(k[0], v) for k, v in seen.items()]
 
 
@@ -125,7 +128,10 @@ def _html_page(runs: Sequence[Run], acc_html: str, paired_html: str,
         figs = [(n, p) for s, n, p in figures if s == setting]
         if figs:
             body.append(f"<h3>{e(setting)}</h3>")
+            grid = setting == "Partitions" and len(figs) > 1
+            body += ['<div class="grid">'] if grid else []
             body += [_figure_html(p, n) for n, p in figs]
+            body += ["</div>"] if grid else []
     body.append("<h2>Runs</h2>")
     rows = "".join(
         f"<tr><td>{e(r.setting)}</td><td>{e(r.method)}</td><td class='num'>{r.seed}</td>"

@@ -11,6 +11,7 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from falkit import stats
@@ -114,7 +115,7 @@ def query_balance_figure(runs: Sequence[Run], title: str,
         "strategy queries only, initial random labels excluded"
     fig.suptitle(f"Query class balance ({what})\n{title}", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
     return png_bytes(fig)
 
 
@@ -127,24 +128,30 @@ def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
     glob = counts.sum(axis=0) if class_counts is None else np.asarray(class_counts)
     groups = stats.class_groups(glob)
     tag = {cls: g[:3] for g in stats.GROUPS for cls in groups[g]}
-    fig = Figure(figsize=(min(3.0 + 0.62 * c, 16), min(2.2 + 0.34 * k, 14)),
+    fig = Figure(figsize=(min(3.0 + 0.62 * c, 11), min(2.2 + 0.34 * k, 8)),
                  layout="constrained")
     ax = fig.add_subplot()
-    im = ax.imshow(counts, aspect="auto", cmap="YlGnBu", interpolation="nearest",
-                   vmin=0, vmax=max(int(counts.max()), 1))
-    fig.colorbar(im, ax=ax, label="training samples", shrink=0.9)
-    labels = [f"{class_names[i] if i < len(class_names) else i}\n{tag[i]}" for i in range(c)]
-    ax.set_xticks(range(c), labels, fontsize=8, rotation=0 if c <= 12 else 90)
+    # square-root colour scale: long-tailed counts would otherwise leave most cells blank
+    norm = PowerNorm(0.5, vmin=0, vmax=max(int(counts.max()), 1))
+    im = ax.imshow(counts, aspect="auto", cmap="YlGnBu", interpolation="nearest", norm=norm)
+    fig.colorbar(im, ax=ax, label="training samples (sqrt scale)", shrink=0.9)
+    if c <= 20:
+        labels = [f"{class_names[i] if i < len(class_names) else i}\n{tag[i]}"
+                  for i in range(c)]
+        ax.set_xticks(range(c), labels, fontsize=8, rotation=0 if c <= 12 else 90)
+        ax.set_xlabel("class (group by global count: maj / int / min)")
+    else:
+        step = max(1, c // 20)
+        ax.set_xticks(range(0, c, step), [str(i) for i in range(0, c, step)], fontsize=8)
+        ax.set_xlabel("class index")
     step = max(1, k // 25)
     ax.set_yticks(range(0, k, step), [str(i) for i in range(0, k, step)], fontsize=8)
-    ax.set_xlabel("class (group by global count: maj / int / min)")
     ax.set_ylabel("client")
     if k * c <= 400:
-        top = counts.max() or 1
         for i in range(k):
             for j in range(c):
                 ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if counts[i, j] > 0.55 * top else "black")
+                        color="white" if norm(counts[i, j]) > 0.6 else "black")
     ax.set_title(f"Client × class partition ({k} clients, {int(counts.sum())} samples)\n{title}",
                  fontsize=10)
     return png_bytes(fig)

@@ -46,6 +46,7 @@ class Section:
         raise KeyError(label)
 
     def cell(self, label: str, column: str) -> Cell:
+        """The cell in row ``label`` and column ``column``."""
         return self.row(label)[self.columns.index(column)]
 
 
@@ -194,8 +195,8 @@ def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PC
         columns = ["method", "n", *[f"{p:g}%" for p in cols], "AULC"]
         sections.append(Section(setting, columns, rows, note))
     return Table("Accuracy (%) at labeled fraction, mean ± std over seeds", sections,
-                 ["Bold (* in text): best mean in the column. AULC: area under accuracy (%) vs "
-                  "labeled (%)."])
+                 ["Bold (in plain text: a trailing *) = best mean in the column. AULC = area "
+                  "under accuracy (%) vs labeled (%)."])
 
 
 def aulc_by_seed(runs: Sequence[Run], method: str) -> dict[int, float]:
@@ -213,7 +214,7 @@ def _pair_row(group: Sequence[Run], a: str, b: str) -> list[Cell]:
 
     p = num(res["p"], ".4g")
     p.bold = res["p"] < stats.ALPHA
-    return [Cell(a), Cell(b), Cell(wtext, n=res["n"], bold=res["significant"]),
+    return [Cell(a), Cell(b), Cell(wtext, n=res["n"]),
             Cell(str(res["n"]), float(res["n"]), n=res["n"]),
             num(res["mean_a"], ".2f"), num(res["mean_b"], ".2f"), num(res["mean_delta"], "+.2f"),
             num(res["pi_pos"], ".2f"), p, num(res["hl"], "+.2f")]
