@@ -176,6 +176,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     for s, _, d in runs:
         print(f"results of {s}: {d}")
+    from falkit.report import write_report
+
+    html = write_report([d for _, _, d in runs], Path(args.out) / "report")
+    print(f"report (tables, figures): {html}")
     return 0
 
 
@@ -189,6 +193,23 @@ def cmd_show(args: argparse.Namespace) -> int:
             raise FalkitError(f"{d} has no metrics.csv (not a falkit run directory?)")
         runs.append((Path(d).name, rows))
     print(accuracy_table(runs))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from falkit.report import accuracy_table as report_table
+    from falkit.report import load_runs, write_report
+
+    html = write_report(args.runs, Path(args.out))
+    print(report_table(load_runs(args.runs)).to_text())
+    print(f"report: {html}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from falkit.report import compare_text, load_runs
+
+    print(compare_text(load_runs(args.runs), args.a, args.b))
     return 0
 
 
@@ -292,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("show", help="print the accuracy table of run directories")
     sp.add_argument("runs", nargs="+")
     sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("report", help="tables, paired statistics, figures and one HTML page")
+    sp.add_argument("runs", nargs="+", help="run directories (or folders holding them)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("compare", help="paired statistics of two methods across seeds")
+    sp.add_argument("a", help="method id, e.g. fairfal")
+    sp.add_argument("b", help="method id, e.g. entropy@G")
+    sp.add_argument("runs", nargs="+", help="run directories (or folders holding them)")
+    sp.set_defaults(func=cmd_compare)
 
     sp = sub.add_parser("partition", help="print the client x class partition of a config")
     with_config(sp)
