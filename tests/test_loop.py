@@ -121,3 +121,15 @@ def test_killed_process_resumes_with_identical_metrics(tmp_path):
     a = read_metrics(tmp_path / "full" / "r")
     b = read_metrics(tmp_path / "cut" / "r")
     assert len(b) == 6 and _no_time(a) == _no_time(b)
+
+
+def test_two_workers_are_deterministic_and_train_the_same_model(tmp_path):
+    """runtime.workers = 2 trains clients on two threads: the same numbers every time, and
+    (one intra-op thread instead of two) the same model up to floating-point order."""
+    extra = {"strategy": "fairfal", "runtime.workers": "2", "local_model.epochs": "2"}
+    a = run(small_cfg(tmp_path / "a", **extra)).metrics
+    b = run(small_cfg(tmp_path / "b", **extra)).metrics
+    assert _no_time(a) == _no_time(b)
+    one = run(small_cfg(tmp_path / "c", **{**extra, "runtime.workers": "1"})).metrics
+    assert [r["labeled"] for r in one] == [r["labeled"] for r in a]
+    assert abs(one[0]["accuracy"] - a[0]["accuracy"]) < 0.05

@@ -251,6 +251,16 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
 
         return infer
 
+    def make_weights(k: int):
+        def weights(model: str) -> State:
+            if model == "global":
+                return st.global_state
+            if k not in local_states:
+                raise RuntimeError(f"{strategy.id} asked for a local model it did not declare")
+            return local_states[k]
+
+        return weights
+
     K = len(data.clients)
     contexts = []
     for k in range(K):
@@ -258,7 +268,8 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
         contexts.append(QueryContext(client_id=k, cycle=cycle, labeled=st.labeled[k],
                                      labeled_y=y[st.labeled[k]], unlabeled=unl,
                                      num_classes=data.num_classes,
-                                     rng=rng(cfg.seed, "query", cycle, k), infer=make_infer(k)))
+                                     rng=rng(cfg.seed, "query", cycle, k), infer=make_infer(k),
+                                     weights=make_weights(k)))
     # two-phase strategies: client statistics -> server reduce -> broadcast (DESIGN.md §2)
     stats = [strategy.client_stats(ctx) for ctx in contexts]
     if any(s is not None for s in stats):

@@ -19,6 +19,8 @@ from falkit.errors import ConfigError
 
 # (model, indices) -> (probs N×C, features N×D) for "global" or "local"
 Infer = Callable[[str, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+# model -> its state dict ("global" or "local"), read-only
+Weights = Callable[[str], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -33,6 +35,7 @@ class QueryContext:
     num_classes: int
     rng: np.random.Generator
     infer: Infer
+    weights: Weights | None = None
     server: dict[str, float] = field(default_factory=dict)  # what server_reduce broadcast
     state: dict[str, object] = field(default_factory=dict)  # the client's own scratch space
     _cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
@@ -54,6 +57,13 @@ class QueryContext:
 
     def features(self, model: str, subset: str = "unlabeled") -> torch.Tensor:
         return self.outputs(model, subset)[1]
+
+    def head(self, model: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, b) of the model's last linear layer (`classifier`: features -> logits)."""
+        if self.weights is None:
+            raise RuntimeError("this QueryContext carries no model weights")
+        state = self.weights(model)
+        return state["classifier.weight"].float(), state["classifier.bias"].float()
 
     def grad_embeddings(self, model: str, subset: str = "unlabeled",
                         hot: torch.Tensor | None = None) -> torch.Tensor:
