@@ -84,6 +84,7 @@ class RuntimeConfig:
     # clients trained (and inference chunks run) concurrently, one intra-op thread each:
     # on small CPUs this beats one process with several OpenMP threads per op
     workers: int = 1
+    tune_allocator: bool = True  # glibc: keep freed buffers (no per-step page faults)
     eval_batch: int = 128  # larger batches are slower on small CPUs (cache)
     eval_every: int = 0  # 0 = evaluate once per cycle; n = also every n rounds
 
