@@ -144,6 +144,7 @@ CHOICES = {
     "partition.method": ("dirichlet_balanced", "dirichlet", "iid", "shards", "json"),
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
+    "fl.algorithm": ("fedavg", "fedprox", "scaffold", "fednova"),
     "local_model.mode": ("scratch", "last_round"),
     "runtime.precision": ("fp32", "bf16"),
     "fairfal.selector": ("adaptive", "complement", "global", "local"),

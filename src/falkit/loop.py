@@ -95,12 +95,12 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
                     ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
                                  ds.hflip, ds.crop_pad),
                     ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
-                    data.num_classes)
+                    data.num_classes, num_clients=len(data.clients))
     oracle = SimulatedOracle(ds.y_train)
     write_atomic(cfg_path, text)
     write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
 
-    st, first = _resume(out, cfg, oracle, strategy)
+    st, first = _resume(out, cfg, oracle, strategy, engine)
     resumed = first if st is not None else None
     if st is None:
         st = _initial_labels(cfg, data, budgets, oracle)
@@ -109,7 +109,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     for cycle in range(first, cfg.budget.cycles):
         row = _cycle(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep)
         st.metrics.append(row)
-        _checkpoint(out, cycle, cfg, st, strategy)
+        _checkpoint(out, cycle, cfg, st, strategy, engine)
         rep.cycle_done(row)
         if stop_after is not None and cycle >= stop_after and cycle < cfg.budget.cycles - 1:
             rep.finish()
@@ -159,6 +159,7 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
         global_state = st.global_state
     else:  # a fresh init every cycle (FairFAL protocol); the init differs per seed and cycle
         global_state = engine.init_state(cfg.seed, cycle)
+        engine.algorithm.reset()  # e.g. SCAFFOLD's control variates belong to the old model
     K = len(data.clients)
     keep_last = strategy.needs_local_model and _local_mode(cfg, strategy) == "last_round"
     comm = 0
@@ -292,11 +293,13 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
     return np.concatenate(new_all) if new_all else np.zeros(0, dtype=np.int64)
 
 
-def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strategy) -> None:
+def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strategy,
+                engine: Engine) -> None:
     save_torch(out / "checkpoint" / "latest.pt", {
         "cycle": cycle, "labeled": st.labeled, "global_state": st.global_state,
         "last_round": st.last_round, "metrics": st.metrics, "queries": st.queries,
         "rounds": st.rounds, "strategy": strategy.state_dict(),
+        "fl_algorithm": engine.algorithm.state_dict(),
     })
     _write_results(out, cfg, st, cycle)
 
@@ -312,8 +315,8 @@ def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
                  f'"cycles": {cfg.budget.cycles}}}\n')
 
 
-def _resume(out: Path, cfg: Config, oracle: SimulatedOracle,
-            strategy: Strategy) -> tuple[_State | None, int]:
+def _resume(out: Path, cfg: Config, oracle: SimulatedOracle, strategy: Strategy,
+            engine: Engine) -> tuple[_State | None, int]:
     path = out / "checkpoint" / "latest.pt"
     if not path.is_file():
         return None, 0
@@ -322,6 +325,7 @@ def _resume(out: Path, cfg: Config, oracle: SimulatedOracle,
                 last_round=ck["last_round"], metrics=ck["metrics"], queries=ck["queries"],
                 rounds=ck.get("rounds", []))
     strategy.load_state_dict(ck.get("strategy", {}))
+    engine.algorithm.load_state_dict(ck.get("fl_algorithm", {}))
     oracle.restore(np.concatenate(st.labeled))
     _write_results(out, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

@@ -1,9 +1,11 @@
-"""Federated optimisation algorithms: what a client adds to local SGD, and how the server
-aggregates (ALGORITHMS.md §3). FedAvg here; FedProx / SCAFFOLD / FedNova plug into the same
-hooks (issue 5).
-"""
+"""Federated optimisation algorithms (ALGORITHMS.md §3): what a client adds to local SGD, and
+how the server aggregates. One object per run; everything per client lives in the `Client`
+record a call returns, so clients can train concurrently (engine workers)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,23 +24,33 @@ def clone_state(model: nn.Module) -> State:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@dataclass
+class Client:
+    """One client's round: filled by begin_client, read by the hooks and by aggregate."""
+
+    id: int
+    weight: float  # labeled count (FedAvg weight)
+    global_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    state: State | None = None  # the client's weights after local training
+    steps: int = 0
+    lr: float = 0.0
+
+
 class Aggregator:
-    """Streaming weighted average: add each client's state as it finishes, in place, so the
-    server never holds K copies of the model (FedAvg: weights = labeled counts)."""
+    """Weighted average of client states; integer buffers (num_batches_tracked) are summed
+    as float64 and rounded back, never averaged as floats of their own dtype."""
 
     def __init__(self, like: State):
-        self.sum = {k: torch.zeros_like(v, dtype=torch.float64 if not v.is_floating_point()
-                                        else v.dtype) for k, v in like.items()}
+        self.sum = {k: torch.zeros_like(v, dtype=v.dtype if v.is_floating_point()
+                                        else torch.float64) for k, v in like.items()}
         self.total_weight = 0.0
         self._like = like
 
     def add(self, state: State, weight: float) -> None:
         for k, acc in self.sum.items():
             v = state[k]
-            if v.is_floating_point():
-                acc.add_(v, alpha=weight)
-            else:  # integer buffers (num_batches_tracked): summed as float64, cast at the end
-                acc.add_(v.to(torch.float64), alpha=weight)
+            acc.add_(v if v.is_floating_point() else v.to(torch.float64), alpha=weight)
         self.total_weight += weight
 
     def result(self) -> State:
@@ -52,29 +64,177 @@ class Aggregator:
         return out
 
 
+def weighted_average(clients: list[Client], like: State) -> State:
+    agg = Aggregator(like)
+    for c in clients:  # client order: deterministic floating-point sums
+        assert c.state is not None
+        agg.add(c.state, c.weight)
+    return agg.result()
+
+
+def _param_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 class FedAvg:
     """FedAvg (McMahan et al. 2017): global = Σ_k |L_k|/Σ|L| · w_k over every state entry,
-    BatchNorm running statistics included (ALGORITHMS.md §3)."""
+    BatchNorm running statistics included."""
 
     name = "fedavg"
 
-    def begin_client(self, model: nn.Module, global_state: State, client: int) -> None:
-        """Called once the client's model holds the global weights, before local SGD."""
+    def __init__(self, **options: Any):
+        self.options = options
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+    def begin_round(self, global_state: State, param_names: list[str]) -> None:
+        """Called on the main thread before the round's clients train."""
+
+    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        """Called once the model holds the global weights, before local SGD."""
+
+    def extra_loss(self, model: nn.Module, client: Client) -> torch.Tensor | None:
         """A term added to the local loss (FedProx's proximal term)."""
         return None
 
-    def aggregate(self, global_state: State, agg: Aggregator) -> State:
-        return agg.result()
+    def correct_grads(self, model: nn.Module, client: Client) -> None:
+        """Called after backward, before the optimizer step (SCAFFOLD's correction)."""
+
+    def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        """Called after local SGD with client.state, steps and lr filled in."""
+
+    def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
+        return weighted_average(clients, global_state)
+
+    def reset(self) -> None:
+        """A fresh model: forget any server/client state (called at each fresh init)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict returned (resume)."""
 
 
-ALGORITHMS: dict[str, tuple[type, str]] = {
+class FedProx(FedAvg):
+    """FedProx (Li et al. 2020): local loss += (mu/2) Σ_params ‖w − w_global‖²."""
+
+    name = "fedprox"
+
+    def __init__(self, mu: float = 0.01, **options: Any):
+        super().__init__(**options)
+        self.mu = float(mu)
+
+    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        client.global_params = {n: global_state[n].detach() for n in _param_names(model)}
+
+    def extra_loss(self, model: nn.Module, client: Client) -> torch.Tensor | None:
+        if self.mu == 0:
+            return None
+        prox = sum(((p - client.global_params[n]) ** 2).sum()
+                   for n, p in model.named_parameters() if n in client.global_params)
+        return 0.5 * self.mu * prox  # FedProx Eq. 2
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020), option II: each step uses g − c_k + c on trainable
+    parameters (not BN buffers); c_k⁺ = c_k − c + (w_global − w_k)/(steps · lr);
+    c += (1/K) Σ_{k ∈ S} (c_k⁺ − c_k), i.e. the participants' mean × |S|/K."""
+
+    name = "scaffold"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.c: dict[str, torch.Tensor] = {}
+        self.c_k: dict[int, dict[str, torch.Tensor]] = {}
+
+    def begin_round(self, global_state: State, param_names: list[str]) -> None:
+        if not self.c:  # control variates start at zero
+            self.c = {n: torch.zeros_like(global_state[n]) for n in param_names}
+
+    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        names = list(self.c)
+        ck = self.c_k.get(client.id) or {n: torch.zeros_like(self.c[n]) for n in names}
+        client.extras["c_k"] = ck
+        client.extras["delta"] = {n: self.c[n] - ck[n] for n in names}  # c − c_k
+
+    def correct_grads(self, model: nn.Module, client: Client) -> None:
+        delta = client.extras["delta"]
+        for n, p in model.named_parameters():
+            if p.grad is not None and n in delta:
+                p.grad.add_(delta[n])
+
+    def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        assert client.state is not None
+        ck = client.extras["c_k"]
+        scale = 1.0 / max(client.steps * client.lr, 1e-12)
+        client.extras["c_k_new"] = {
+            n: ck[n] - self.c[n] + (global_state[n] - client.state[n]) * scale for n in ck}
+
+    def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
+        for client in clients:  # in client order: deterministic sums
+            new, old = client.extras["c_k_new"], client.extras["c_k"]
+            for n in self.c:
+                self.c[n] += (new[n] - old[n]) / num_clients
+            self.c_k[client.id] = new
+        return weighted_average(clients, global_state)
+
+    def reset(self) -> None:
+        self.c, self.c_k = {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"c": self.c, "c_k": self.c_k}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.c = state.get("c", {})
+        self.c_k = state.get("c_k", {})
+
+
+class FedNova(FedAvg):
+    """FedNova (Wang et al. 2020): normalised averaging of local updates. Client k reports
+    τ_k local steps and a_k = ‖a_k‖₁ (plain SGD: τ_k; momentum ρ:
+    [τ_k − ρ(1 − ρ^τ_k)/(1 − ρ)]/(1 − ρ)); the server sets
+    w ← w_g − τ_eff Σ_k p_k (w_g − w_k)/a_k with τ_eff = Σ_k p_k a_k. Buffers (BN running
+    statistics) are averaged as in FedAvg."""
+
+    name = "fednova"
+
+    def __init__(self, momentum: float = 0.0, **options: Any):
+        super().__init__(**options)
+        self.rho = float(momentum)
+
+    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        client.extras["params"] = _param_names(model)
+
+    def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
+        tau, rho = client.steps, self.rho
+        if rho == 0:
+            a = float(tau)
+        else:
+            a = (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
+        client.extras["a"] = max(a, 1e-12)
+
+    def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
+        out = weighted_average(clients, global_state)  # buffers (and a template)
+        total = sum(c.weight for c in clients)
+        p = [c.weight / total for c in clients]
+        tau_eff = sum(pk * c.extras["a"] for pk, c in zip(p, clients, strict=True))
+        for n in clients[0].extras["params"]:
+            d = torch.zeros_like(global_state[n])
+            for pk, c in zip(p, clients, strict=True):
+                assert c.state is not None
+                d.add_(global_state[n] - c.state[n], alpha=pk / c.extras["a"])
+            out[n] = global_state[n] - tau_eff * d
+        return out
+
+
+ALGORITHMS: dict[str, tuple[type[FedAvg], str]] = {
     "fedavg": (FedAvg, "FedAvg: labeled-count weighted average of all weights and BN buffers"),
+    "fedprox": (FedProx, "FedProx: proximal term (fl.mu/2)·‖w − w_global‖² in the local loss"),
+    "scaffold": (Scaffold, "SCAFFOLD: control variates correct client drift"),
+    "fednova": (FedNova, "FedNova: normalised averaging by each client's local steps"),
 }
 
 
-def create(name: str) -> FedAvg:
+def create(name: str, **options: Any) -> FedAvg:
     if name not in ALGORITHMS:
         raise ConfigError(f"unknown fl.algorithm '{name}' (valid: {', '.join(ALGORITHMS)})")
-    return ALGORITHMS[name][0]()
+    return ALGORITHMS[name][0](**options)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from falkit.config import Config
-from falkit.fl.algorithms import Aggregator, State, clone_state
+from falkit.fl.algorithms import Client, State, clone_state
 from falkit.fl.algorithms import create as create_algorithm
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
@@ -74,7 +74,8 @@ class ImageTensors:
 class Engine:
     """Trains, aggregates, evaluates and runs inference for one experiment."""
 
-    def __init__(self, cfg: Config, train: ImageTensors, test: ImageTensors, num_classes: int):
+    def __init__(self, cfg: Config, train: ImageTensors, test: ImageTensors, num_classes: int,
+                 num_clients: int = 1):
         self.cfg = cfg
         if cfg.runtime.tune_allocator:
             tune_allocator()
@@ -82,6 +83,7 @@ class Engine:
         if cfg.runtime.threads > 0:
             torch.set_num_threads(cfg.runtime.threads)
         self.num_classes = num_classes
+        self.num_clients = num_clients  # K, for SCAFFOLD's partial-participation scaling
         self.train_x = train.x.to(self.device)
         self.train_y = train.y.to(self.device)
         self.test_x = test.x.to(self.device)
@@ -97,7 +99,8 @@ class Engine:
         self.memory_format = (torch.channels_last if cfg.runtime.channels_last
                               else torch.contiguous_format)
         self.in_channels, self.image_size = c, train.x.shape[2]
-        self.algorithm = create_algorithm(cfg.fl.algorithm)
+        self.algorithm = create_algorithm(cfg.fl.algorithm, mu=cfg.fl.mu,
+                                          momentum=cfg.fl.momentum)
         self.model = self.new_model(init_seed=0)  # the working model, reused for every client
         self.workers = cfg.runtime.workers
         self._pool: ThreadPoolExecutor | None = None
@@ -182,7 +185,8 @@ class Engine:
     def local_sgd(self, model: nn.Module, idx: np.ndarray, epochs: int, lr: float,
                   gen: torch.Generator, labels: torch.Tensor | None = None,
                   lr_at_epoch: Callable[[int], float] | None = None,
-                  stop_accuracy: float | None = None) -> tuple[int, float]:
+                  stop_accuracy: float | None = None,
+                  client: Client | None = None) -> tuple[int, float]:
         """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
         of steps and the training accuracy of the last epoch."""
         cfg = self.cfg.fl
@@ -204,11 +208,14 @@ class Engine:
                 with self._autocast():
                     logits, _ = model(xb)
                     loss = F.cross_entropy(logits.float(), yb)
-                extra = self.algorithm.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
+                if client is not None:  # FL local update: the algorithm's hooks
+                    extra = self.algorithm.extra_loss(model, client)
+                    if extra is not None:
+                        loss = loss + extra
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if client is not None:
+                    self.algorithm.correct_grads(model, client)
                 opt.step()
                 steps += 1
                 correct += int((logits.argmax(1) == yb).sum())
@@ -225,20 +232,25 @@ class Engine:
         server averages with labeled-count weights. Returns the new global state and, when
         asked, each client's final local state (the `last_round` local model)."""
         active = [k for k in clients if len(pools[k]) > 0]
+        algo = self.algorithm
+        algo.begin_round(global_state, [n for n, p in self.model.named_parameters()
+                                        if p.requires_grad])
 
-        def train_client(model: nn.Module, k: int) -> State:
+        def train_client(model: nn.Module, k: int) -> Client:
+            client = Client(id=k, weight=float(len(pools[k])), lr=lr)
             model.load_state_dict(global_state)
-            self.algorithm.begin_client(model, global_state, k)
+            algo.begin_client(model, global_state, client)
             gen = torch_generator(seed, "train", *key, k)
-            self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen)
-            return {n: v.detach().clone() for n, v in model.state_dict().items()}
+            client.steps, _ = self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen,
+                                             client=client)
+            client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+            algo.end_client(model, global_state, client)
+            return client
 
-        states = self.map(train_client, active)
-        agg = Aggregator(global_state)
-        for k, state in zip(active, states, strict=True):  # client order: deterministic sums
-            agg.add(state, float(len(pools[k])))
-        kept = dict(zip(active, states, strict=True)) if keep_states else {}
-        return self.algorithm.aggregate(global_state, agg), kept
+        done = self.map(train_client, active)  # results in client order
+        new_state = algo.aggregate(global_state, done, num_clients=self.num_clients)
+        kept = {c.id: c.state for c in done if c.state is not None} if keep_states else {}
+        return new_state, kept
 
     def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                       labels: torch.Tensor, seed: int) -> list[State]:
