@@ -1,3 +1,3 @@
 """Imports every strategy module so that each registers itself."""
 
-from falkit.al import badge, coreset, fairfal, uncertainty  # noqa: F401
+from falkit.al import badge, coreset, fairfal, kafal, logo, uncertainty  # noqa: F401
