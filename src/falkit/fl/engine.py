@@ -205,7 +205,6 @@ class Engine:
                   client: Client | None = None) -> tuple[int, float]:
         """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
         of steps and the training accuracy of the last epoch."""
-        cfg = self.cfg.fl
         model.train()
         opt = self._optimizer(model, lr)
         ys = self.train_y if labels is None else labels
