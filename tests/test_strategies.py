@@ -30,9 +30,12 @@ def make_ctx(seed=0, n_unlabeled=60, n_labeled=12, probs=None, feats=None):
         f = table_f[model][idx_t] if feats is None else feats[model][idx_t]
         return p, f
 
+    heads = {m: {"classifier.weight": torch.randn(C, D, generator=gen),
+                 "classifier.bias": torch.randn(C, generator=gen)} for m in ("global", "local")}
     ctx = QueryContext(client_id=0, cycle=1, labeled=labeled,
                        labeled_y=g.integers(0, C, n_labeled), unlabeled=unlabeled,
-                       num_classes=C, rng=np.random.default_rng(seed), infer=infer)
+                       num_classes=C, rng=np.random.default_rng(seed), infer=infer,
+                       weights=heads.__getitem__)
     return ctx, calls
 
 

@@ -1,3 +1,12 @@
 """Imports every strategy module so that each registers itself."""
 
-from falkit.al import badge, coreset, fairfal, kafal, logo, uncertainty  # noqa: F401
+from falkit.al import (  # noqa: F401
+    alfamix,
+    badge,
+    coreset,
+    fairfal,
+    gcnal,
+    kafal,
+    logo,
+    uncertainty,
+)

@@ -1,0 +1,126 @@
+"""ALFA-Mix (Parvaneh et al., "Active Learning by Feature Mixing", CVPR 2022), ALGORITHMS.md §4
+**alfamix**, with the paper's closed-form α (reference `alpha_closed_form_approx`).
+
+An unlabeled point is a candidate when interpolating its features a little towards some class
+anchor (the mean labeled feature of that class) flips the query model's prediction; k-means
+on the normalized candidate features then picks a diverse batch among them.
+
+Deviation from the reference: g is taken through the *query model's* classifier head (@G: the
+global head, @L: the local one). The reference always used the global model's head, even when
+the features came from another model — a quirk we do not copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from falkit.al.base import QueryContext, Strategy, register
+
+ALPHA_CAPS = (0.2, 0.4, 0.6, 0.8, 1.0)  # reference: alpha_cap += 0.2 while alpha_cap < 1
+KMEANS_N_INIT = 1  # sklearn's "auto" for k-means++ init: one seeding run
+_CHUNK = 8192  # rows of the pool per batched step (bounds memory at 8192 × D per tensor)
+
+
+def class_anchors(z_l: torch.Tensor, y_l: np.ndarray | torch.Tensor,
+                  num_classes: int) -> torch.Tensor:
+    """ALFA-Mix anchors (C × D): μ_i = mean labeled feature of class i, or the mean of all
+    labeled features when class i has no labeled point (reference `find_candidate_set`)."""
+    y = torch.as_tensor(np.asarray(y_l), dtype=torch.long)
+    z = z_l.float()
+    overall = z.mean(0)
+    counts = torch.bincount(y, minlength=num_classes)[:num_classes].float()
+    sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, y, z)
+    means = sums / counts.clamp_min(1.0).unsqueeze(1)
+    return torch.where((counts > 0).unsqueeze(1), means, overall)
+
+
+def ce_feature_grad(z: torch.Tensor, pred: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """∂CE(softmax(z Wᵀ + b), ŷ)/∂z per row = (softmax(z Wᵀ + b) − onehot(ŷ)) W, the closed
+    form of what the reference gets from autograd. (The reference differentiates the batch
+    *mean*, scaling g by 1/N; α only depends on g / ‖g‖, so the scale is irrelevant.)"""
+    coef = torch.softmax(z @ w.T + b, dim=1)
+    coef[torch.arange(len(z)), pred] -= 1.0
+    return coef @ w
+
+
+def alfamix_candidates(z_u: torch.Tensor, pred: torch.Tensor, anchors: torch.Tensor,
+                       w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Boolean mask over the rows of `z_u`: does mixing towards any anchor flip the prediction?
+
+    ALFA-Mix Eq. 5 (closed form, reference `calculate_optimum_alpha`), for every anchor μ_i:
+    α = (ε ‖μ_i − z‖ / ‖g‖) · g / (μ_i − z + 1e-8) elementwise, no clamping;
+    mix = (1 − α) z + α μ_i; candidate iff argmax(mix Wᵀ + b) ≠ ŷ for some i.
+    `pred` is ŷ (the query model's argmax), `eps` = cap / √D. Batched over the pool.
+    A row with g = 0 (a saturated softmax) gets α = 0 instead of 0/0, so it never flips."""
+    z_u, anchors, w, b = z_u.float(), anchors.float(), w.float(), b.float()
+    pred = torch.as_tensor(pred, dtype=torch.long)
+    mask = torch.zeros(len(z_u), dtype=torch.bool)
+    for lo in range(0, len(z_u), _CHUNK):
+        z, y = z_u[lo:lo + _CHUNK], pred[lo:lo + _CHUNK]
+        g = ce_feature_grad(z, y, w, b)
+        g_norm = g.norm(dim=1, keepdim=True)
+        g_unit = torch.where(g_norm > 0, g / g_norm.clamp_min(1e-30), torch.zeros_like(g))
+        flip = torch.zeros(len(z), dtype=torch.bool)
+        for mu in anchors:  # C iterations; each one batched over every row of the chunk
+            diff = mu - z
+            alpha = eps * diff.norm(dim=1, keepdim=True) * g_unit / (diff + 1e-8)
+            mix = (1.0 - alpha) * z + alpha * mu
+            flip |= (mix @ w.T + b).argmax(1) != y
+        mask[lo:lo + _CHUNK] = flip
+    return mask
+
+
+def nearest_to_centres(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """KMeans(k) on `x`, then for every non-empty cluster the member nearest its centre
+    (reference `AlphaMixSampling.sample`). Distinct by construction; fewer than k when a
+    cluster ends up empty (duplicate points)."""
+    km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=seed).fit(x)
+    labels = km.labels_
+    dist = ((x - km.cluster_centers_[labels]) ** 2).sum(1)
+    out = []
+    for c in range(k):  # a loop over clusters (≤ b), not over the pool
+        members = np.flatnonzero(labels == c)
+        if len(members):
+            out.append(int(members[np.argmin(dist[members])]))
+    return np.asarray(out, dtype=np.int64)
+
+
+@register
+class AlfaMix(Strategy):
+    name = "alfamix"
+    description = "ALFA-Mix: k-means over points whose prediction flips under anchor mixing"
+    uses_selector = True
+
+    def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
+        model = self.query_model
+        z_u = ctx.features(model, "unlabeled").float()
+        pred = ctx.probs(model, "unlabeled").argmax(1)
+        w, b = ctx.head(model)
+        anchors = class_anchors(ctx.features(model, "labeled"), ctx.labeled_y, ctx.num_classes)
+        d = z_u.shape[1]
+        candidate = torch.zeros(len(z_u), dtype=torch.bool)
+        cap = 0.0
+        # without labeled points there are no anchors: every pick is the random fill
+        for cap in ALPHA_CAPS if len(ctx.labeled) else ():
+            # the reference accumulates candidates over caps and stops once it has more than b
+            candidate |= alfamix_candidates(z_u, pred, anchors, w, b, cap / math.sqrt(d))
+            if int(candidate.sum()) > budget:
+                break
+        cand = np.flatnonzero(candidate.numpy())
+        picks = np.zeros(0, dtype=np.int64)
+        if len(cand):
+            feats = torch.nn.functional.normalize(z_u[torch.as_tensor(cand)], dim=1)
+            seed = int(ctx.rng.integers(2**31 - 1))
+            picks = cand[nearest_to_centres(feats.double().numpy(), min(budget, len(cand)), seed)]
+        short = budget - len(picks)
+        if short > 0:
+            # uniform *without* replacement (the reference drew with replacement: duplicates)
+            rest = np.setdiff1d(np.arange(len(z_u)), picks)
+            picks = np.concatenate([picks, ctx.rng.choice(rest, size=short, replace=False)])
+        self._diag = {"candidates": len(cand), "alpha_cap": cap, "random_fill": max(short, 0)}
+        return picks

@@ -1,0 +1,213 @@
+"""CoreGCN (gcnal) and ALFA-Mix (alfamix): the shared strategy contract plus known answers for
+their pure parts (the GCN adjacency, the ALFA-Mix candidate test)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from falkit.al.base import QueryContext, create
+
+C, D = 5, 8
+
+
+# The modules are imported when the tests run, not when they are collected: importing them
+# registers gcnal and alfamix, and tests/test_strategies.py parametrises its contract over every
+# registered id at collection time with a make_ctx that has no `weights=` (alfamix needs them).
+@pytest.fixture(autouse=True)
+def gcnal():
+    import falkit.al.gcnal
+
+    return falkit.al.gcnal
+
+
+@pytest.fixture(autouse=True)
+def alfamix():
+    import falkit.al.alfamix
+
+    return falkit.al.alfamix
+
+
+def make_ctx(seed=0, n_unlabeled=60, n_labeled=12):
+    """Like tests/test_strategies.py's make_ctx, plus `weights=` (a random classifier head)."""
+    g = np.random.default_rng(100 + seed)
+    pool = np.sort(g.choice(10_000, n_unlabeled + n_labeled, replace=False))
+    labeled = np.sort(g.choice(pool, n_labeled, replace=False))
+    unlabeled = np.setdiff1d(pool, labeled)
+    gen = torch.Generator().manual_seed(seed)
+    table_p = {m: torch.softmax(3 * torch.randn(10_000, C, generator=gen), 1)
+               for m in ("global", "local")}
+    table_f = {m: torch.randn(10_000, D, generator=gen) for m in ("global", "local")}
+    heads = {m: {"classifier.weight": torch.randn(C, D, generator=gen),
+                 "classifier.bias": torch.randn(C, generator=gen)} for m in ("global", "local")}
+    calls = []
+
+    def infer(model, idx):
+        calls.append(("infer", model))
+        idx_t = torch.as_tensor(idx)
+        return table_p[model][idx_t], table_f[model][idx_t]
+
+    def weights(model):
+        calls.append(("weights", model))
+        return heads[model]
+
+    ctx = QueryContext(client_id=0, cycle=1, labeled=labeled,
+                       labeled_y=g.integers(0, C, n_labeled), unlabeled=unlabeled,
+                       num_classes=C, rng=np.random.default_rng(seed), infer=infer,
+                       weights=weights)
+    return ctx, calls
+
+
+@pytest.mark.parametrize("sid", ["gcnal@G", "gcnal@L", "alfamix@G", "alfamix@L"])
+@pytest.mark.parametrize("budget", [1, 7, 59, 60, 200])
+def test_contract(sid, budget):
+    ctx, calls = make_ctx()
+    strategy = create(sid)
+    picks = strategy.query(ctx, budget)
+    assert len(picks) == min(budget, len(ctx.unlabeled))
+    assert len(np.unique(picks)) == len(picks)
+    assert np.isin(picks, ctx.unlabeled).all()
+    assert np.array_equal(picks, create(sid).query(make_ctx()[0], budget))  # seed-deterministic
+    if budget < len(ctx.unlabeled):  # query() short-cuts budget ≥ |U| without calling select
+        model = "local" if sid.endswith("@L") else "global"
+        assert {m for _, m in calls} == {model}  # only the selected model is consulted
+        assert len([c for c in calls if c[0] == "infer"]) == 1  # outputs inferred once
+
+
+@pytest.mark.parametrize("sid", ["gcnal@G", "alfamix@G"])
+def test_global_torch_rng_untouched(sid):
+    # training runs in threads: randomness must come from ctx.rng, not torch's global state
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    create(sid).query(make_ctx()[0], 10)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# --------------------------------------------------------------------------------- gcnal
+
+
+def test_gcn_adjacency_by_hand(gcnal):
+    r = 1 / math.sqrt(2)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [r, r]])
+    # XXᵀ − I = [[0,0,r],[0,0,r],[r,r,0]]; column sums r, r, 2r; divide, then + I
+    expected = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [1.0, 1.0, 1.0]],
+                            dtype=torch.float64)
+    assert torch.allclose(gcnal.gcn_adjacency(x), expected, atol=1e-12)
+
+
+def test_implicit_adjacency_matches_dense(gcnal):
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.rand(30, 6, generator=g), dim=1)
+    m = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(gcnal._Adjacency(x) @ m, gcnal.gcn_adjacency(x) @ m, atol=1e-9)
+
+
+def test_gcn_training_is_seeded_and_reduces_the_loss(gcnal):
+    # two well-separated clusters: unlabeled nodes in one, labeled in the other
+    g = torch.Generator().manual_seed(1)
+    a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(20, 3, generator=g)
+    b = torch.tensor([0.0, 1.0, 0.0]) + 0.05 * torch.randn(10, 3, generator=g)
+    x = torch.nn.functional.normalize(torch.cat([a, b]), dim=1)
+    h1, loss = gcnal.train_gcn_hidden(x, 20, torch.Generator().manual_seed(5))
+    h2, _ = gcnal.train_gcn_hidden(x, 20, torch.Generator().manual_seed(5))
+    assert torch.equal(h1, h2) and h1.shape == (30, gcnal.HIDDEN) and math.isfinite(loss)
+    _, loss0 = gcnal.train_gcn_hidden(x, 20, torch.Generator().manual_seed(5), steps=1)
+    assert loss < loss0  # Adam steps reduce the labeled-vs-unlabeled loss
+
+
+@pytest.mark.parametrize("budget", [7, 30])
+def test_gcnal_subsample_cap(monkeypatch, budget, gcnal):
+    monkeypatch.setattr(gcnal, "SUBSAMPLE_CAP", 20)
+    seen = []
+    real = gcnal.kcenter_greedy
+
+    def spy(x, k, centers=None, first=None):
+        seen.append((len(x), len(centers)))
+        return real(x, k, centers=centers, first=first)
+
+    monkeypatch.setattr(gcnal, "kcenter_greedy", spy)
+    ctx, _ = make_ctx()
+    s = create("gcnal@G")
+    picks = s.query(ctx, budget)
+    assert len(picks) == budget and len(np.unique(picks)) == budget
+    size = max(20, budget)  # the graph holds the cap, raised to the budget when it is larger
+    assert seen == [(size, len(ctx.labeled))]
+    assert s.diagnostics()["subsample"] == size
+
+
+# ------------------------------------------------------------------------------- alfamix
+
+W2 = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])  # logits (−x, x): class 1 iff x > 0
+B2 = torch.zeros(2)
+ANCHORS = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+
+
+def _pred(z):
+    return (z @ W2.T + B2).argmax(1)
+
+
+def test_alfamix_candidates_known_answer(alfamix):
+    z = torch.tensor([[0.05, 0.0], [-0.05, 0.1], [3.0, 0.0], [-3.0, 0.5], [0.04, 0.3]])
+    for cap in alfamix.ALPHA_CAPS:
+        mask = alfamix.alfamix_candidates(z, _pred(z), ANCHORS, W2, B2, cap / math.sqrt(2))
+        assert mask.tolist() == [True, True, False, False, True], cap
+
+
+def test_alfamix_closed_form_threshold(alfamix):
+    # z = (0.05, 0), ŷ = 1; g ∥ −x, so for both anchors α_x = ±ε‖μ − z‖/|μ_x − z_x| and the
+    # mix lands at x = 0.05 − ε‖μ − z‖: it flips iff ε > 0.05 / 1.05 (anchor 0, the nearer flip)
+    z = torch.tensor([[0.05, 0.0]])
+    flips = [bool(alfamix.alfamix_candidates(z, _pred(z), ANCHORS, W2, B2, eps)[0])
+             for eps in (0.0, 0.04, 0.047, 0.048, 0.06)]
+    assert flips == [False, False, False, True, True]
+
+
+def test_class_anchors_fall_back_to_the_labeled_mean(alfamix):
+    z_l = torch.tensor([[0.0, 0.0], [2.0, 0.0], [4.0, 6.0]])
+    anchors = alfamix.class_anchors(z_l, np.array([0, 0, 2]), 3)
+    assert torch.allclose(anchors, torch.tensor([[1.0, 0.0], [2.0, 2.0], [4.0, 6.0]]))
+
+
+def test_ce_feature_grad_matches_autograd(alfamix):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, D, generator=g, requires_grad=True)
+    w, b = torch.randn(C, D, generator=g), torch.randn(C, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.nn.functional.cross_entropy(z @ w.T + b, y, reduction="sum").backward()
+    assert torch.allclose(alfamix.ce_feature_grad(z.detach(), y, w, b), z.grad, atol=1e-6)
+
+
+BOUNDARY = [[0.05, 0.0], [0.04, 0.3], [-0.05, -0.2], [-0.03, 0.5]]  # distinct directions
+FAR = [[3.0, 0.1], [3.5, -0.2], [4.0, 0.3], [3.2, 0.0],
+       [-3.0, 0.2], [-3.5, -0.1], [-4.0, 0.0], [-3.3, 0.4]]
+
+
+def hand_ctx(seed=0):
+    """Unlabeled positions 0..3 sit on the class boundary, 4..11 deep inside a class."""
+    table = torch.zeros(200, 2)
+    table[:12] = torch.tensor(BOUNDARY + FAR)
+    table[100:104] = torch.tensor([[-1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    probs = torch.softmax(table @ W2.T + B2, 1)
+
+    def infer(model, idx):
+        return probs[torch.as_tensor(idx)], table[torch.as_tensor(idx)]
+
+    head = {"classifier.weight": W2, "classifier.bias": B2}
+    return QueryContext(client_id=0, cycle=1, labeled=np.arange(100, 104),
+                        labeled_y=np.array([0, 0, 1, 1]), unlabeled=np.arange(12),
+                        num_classes=2, rng=np.random.default_rng(seed), infer=infer,
+                        weights=lambda model: head)
+
+
+def test_alfamix_selects_candidates_before_random_fill():
+    s = create("alfamix@G")
+    assert sorted(s.select(hand_ctx(), 4).tolist()) == [0, 1, 2, 3]  # b = #candidates
+    assert s.diagnostics()["random_fill"] == 0
+    for seed in range(3):
+        picks = s.select(hand_ctx(seed), 7)  # b > #candidates: all of them, then 3 random
+        assert set(range(4)) <= set(picks.tolist()) and len(set(picks.tolist())) == 7
+        assert s.diagnostics() == {"candidates": 4, "alpha_cap": 1.0, "random_fill": 3}
+    picks = s.select(hand_ctx(), 2)  # b < #candidates: stop at the first cap, k-means picks
+    assert set(picks.tolist()) <= {0, 1, 2, 3} and len(set(picks.tolist())) == 2
+    assert s.diagnostics()["alpha_cap"] == 0.2
