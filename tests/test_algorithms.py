@@ -21,7 +21,7 @@ def test_fedavg_weighted_average_and_integer_buffers():
     out = weighted_average([_client(0, 1.0, w=[1.0, 2.0], n=3),
                             _client(1, 3.0, w=[3.0, 6.0], n=5)], like)
     assert out["w"].tolist() == [2.5, 5.0]
-    assert out["n"].dtype == torch.int64 and int(out["n"]) == 4  # (3 + 15) / 4 = 4.5 -> 4
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 3  # the first client's, not averaged
 
 
 def test_fednova_one_step_by_hand():

@@ -1,5 +1,6 @@
 """Typed config: TOML round trip, presets, overrides, one-line validation errors."""
 
+import re
 import subprocess
 import sys
 
@@ -29,9 +30,20 @@ def test_file_preset_and_overrides_order(tmp_path):
     p.write_text('preset = "quick"\nseed = 5\n[fl]\nrounds = 7\n')
     cfg = config.load(p, overrides={"partition.alpha": "100"})
     assert cfg.seed == 5 and cfg.partition.alpha == 100.0
-    assert cfg.fl.rounds == config.PRESETS["quick"]["fl.rounds"]  # preset applies after file
-    cfg = config.load(p, overrides={"fl.rounds": "9"})
-    assert cfg.fl.rounds == 9
+    # the file's preset is its base: the file's own values win over it ...
+    assert cfg.fl.rounds == 7 and cfg.fl.lr == config.PRESETS["quick"]["fl.lr"]
+    # ... while --preset is applied on top of the file, and key=value on top of everything
+    assert config.load(p, preset="quick").fl.rounds == config.PRESETS["quick"]["fl.rounds"]
+    assert config.load(p, preset="quick", overrides={"fl.rounds": "9"}).fl.rounds == 9
+
+
+def test_run_names_differ_whenever_the_experiment_differs():
+    a = config.load(None, overrides={"fl.algorithm": "fedavg"})
+    b = config.load(None, overrides={"fl.algorithm": "scaffold"})
+    c = config.load(None, overrides={"fairfal.selector": "global"})
+    assert len({a.run_name(), b.run_name(), c.run_name()}) == 3
+    assert a.run_name() == config.load(None, overrides={"out_dir": "/elsewhere"}).run_name()
+    assert config.load(None, overrides={"name": "mine"}).run_name() == "mine"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -41,9 +53,11 @@ def test_file_preset_and_overrides_order(tmp_path):
     ({"fl.rounds": "two"}, "fl.rounds must be int"),
     ({"fl.reset": "sometimes"}, "fl.reset"),
     ({"budget.fraction": "1.5"}, "budget.fraction"),
+    ({"fairfal.kappa": "0.5"}, "fairfal.kappa must be 0 (one stage) or >= 1"),
+    ({"seed": "-1"}, "seed must be >= 0"),
 ])
 def test_invalid_settings_raise_one_line(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
         config.load(None, overrides=overrides)
     assert "\n" not in str(e.value)
 

@@ -133,3 +133,20 @@ def test_two_workers_are_deterministic_and_train_the_same_model(tmp_path):
     one = run(small_cfg(tmp_path / "c", **{**extra, "runtime.workers": "1"})).metrics
     assert [r["labeled"] for r in one] == [r["labeled"] for r in a]
     assert abs(one[0]["accuracy"] - a[0]["accuracy"]) < 0.05
+
+
+def test_last_round_models_under_partial_participation(tmp_path):
+    """A client left out of the final round keeps its model from its last round."""
+    from falkit.seeding import rng as stream
+
+    def participants(seed, r):  # the loop's draw: 2 of 3 clients per round
+        return set(stream(seed, "participation", 0, r).choice(3, 2, replace=False).tolist())
+
+    # a seed where some client misses the last round of cycle 0 but trained before it
+    seed = next(s for s in range(50)
+                if (set(range(3)) - participants(s, 3))
+                & (participants(s, 0) | participants(s, 1) | participants(s, 2)))
+    extra = {"strategy": "entropy@L", "local_model.mode": "last_round", "fl.fraction": "0.67",
+             "fl.rounds": "4", "seed": str(seed)}
+    rows = run(small_cfg(tmp_path, **extra)).metrics
+    assert len(rows) == 4

@@ -170,8 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         result = _run_one(cfg, args.quiet)
         runs.append((strategy, result.metrics, result.run_dir))
     print()
-    print("Accuracy (%) of the global model on the full Fashion-MNIST test set, "
-          "FMNIST-LT rho=20, alpha=0.1, 10 clients, quick preset, seed 0:")
+    print(f"Accuracy (%) of the global model on the full {cfg.data.dataset} test set: "
+          f"rho={cfg.data.rho}, {cfg.partition.method} alpha={cfg.partition.alpha:g}, "
+          f"{cfg.partition.num_clients} clients, quick preset, seed {cfg.seed}")
     print(accuracy_table([(s, m) for s, m, _ in runs]))
     print()
     for s, _, d in runs:

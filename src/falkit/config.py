@@ -7,6 +7,7 @@ keeps that name. Validation turns impossible settings into one-line `ConfigError
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import tomllib
 import types
 import typing
@@ -119,11 +120,22 @@ class Config:
     fairfal: FairFALConfig = field(default_factory=FairFALConfig)
 
     def run_name(self) -> str:
+        """`name`, or a readable name plus a short hash of every setting that changes the
+        experiment, so that two different configs never share a run directory."""
         if self.name:
             return self.name
         alpha = f"{self.partition.alpha:g}"
         strategy = self.strategy.replace("@", "-")
-        return f"{self.data.dataset}_{self.partition.method}_a{alpha}_{strategy}_s{self.seed}"
+        dataset = self.data.dataset.replace(":", "-").replace("/", "-")[-40:]
+        return (f"{dataset}_{self.partition.method}_a{alpha}_{strategy}_s{self.seed}_"
+                f"{self.settings_hash()}")
+
+    def settings_hash(self) -> str:
+        """6 hex digits over the experiment's settings (not name, out_dir, data_root)."""
+        d = _flatten(to_dict(self))
+        for key in ("name", "out_dir", "data.data_root"):
+            d.pop(key)
+        return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:6]
 
 
 # The `quick` preset: the FairFAL protocol scaled to a 2-core CPU (README "Presets").
@@ -264,12 +276,16 @@ def load(path: str | Path | None = None, preset: str | None = None,
             file_values = _flatten(tomllib.loads(p.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    preset = preset or file_values.pop("preset", None)
-    file_values.pop("preset", None)
+    # a preset named in the file is its base (the file's own values win over it); the
+    # --preset argument is applied on top of the file, so it can scale any config down
+    file_preset = file_values.pop("preset", None)
+    for name in (file_preset, preset):
+        if name and name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}' (valid: {', '.join(PRESETS)})")
+    if file_preset:
+        apply(cfg, PRESETS[file_preset])
     apply(cfg, file_values)
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}' (valid: {', '.join(PRESETS)})")
         apply(cfg, PRESETS[preset])
     apply(cfg, dict(overrides or {}))
     validate(cfg)
@@ -299,8 +315,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fl.fraction must be in (0, 1], got {cfg.fl.fraction:g}")
     if cfg.runtime.workers < 1:
         raise ConfigError("runtime.workers must be >= 1")
-    if cfg.fairfal.kappa < 0:
-        raise ConfigError(f"fairfal.kappa must be >= 0, got {cfg.fairfal.kappa:g}")
+    if cfg.fairfal.kappa != 0 and cfg.fairfal.kappa < 1:
+        # stage 1 keeps floor(kappa * q_c) candidates: fewer than q_c when kappa < 1
+        raise ConfigError(f"fairfal.kappa must be 0 (one stage) or >= 1, got "
+                          f"{cfg.fairfal.kappa:g}")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.fl.lr <= 0:
         raise ConfigError("fl.lr must be > 0")
     if cfg.partition.method == "json" and not cfg.partition.file:

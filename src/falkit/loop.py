@@ -162,6 +162,8 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
         engine.algorithm.reset()  # e.g. SCAFFOLD's control variates belong to the old model
     K = len(data.clients)
     keep_last = strategy.needs_local_model and _local_mode(cfg, strategy) == "last_round"
+    if keep_last:
+        st.last_round = {}  # this cycle's: each client's model after its last local update
     comm = 0
     decay_after = int(fl.lr_decay_at * fl.rounds)
     rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} train", fl.rounds)
@@ -174,10 +176,9 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
             clients = list(range(K))
         last = r == fl.rounds - 1
         global_state, kept = engine.fl_round(global_state, clients, st.labeled, lr, cfg.seed,
-                                             (cycle, r), keep_states=keep_last and last)
+                                             (cycle, r), keep_states=keep_last)
         comm += 2 * state_bytes(global_state) * sum(1 for k in clients if len(st.labeled[k]))
-        if keep_last and last:
-            st.last_round = kept
+        st.last_round.update(kept)  # with fl.fraction < 1 a client's last update may be earlier
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
             acc_r, _ = engine.evaluate(global_state)
             st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
@@ -233,7 +234,9 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
         if mode == "last_round":
             missing = [k for k in range(len(data.clients)) if k not in st.last_round]
             if missing:
-                raise RuntimeError(f"no last_round model kept for clients {missing}")
+                raise RuntimeError(f"clients {missing} took no part in any round of cycle "
+                                   f"{cycle - 1}: no last_round local model; raise "
+                                   "fl.fraction or fl.rounds")
             local_states = st.last_round
         else:  # every client's scratch model, trained concurrently when workers > 1
             jobs = [(st.labeled[k], (cycle, k)) for k in range(len(data.clients))]

@@ -112,8 +112,7 @@ class Strategy:
         want = min(int(budget), n)
         if want <= 0:
             return np.zeros(0, dtype=np.int64)
-        if want == n:
-            return ctx.unlabeled.copy()
+        # select runs even when the whole pool is taken: its diagnostics are still recorded
         pos = np.asarray(self.select(ctx, want), dtype=np.int64)
         if len(pos) != want or len(np.unique(pos)) != want or pos.min() < 0 or pos.max() >= n:
             raise RuntimeError(f"{self.id} broke the query contract: {len(pos)} positions "

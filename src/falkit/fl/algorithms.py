@@ -38,29 +38,27 @@ class Client:
 
 
 class Aggregator:
-    """Weighted average of client states; integer buffers (num_batches_tracked) are summed
-    as float64 and rounded back, never averaged as floats of their own dtype."""
+    """Weighted average of the floating-point entries of client states; integer buffers
+    (num_batches_tracked) are taken from the first client, never averaged (ALGORITHMS.md
+    §3)."""
 
     def __init__(self, like: State):
-        self.sum = {k: torch.zeros_like(v, dtype=v.dtype if v.is_floating_point()
-                                        else torch.float64) for k, v in like.items()}
+        self.sum = {k: torch.zeros_like(v) for k, v in like.items() if v.is_floating_point()}
+        self.first: State = {}
         self.total_weight = 0.0
-        self._like = like
 
     def add(self, state: State, weight: float) -> None:
         for k, acc in self.sum.items():
-            v = state[k]
-            acc.add_(v if v.is_floating_point() else v.to(torch.float64), alpha=weight)
+            acc.add_(state[k], alpha=weight)
+        if not self.first:
+            self.first = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
         self.total_weight += weight
 
     def result(self) -> State:
         if self.total_weight <= 0:
             raise ValueError("no client contributed to the aggregate")
-        out: State = {}
-        for k, acc in self.sum.items():
-            avg = acc / self.total_weight
-            like = self._like[k]
-            out[k] = avg if like.is_floating_point() else avg.round().to(like.dtype)
+        out = {k: acc / self.total_weight for k, acc in self.sum.items()}
+        out.update(self.first)
         return out
 
 
