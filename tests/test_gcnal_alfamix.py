@@ -12,9 +12,7 @@ from falkit.al.base import QueryContext, create
 C, D = 5, 8
 
 
-# The modules are imported when the tests run, not when they are collected: importing them
-# registers gcnal and alfamix, and tests/test_strategies.py parametrises its contract over every
-# registered id at collection time with a make_ctx that has no `weights=` (alfamix needs them).
+# fixtures giving the tests the modules under test
 @pytest.fixture(autouse=True)
 def gcnal():
     import falkit.al.gcnal
@@ -29,50 +27,9 @@ def alfamix():
     return falkit.al.alfamix
 
 
-def make_ctx(seed=0, n_unlabeled=60, n_labeled=12):
-    """Like tests/test_strategies.py's make_ctx, plus `weights=` (a random classifier head)."""
-    g = np.random.default_rng(100 + seed)
-    pool = np.sort(g.choice(10_000, n_unlabeled + n_labeled, replace=False))
-    labeled = np.sort(g.choice(pool, n_labeled, replace=False))
-    unlabeled = np.setdiff1d(pool, labeled)
-    gen = torch.Generator().manual_seed(seed)
-    table_p = {m: torch.softmax(3 * torch.randn(10_000, C, generator=gen), 1)
-               for m in ("global", "local")}
-    table_f = {m: torch.randn(10_000, D, generator=gen) for m in ("global", "local")}
-    heads = {m: {"classifier.weight": torch.randn(C, D, generator=gen),
-                 "classifier.bias": torch.randn(C, generator=gen)} for m in ("global", "local")}
-    calls = []
-
-    def infer(model, idx):
-        calls.append(("infer", model))
-        idx_t = torch.as_tensor(idx)
-        return table_p[model][idx_t], table_f[model][idx_t]
-
-    def weights(model):
-        calls.append(("weights", model))
-        return heads[model]
-
-    ctx = QueryContext(client_id=0, cycle=1, labeled=labeled,
-                       labeled_y=g.integers(0, C, n_labeled), unlabeled=unlabeled,
-                       num_classes=C, rng=np.random.default_rng(seed), infer=infer,
-                       weights=weights)
-    return ctx, calls
-
-
-@pytest.mark.parametrize("sid", ["gcnal@G", "gcnal@L", "alfamix@G", "alfamix@L"])
-@pytest.mark.parametrize("budget", [1, 7, 59, 60, 200])
-def test_contract(sid, budget):
-    ctx, calls = make_ctx()
-    strategy = create(sid)
-    picks = strategy.query(ctx, budget)
-    assert len(picks) == min(budget, len(ctx.unlabeled))
-    assert len(np.unique(picks)) == len(picks)
-    assert np.isin(picks, ctx.unlabeled).all()
-    assert np.array_equal(picks, create(sid).query(make_ctx()[0], budget))  # seed-deterministic
-    if budget < len(ctx.unlabeled):  # query() short-cuts budget ≥ |U| without calling select
-        model = "local" if sid.endswith("@L") else "global"
-        assert {m for _, m in calls} == {model}  # only the selected model is consulted
-        assert len([c for c in calls if c[0] == "infer"]) == 1  # outputs inferred once
+# the shared contract (tests/test_strategies.py) runs over gcnal and alfamix as over every
+# registered strategy; its contexts carry head weights for alfamix
+from tests.test_strategies import make_ctx  # noqa: E402
 
 
 @pytest.mark.parametrize("sid", ["gcnal@G", "alfamix@G"])
