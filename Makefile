@@ -1,4 +1,4 @@
-# Everything a fresh machine needs: `make demo`, `make test`, `make bench`.
+# Everything a fresh machine needs: `make demo`, `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast bench data lint clean
+.PHONY: demo test test-fast data lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ test: data
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
-
-bench: data
-	$(PY) benchmarks/run.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
