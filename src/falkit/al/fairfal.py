@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import class_quotas, entropy, grad_embeddings, kcenter_greedy, top_k
+from falkit.al.primitives import (class_quotas, entropy, grad_embeddings, kcenter_greedy,
+                                  margin, top_k)
 
 
 def balanced_rows(labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -54,8 +55,7 @@ def uncertainty(probs: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "entropy":
         return entropy(probs) / math.log(probs.shape[1])
     if kind == "margin":
-        top2 = probs.topk(2, dim=1).values
-        return 1.0 - (top2[:, 0] - top2[:, 1])
+        return 1.0 - margin(probs)
     return 1.0 - probs.max(1).values  # least_confidence
 
 
