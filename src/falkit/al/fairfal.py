@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import (class_quotas, entropy, grad_embeddings, kcenter_greedy,
-                                  margin, top_k)
+from falkit.al.primitives import (
+    class_quotas,
+    entropy,
+    grad_embeddings,
+    kcenter_greedy,
+    margin,
+    top_k,
+)
 
 
 def balanced_rows(labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
