@@ -146,8 +146,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fl.local_epochs": 1,
         "fl.lr": 0.05,
         "fl.reset": "continue",
-        "local_model.epochs": 15,
-        "local_model.decay_epoch": 11,
+        "local_model.epochs": 10,
+        "local_model.decay_epoch": 8,
+        "budget.cycles": 5,
     },
 }
 
