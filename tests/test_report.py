@@ -133,8 +133,10 @@ def test_accuracy_table_falls_back_to_every_cycle(root):
     runs = load_runs([root])
     sec = accuracy_table(runs, pcts=(12, 13)).sections[0]
     assert sec.columns[2:-1] == [f"{5 * (t + 1)}%" for t in range(CYCLES)]
-    sec = accuracy_table(runs, pcts=(15, 12)).sections[0]
-    assert sec.columns[2:-1] == ["15%"]
+    sec = accuracy_table(runs, pcts=(15, 12)).sections[0]  # only some reached: every cycle
+    assert sec.columns[2:-1] == [f"{5 * (t + 1)}%" for t in range(CYCLES)]
+    sec = accuracy_table(runs, pcts=(15, 5)).sections[0]
+    assert sec.columns[2:-1] == ["15%", "5%"]
 
 
 def test_paired_table_matches_stats(root):

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,6 @@ from falkit import config as config_mod
 from falkit.errors import ConfigError, FalkitError
 
 log = logging.getLogger("falkit")
-
-REPORT_PCTS = (15, 25, 35, 45)  # the papers report accuracy at these labeled fractions
 
 
 # -- progress -------------------------------------------------------------------------------
@@ -87,17 +86,15 @@ def _split_config_arg(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return None, items
 
 
-def accuracy_table(runs: list[tuple[str, list[dict[str, Any]]]],
-                   pcts: tuple[int, ...] = REPORT_PCTS) -> str:
-    """A text table: one row per run, accuracy (%) at each reported labeled fraction."""
-    name_w = max([len(n) for n, _ in runs] + [6])
-    head = f"{'method':<{name_w}}  " + "  ".join(f"{p:>5d}%" for p in pcts)
-    lines = [head, "-" * len(head)]
-    for name, rows in runs:
-        by_pct = {round(float(r["target_pct"])): float(r["accuracy"]) for r in rows}
-        cells = [f"{100 * by_pct[p]:6.2f}" if p in by_pct else f"{'-':>6}" for p in pcts]
-        lines.append(f"{name:<{name_w}}  " + "  ".join(cells))
-    return "\n".join(lines)
+def accuracy_text(run_dirs: list[str | Path]) -> str:
+    """The report's accuracy table (mean ± std over seeds, per setting) as plain text."""
+    from falkit.report import accuracy_table, load_runs
+
+    runs = load_runs(run_dirs)
+    if not runs:
+        where = ", ".join(map(str, run_dirs))
+        raise FalkitError(f"no falkit run (metrics.csv + config.toml) under {where}")
+    return accuracy_table(runs).to_text()
 
 
 def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
@@ -115,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path, overrides = _split_config_arg(args)
     cfg = _load_config(path, args.preset, overrides)
     result = _run_one(cfg, args.quiet, args.overwrite)
-    print(accuracy_table([(cfg.strategy, result.metrics)]))
+    print(accuracy_text([result.run_dir]))
     print(f"results: {result.run_dir}")
     return 0
 
@@ -163,46 +160,37 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from falkit.report import write_report
+
     runs = []
     for strategy in args.strategies.split(","):
         cfg = config_mod.load(args.config, preset="quick",
                               overrides={"strategy": strategy, "out_dir": args.out})
         result = _run_one(cfg, args.quiet)
-        runs.append((strategy, result.metrics, result.run_dir))
+        runs.append((strategy, result.run_dir))
     print()
-    print(f"Accuracy (%) of the global model on the full {cfg.data.dataset} test set: "
-          f"rho={cfg.data.rho}, {cfg.partition.method} alpha={cfg.partition.alpha:g}, "
+    print(f"Global-model accuracy on the full {cfg.data.dataset} test set: rho={cfg.data.rho}, "
+          f"{cfg.partition.method} alpha={cfg.partition.alpha:g}, "
           f"{cfg.partition.num_clients} clients, quick preset, seed {cfg.seed}")
-    print(accuracy_table([(s, m) for s, m, _ in runs]))
+    print(accuracy_text([d for _, d in runs]))
     print()
-    for s, _, d in runs:
+    for s, d in runs:
         print(f"results of {s}: {d}")
-    from falkit.report import write_report
-
-    html = write_report([d for _, _, d in runs], Path(args.out) / "report")
+    html = write_report([d for _, d in runs], Path(args.out) / "report")
     print(f"report (tables, figures): {html}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from falkit.results import read_metrics
-
-    runs = []
-    for d in args.runs:
-        rows = read_metrics(d)
-        if not rows:
-            raise FalkitError(f"{d} has no metrics.csv (not a falkit run directory?)")
-        runs.append((Path(d).name, rows))
-    print(accuracy_table(runs))
+    print(accuracy_text(args.runs))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from falkit.report import accuracy_table as report_table
-    from falkit.report import load_runs, write_report
+    from falkit.report import write_report
 
     html = write_report(args.runs, Path(args.out))
-    print(report_table(load_runs(args.runs)).to_text())
+    print(accuracy_text(args.runs))
     print(f"report: {html}")
     return 0
 
@@ -306,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the quick FMNIST-LT demo of `make demo`")
     sp.add_argument("config", nargs="?", default=None, help="base config (default: built-in)")
-    sp.add_argument("--strategies", default="random,entropy@G,coreset@G")
+    sp.add_argument("--strategies", default="random,entropy@G,coreset@G,fairfal")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_demo)
@@ -342,8 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any,
+                      **kwargs: Any) -> str:
+    return f"falkit: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     # options may come after key=value overrides: collect the stray positionals
     args, extra = parser.parse_known_args(argv)
