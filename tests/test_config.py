@@ -22,7 +22,11 @@ def test_roundtrip_dumps_loads_including_none():
     cfg = config.load(None, preset="quick", overrides={"data.rho": "none", "seed": "3",
                                                        "strategy": "entropy@L"})
     again = config.loads(config.dumps(cfg))
-    assert again == cfg and again.data.rho is None and again.seed == 3
+    # the same experiment (other strategies' option sections are not saved)
+    assert config.experiment_dict(again) == config.experiment_dict(cfg)
+    assert again.data.rho is None and again.seed == 3
+    ff = config.load(None, preset="quick", overrides={"strategy": "fairfal", "fairfal.kappa": 0})
+    assert config.loads(config.dumps(ff)).fairfal.kappa == 0
 
 
 def test_file_preset_and_overrides_order(tmp_path):
@@ -40,8 +44,14 @@ def test_file_preset_and_overrides_order(tmp_path):
 def test_run_names_differ_whenever_the_experiment_differs():
     a = config.load(None, overrides={"fl.algorithm": "fedavg"})
     b = config.load(None, overrides={"fl.algorithm": "scaffold"})
-    c = config.load(None, overrides={"fairfal.selector": "global"})
-    assert len({a.run_name(), b.run_name(), c.run_name()}) == 3
+    c = config.load(None, overrides={"strategy": "fairfal", "fairfal.selector": "global"})
+    d = config.load(None, overrides={"strategy": "fairfal"})
+    assert len({a.run_name(), b.run_name(), c.run_name(), d.run_name()}) == 4
+    # another strategy's options are not part of a run: neither its name nor its config.toml
+    e = config.load(None, overrides={"fairfal.selector": "global", "ifal.top_k": "9"})
+    assert e.run_name() == a.run_name() and config.dumps(e) == config.dumps(a)
+    assert "[fairfal]" not in config.dumps(a) and "[ifal]" not in config.dumps(a)
+    assert "[fairfal]" in config.dumps(c) and "[ifal]" not in config.dumps(c)
     assert a.run_name() == config.load(None, overrides={"out_dir": "/elsewhere"}).run_name()
     assert config.load(None, overrides={"name": "mine"}).run_name() == "mine"
 

@@ -32,10 +32,21 @@ def make_ctx(seed=0, n_unlabeled=60, n_labeled=12, probs=None, feats=None):
 
     heads = {m: {"classifier.weight": torch.randn(C, D, generator=gen),
                  "classifier.bias": torch.randn(C, generator=gen)} for m in ("global", "local")}
+    # IFAL's third model, drawn last so the tables above stay what they were
+    table_p["distilled"] = torch.softmax(3 * torch.randn(10_000, C, generator=gen), 1)
+    table_f["distilled"] = torch.randn(10_000, D, generator=gen)
+    # ll4al's predicted losses (what the loop serves from the loss module), drawn last too
+    table_l = torch.randn(10_000, generator=gen)
+
+    def predicted_loss(model, idx):
+        calls.append((f"{model}:predicted_loss", len(idx)))
+        return table_l[torch.as_tensor(idx)]
+
     ctx = QueryContext(client_id=0, cycle=1, labeled=labeled,
                        labeled_y=g.integers(0, C, n_labeled), unlabeled=unlabeled,
                        num_classes=C, rng=np.random.default_rng(seed), infer=infer,
                        weights=heads.__getitem__)
+    ctx.state["predicted_loss"] = predicted_loss
     return ctx, calls
 
 

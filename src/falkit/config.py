@@ -105,6 +105,20 @@ class FairFALConfig:
 
 
 @dataclass
+class IFALConfig:
+    """IFAL (ALGORITHMS.md §4 ifal): defaults are the reference code's."""
+
+    w1: str = "reference"  # reference: W1 of the sorted probability values | histogram: CDFs
+    top_k: int = 250  # rkNN: each row lists its top_k most similar unlabeled points
+    n_init: int = 10  # k-means restarts on the candidates
+    kd_lr: float = 1e-3  # the distilled local model: SGD learning rate
+    kd_epochs: int = 500  # at most this many epochs ...
+    kd_patience: int = 5  # ... stopping after this many without a lower training loss
+    kd_temperature: float = 4.0
+    kd_ce_weight: float = 0.1  # loss = w * CE + (1 - w) * KD
+
+
+@dataclass
 class Config:
     name: str = ""  # run directory name; empty = derived from the settings
     seed: int = 0
@@ -118,6 +132,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     fairfal: FairFALConfig = field(default_factory=FairFALConfig)
+    ifal: IFALConfig = field(default_factory=IFALConfig)
 
     def run_name(self) -> str:
         """`name`, or a readable name plus a short hash of every setting that changes the
@@ -131,8 +146,9 @@ class Config:
                 f"{self.settings_hash()}")
 
     def settings_hash(self) -> str:
-        """6 hex digits over the experiment's settings (not name, out_dir, data_root)."""
-        d = _flatten(to_dict(self))
+        """6 hex digits over the experiment's settings (not name, out_dir, data_root, nor the
+        option sections of strategies other than this run's)."""
+        d = _flatten(experiment_dict(self))
         for key in ("name", "out_dir", "data.data_root"):
             d.pop(key)
         return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:6]
@@ -149,6 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_model.epochs": 10,
         "local_model.decay_epoch": 8,
         "budget.cycles": 5,
+        "ifal.kd_epochs": 20,
     },
 }
 
@@ -164,11 +181,23 @@ CHOICES = {
     "fairfal.prototypes": ("global", "local"),
     "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
     "fairfal.embedding_probs": ("paper", "code"),
+    "ifal.w1": ("reference", "histogram"),
 }
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Config sections that hold one strategy's options: only the run's own strategy's section is
+# part of its saved config and settings hash, so adding a strategy renames no existing run.
+STRATEGY_SECTIONS = ("fairfal", "ifal")
+
+
+def experiment_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a dict, without the option sections of other strategies."""
+    own = cfg.strategy.partition("@")[0]
+    return {k: v for k, v in to_dict(cfg).items() if k not in STRATEGY_SECTIONS or k == own}
 
 
 def strategy_options(cfg: Config) -> dict[str, Any]:
@@ -320,6 +349,14 @@ def validate(cfg: Config) -> None:
         # stage 1 keeps floor(kappa * q_c) candidates: fewer than q_c when kappa < 1
         raise ConfigError(f"fairfal.kappa must be 0 (one stage) or >= 1, got "
                           f"{cfg.fairfal.kappa:g}")
+    ifal = cfg.ifal
+    if ifal.top_k < 1 or ifal.n_init < 1 or ifal.kd_epochs < 1 or ifal.kd_patience < 1:
+        raise ConfigError("ifal.top_k, ifal.n_init, ifal.kd_epochs and ifal.kd_patience must "
+                          "be >= 1")
+    if ifal.kd_lr <= 0 or ifal.kd_temperature <= 0:
+        raise ConfigError("ifal.kd_lr and ifal.kd_temperature must be > 0")
+    if not 0 <= ifal.kd_ce_weight <= 1:
+        raise ConfigError(f"ifal.kd_ce_weight must be in [0, 1], got {ifal.kd_ce_weight:g}")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.fl.lr <= 0:
@@ -343,8 +380,9 @@ def _toml_value(v: Any) -> str:
 
 
 def dumps(cfg: Config) -> str:
-    """TOML text of the resolved config; TOML has no null, so None is written as "none"."""
-    d = to_dict(cfg)
+    """TOML text of the resolved config (the run's own strategy section only); TOML has no
+    null, so None is written as "none"."""
+    d = experiment_dict(cfg)
     lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
     for section, values in d.items():
         if isinstance(values, dict):

@@ -71,9 +71,11 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
-        dataset: ImageDataset | None = None, stop_after: int | None = None) -> RunResult:
+        dataset: ImageDataset | None = None, stop_after: int | None = None,
+        engine_class: type[Engine] = Engine) -> RunResult:
     """Run (or resume, or skip if finished) the experiment `cfg`. `stop_after` ends the call
-    after that cycle as if the process had been killed (used by tests)."""
+    after that cycle as if the process had been killed (used by tests); `engine_class` swaps
+    in another way of training (benchmarks/ runs the reference's way through it)."""
     rep = reporter or Reporter()
     out = run_dir_of(cfg)
     text = config_mod.dumps(cfg)
@@ -91,11 +93,14 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     data = build(cfg, dataset)
     budgets = client_budgets(cfg, data)
     ds = data.dataset
-    engine = Engine(cfg,
+    # a strategy may wrap the run's backbone (ll4al: a loss-prediction module trained and
+    # federated with it)
+    wrap = getattr(strategy, "wrap_model", None)
+    engine = engine_class(cfg,
                     ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
                                  ds.hflip, ds.crop_pad),
                     ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
-                    data.num_classes, num_clients=len(data.clients))
+                    data.num_classes, num_clients=len(data.clients), wrap_model=wrap)
     oracle = SimulatedOracle(ds.y_train)
     write_atomic(cfg_path, text)
     write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
@@ -175,20 +180,24 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
         else:
             clients = list(range(K))
         last = r == fl.rounds - 1
+        # models with a loss hook (ll4al) learn which round of R this is (its stop-gradient)
+        hook = {"progress": (r, fl.rounds)} if hasattr(engine.model, "extra_loss") else {}
         global_state, kept = engine.fl_round(global_state, clients, st.labeled, lr, cfg.seed,
-                                             (cycle, r), keep_states=keep_last)
+                                             (cycle, r), keep_states=keep_last, **hook)
         comm += 2 * state_bytes(global_state) * sum(1 for k in clients if len(st.labeled[k]))
         st.last_round.update(kept)  # with fl.fraction < 1 a client's last update may be earlier
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
+            t_eval = time.perf_counter()
             acc_r, _ = engine.evaluate(global_state)
             st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
+            times["eval"] += time.perf_counter() - t_eval
         rep.advance()
     st.global_state = global_state
-    times["train"] = time.perf_counter() - t
+    times["train"] = time.perf_counter() - t - times["eval"]  # per-round evals count as eval
 
     t = time.perf_counter()
     acc, per_class = engine.evaluate(global_state)
-    times["eval"] = time.perf_counter() - t
+    times["eval"] += time.perf_counter() - t
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
 
@@ -244,24 +253,42 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
             trained = engine.train_scratch(jobs, torch.as_tensor(y), cfg.seed)
             local_states = dict(enumerate(trained))
         times["local_model"] += time.perf_counter() - t
+    # model "distilled": a local model distilled from the global one, for strategies that
+    # declare its training settings (IFAL, ALGORITHMS.md §4); keyed seeds, so a resumed run
+    # trains the same models
+    distilled: dict[int, State] = {}
+    distill_info: dict[int, dict[str, Any]] = {}
+    distill = getattr(strategy, "distillation", None)
+    if distill is not None:
+        t = time.perf_counter()
+        jobs = [(st.labeled[k], (cycle, k)) for k in range(len(data.clients))]
+        trained_kd = engine.train_distilled(jobs, st.global_state, torch.as_tensor(y), cfg.seed,
+                                            **distill)
+        for k, (state, losses) in enumerate(trained_kd):
+            distilled[k] = state
+            distill_info[k] = {"distill_epochs": len(losses),
+                               "distill_loss": min(losses) if losses else None}
+        times["local_model"] += time.perf_counter() - t
+    client_models = {"local": local_states, "distilled": distilled}
+
+    def state_of(k: int, model: str) -> State:
+        if model == "global":
+            return st.global_state
+        if k not in client_models.get(model, {}):
+            raise RuntimeError(f"{strategy.id} asked for a {model} model it did not declare")
+        return client_models[model][k]
 
     def make_infer(k: int):
         def infer(model: str, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             if model == "global":
                 return global_outputs(pool)
-            if k not in local_states:
-                raise RuntimeError(f"{strategy.id} asked for a local model it did not declare")
-            return engine.predict(local_states[k], pool)
+            return engine.predict(state_of(k, model), pool)
 
         return infer
 
     def make_weights(k: int):
         def weights(model: str) -> State:
-            if model == "global":
-                return st.global_state
-            if k not in local_states:
-                raise RuntimeError(f"{strategy.id} asked for a local model it did not declare")
-            return local_states[k]
+            return state_of(k, model)
 
         return weights
 
@@ -273,7 +300,10 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
                                      labeled_y=y[st.labeled[k]], unlabeled=unl,
                                      num_classes=data.num_classes,
                                      rng=rng(cfg.seed, "query", cycle, k), infer=make_infer(k),
-                                     weights=make_weights(k)))
+                                     weights=make_weights(k), state=dict(distill_info.get(k, {}))))
+    if hasattr(engine.model, "predicted_loss"):  # ll4al: the loss module's predictions
+        for k, ctx in enumerate(contexts):
+            ctx.state["predicted_loss"] = _loss_predictor(engine, make_weights(k))
     # two-phase strategies: client statistics -> server reduce -> broadcast (DESIGN.md §2)
     stats = [strategy.client_stats(ctx) for ctx in contexts]
     if any(s is not None for s in stats):
@@ -294,6 +324,14 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
         new_all.append(picks)
         rep.advance()
     return np.concatenate(new_all) if new_all else np.zeros(0, dtype=np.int64)
+
+
+def _loss_predictor(engine: Engine, weights):
+    """(model, indices) -> predicted loss of that model's loss-prediction module, batched."""
+    def predicted_loss(model: str, pool: np.ndarray) -> torch.Tensor:
+        return engine.predict_loss(weights(model), pool)
+
+    return predicted_loss
 
 
 def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strategy,

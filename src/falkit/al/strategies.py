@@ -6,7 +6,9 @@ from falkit.al import (  # noqa: F401
     coreset,
     fairfal,
     gcnal,
+    ifal,
     kafal,
+    ll4al,
     logo,
     uncertainty,
 )

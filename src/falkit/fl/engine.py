@@ -9,6 +9,7 @@ augmented as a tensor op; nothing goes through a DataLoader.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import queue
@@ -71,12 +72,27 @@ class ImageTensors:
     crop_pad: int = 0
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
+                      temperature: float, ce_weight: float) -> torch.Tensor:
+    """IFAL's KD objective (ALGORITHMS.md §4 ifal; Hinton et al. 2015): ce_weight · CE(y) +
+    (1 − ce_weight) · T² · KL(softmax(teacher/T) ‖ softmax(student/T)), the KL summed over
+    classes and averaged over the batch."""
+    ce = F.cross_entropy(logits, y)
+    kd = F.kl_div(F.log_softmax(logits / temperature, 1),
+                  F.softmax(teacher_logits / temperature, 1), reduction="batchmean")
+    kd = kd * temperature ** 2
+    return ce_weight * ce + (1.0 - ce_weight) * kd
+
+
 class Engine:
     """Trains, aggregates, evaluates and runs inference for one experiment."""
 
     def __init__(self, cfg: Config, train: ImageTensors, test: ImageTensors, num_classes: int,
-                 num_clients: int = 1):
+                 num_clients: int = 1,
+                 wrap_model: Callable[[nn.Module], nn.Module] | None = None):
         self.cfg = cfg
+        # what a strategy adds around every backbone (ll4al: its loss-prediction module)
+        self.wrap_model = wrap_model
         if cfg.runtime.tune_allocator:
             tune_allocator()
         self.device = torch.device(cfg.runtime.device)
@@ -134,11 +150,15 @@ class Engine:
 
     # -- models ---------------------------------------------------------------------------
     def new_model(self, init_seed: int) -> nn.Module:
-        """A freshly initialised backbone; init draws from its own seeded torch RNG."""
+        """A freshly initialised backbone (wrapped by `wrap_model`, if any); init draws from
+        its own seeded torch RNG, the backbone first, so its weights do not depend on the
+        wrapper."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = create_backbone(self.cfg.model.backbone, num_classes=self.num_classes,
                                     in_channels=self.in_channels, image_size=self.image_size)
+            if self.wrap_model is not None:
+                model = self.wrap_model(model)
         return model.to(self.device, memory_format=self.memory_format)
 
     def init_state(self, seed: int, *key: object) -> State:
@@ -202,11 +222,18 @@ class Engine:
                   gen: torch.Generator, labels: torch.Tensor | None = None,
                   lr_at_epoch: Callable[[int], float] | None = None,
                   stop_accuracy: float | None = None,
-                  client: Client | None = None) -> tuple[int, float]:
+                  client: Client | None = None,
+                  progress: tuple[int, int] | None = None) -> tuple[int, float]:
         """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
-        of steps and the training accuracy of the last epoch."""
+        of steps and the training accuracy of the last epoch.
+
+        A model may add its own term to the loss: `model.extra_loss(logits, targets,
+        progress)`, called right after the forward pass (ll4al's loss-prediction module);
+        `progress` = (round index r, rounds R) of the FL round this update belongs to, None
+        outside FL training. Models without the method train on plain cross-entropy."""
         model.train()
         opt = self._optimizer(model, lr)
+        model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
         ys = self.train_y if labels is None else labels
         idx_t = torch.as_tensor(idx, dtype=torch.int64)
         steps, acc = 0, 0.0
@@ -222,6 +249,8 @@ class Engine:
                 with self._autocast():
                     logits, _ = model(xb)
                     loss = F.cross_entropy(logits.float(), yb)
+                    if model_loss is not None:
+                        loss = loss + model_loss(logits, yb, progress)
                 if client is not None:  # FL local update: the algorithm's hooks
                     extra = self.algorithm.extra_loss(model, client)
                     if extra is not None:
@@ -241,10 +270,12 @@ class Engine:
 
     def fl_round(self, global_state: State, clients: list[int], pools: list[np.ndarray],
                  lr: float, seed: int, key: tuple[object, ...],
-                 keep_states: bool = False) -> tuple[State, dict[int, State]]:
+                 keep_states: bool = False,
+                 progress: tuple[int, int] | None = None) -> tuple[State, dict[int, State]]:
         """One FL round: every participating client trains from the global weights, the
         server averages with labeled-count weights. Returns the new global state and, when
-        asked, each client's final local state (the `last_round` local model)."""
+        asked, each client's final local state (the `last_round` local model). `progress`
+        = (r, R) is handed to the model's `extra_loss` hook (see `local_sgd`)."""
         active = [k for k in clients if len(pools[k]) > 0]
         algo = self.algorithm
         algo.begin_round(global_state, [n for n, p in self.model.named_parameters()
@@ -256,7 +287,7 @@ class Engine:
             algo.begin_client(model, global_state, client)
             gen = torch_generator(seed, "train", *key, k)
             client.steps, _ = self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen,
-                                             client=client)
+                                             client=client, progress=progress)
             client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
             algo.end_client(model, global_state, client)
             return client
@@ -286,6 +317,60 @@ class Engine:
             self.local_sgd(model, idx, lm.epochs, lm.lr, gen, labels=labels, lr_at_epoch=lr_at,
                            stop_accuracy=lm.stop_accuracy)
             return clone_state(model)
+
+        return self.map(train, list(range(len(jobs))))
+
+    def train_distilled(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
+                        teacher: State, labels: torch.Tensor, seed: int, *, lr: float,
+                        epochs: int, patience: int, temperature: float, ce_weight: float
+                        ) -> list[tuple[State, list[float]]]:
+        """Local models distilled from `teacher` (the global model), one per job (labeled
+        indices, key): IFAL's KD local model (ALGORITHMS.md §4 ifal). Fresh init, SGD at `lr`
+        (the FL momentum and weight decay) on the job's labeled samples only, both models
+        seeing the same augmented batch; stops once the epoch's mean training loss has not
+        improved for `patience` epochs, or after `epochs`. Returns, per job, a *copy* of the
+        best epoch's weights (the reference kept a reference to the live weights, so it
+        returned the last ones) and the loss of every epoch run."""
+        inits = [clone_state(self.new_model(torch_seed(seed, "distill_init", *key)))
+                 for _, key in jobs]
+        labels = labels.to(self.device)
+
+        def train(model: nn.Module, i: int) -> tuple[State, list[float]]:
+            idx, key = jobs[i]
+            model.load_state_dict(inits[i])
+            frozen = copy.deepcopy(model)  # the teacher; deepcopy draws no random numbers
+            frozen.load_state_dict(teacher)
+            frozen.eval()
+            model.train()
+            opt = self._optimizer(model, lr)
+            gen = torch_generator(seed, "distill_train", *key)
+            idx_t = torch.as_tensor(idx, dtype=torch.int64)
+            best, best_loss, waited, losses = clone_state(model), float("inf"), 0, []
+            for _ in range(epochs):
+                total, n = 0.0, 0
+                for bi in self._batches(idx_t, gen):
+                    bi_d = bi.to(self.device)
+                    xb = self._augment(self._inputs(self.train_x[bi_d]), gen)
+                    with torch.no_grad(), self._autocast():
+                        t_logits, _ = frozen(xb)
+                    with self._autocast():
+                        logits, _ = model(xb)
+                    loss = distillation_loss(logits.float(), t_logits.float(), labels[bi_d],
+                                             temperature, ce_weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total, n = total + loss.item(), n + 1
+                if n == 0:  # fewer than two labeled samples: nothing to train on
+                    break
+                losses.append(total / n)  # IFAL: early stopping on the mean training loss
+                if losses[-1] < best_loss:  # strict improvement (the reference's delta = 0)
+                    best, best_loss, waited = clone_state(model), losses[-1], 0
+                else:
+                    waited += 1
+                    if waited >= patience:
+                        break
+            return best, losses
 
         return self.map(train, list(range(len(jobs))))
 
@@ -321,6 +406,33 @@ class Engine:
             d = getattr(self.model, "feature_dim", 0)
             return torch.zeros(0, self.num_classes), torch.zeros(0, d)
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    @torch.inference_mode()
+    def predict_loss(self, state: State, idx: np.ndarray) -> torch.Tensor:
+        """The model's predicted loss (ll4al's loss-prediction module; float32, on CPU) for
+        the train samples `idx`, batched like `predict`, without augmentation."""
+        if not hasattr(self.model, "predicted_loss"):
+            raise RuntimeError(f"backbone {self.cfg.model.backbone!r} carries no loss-prediction "
+                               "module (only strategy ll4al adds one)")
+        idx_t = torch.as_tensor(idx, dtype=torch.int64)
+        bs = self.cfg.runtime.eval_batch
+        batches = [idx_t[b:b + bs] for b in range(0, len(idx_t), bs)]
+        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
+        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
+
+        @torch.inference_mode()
+        def infer(model: nn.Module, job: list[torch.Tensor]) -> torch.Tensor:
+            model.load_state_dict(state)
+            model.eval()
+            out = []
+            for sel in job:
+                with self._autocast():
+                    pred = model.predicted_loss(self._inputs(self.train_x[sel.to(self.device)]))
+                out.append(pred.float().cpu())
+            return torch.cat(out)
+
+        outs = self.map(infer, jobs)
+        return torch.cat(outs) if outs else torch.zeros(0)
 
     @torch.inference_mode()
     def evaluate(self, state: State) -> tuple[float, np.ndarray]:

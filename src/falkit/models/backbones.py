@@ -6,7 +6,10 @@ Every backbone is an `nn.Module` with the same contract:
 * `forward(x) -> (logits N×C, features N×D)`, where `features` are the penultimate activations;
 * `feature_dim: int` (D) and `classifier: nn.Linear` (the last layer, D → C), so that
   `classifier(features) == logits` and last-layer gradient embeddings (BADGE, ...) need no
-  second forward pass.
+  second forward pass;
+* `block_taps() -> [(module, channels)]`: the submodules whose outputs are the network's
+  block outputs, in forward order, with their channel counts. Nothing reads them in a plain
+  forward pass; the LL4AL loss-prediction module (`falkit.models.lossnet`) hooks them.
 
 The ResNets and MobileNet end in adaptive average pooling, so they accept 28, 32 and 64 px
 inputs with 1 or 3 channels. All accept `channels_last` inputs and run under
@@ -46,6 +49,11 @@ class Backbone(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         """Penultimate features, N×D."""
         raise NotImplementedError
+
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        """(module, output channels) of every block whose output a loss-prediction module
+        reads (LL4AL, Yoo & Kweon 2019, Fig. 2: one tap per block), in forward order."""
+        raise ConfigError(f"backbone {type(self).__name__} exposes no block outputs")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.embed(x)
@@ -98,6 +106,10 @@ class CNN4(Backbone):
 
     def embed(self, x: Tensor) -> Tensor:
         return torch.flatten(self.features(x), 1)
+
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        # each conv block ends in its max-pool (index 3 of every 4 layers)
+        return [(self.features[4 * i + 3], self.width) for i in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +175,9 @@ class PreActResNet8(Backbone):
         out = self.pool(self.relu(self.bn(out)))
         return torch.flatten(out, 1)
 
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        return [(block, planes) for block, planes in zip(self.layers, self.widths, strict=True)]
+
 
 class BasicBlock(nn.Module):
     """Post-activation basic block (He et al., CVPR 2016), kuangliu/pytorch-cifar style:
@@ -225,6 +240,11 @@ class ResNetCifar(Backbone):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return torch.flatten(self.pool(out), 1)
+
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        # the four stages, as the LL4AL paper taps ResNet-18 (Yoo & Kweon 2019, §4.1)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return list(zip(stages, self.widths, strict=True))
 
 
 class ResNet8W64(ResNetCifar):
@@ -298,6 +318,17 @@ class MobileNetCifar(Backbone):
         out = self.layers(self.relu(self.bn1(self.conv1(x))))
         return torch.flatten(self.pool(out), 1)
 
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        # the last block of each resolution (before each stride-2 block, and the final one):
+        # widths 64/128/256/512/1024, one tap per stage as for the ResNets
+        taps = []
+        for i, item in enumerate(self.cfg):
+            nxt = self.cfg[i + 1] if i + 1 < len(self.cfg) else None
+            if nxt is None or isinstance(nxt, tuple):
+                planes = item[0] if isinstance(item, tuple) else item
+                taps.append((self.layers[i], planes))
+        return taps
+
 
 # ---------------------------------------------------------------------------------------------
 # Linear head on precomputed embeddings
@@ -313,15 +344,20 @@ class LinearHead(Backbone):
         super().__init__()
         _check_positive(num_classes=num_classes, in_channels=in_channels)
         self.feature_dim = in_channels
+        self.flatten = nn.Flatten(1)  # no state; a module so that block_taps can name it
         self.classifier = nn.Linear(in_channels, num_classes)
 
     def embed(self, x: Tensor) -> Tensor:
-        features = torch.flatten(x, 1)
+        features = self.flatten(x)
         if features.shape[1] != self.feature_dim:
             raise ValueError(
                 f"linear backbone expects {self.feature_dim}-dim embeddings, got shape "
                 f"{tuple(x.shape)}")
         return features
+
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        # no blocks: the one "block output" is the input embedding itself
+        return [(self.flatten, self.feature_dim)]
 
 
 # ---------------------------------------------------------------------------------------------
