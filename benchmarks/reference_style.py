@@ -1,0 +1,186 @@
+"""The way the FairFAL reference code runs a FAL cycle, kept only as a speed baseline.
+
+Same model, same arithmetic as falkit, organised as the reference organises it:
+* a per-sample `torch.utils.data.Dataset` whose `__getitem__` normalises and augments one
+  image, read through a `DataLoader` (batch 64, shuffle, `num_workers=0`) per client;
+* a `copy.deepcopy` of the global model for every client in every round, a fresh optimizer;
+* FedAvg over the clients' state dicts (labeled-count weights);
+* the test set evaluated through a DataLoader after every round;
+* every query-time forward pass at batch size 1 (the reference's query loaders), and the
+  `scratch` local models trained through DataLoaders as well.
+
+Selections are made by falkit's own strategy code on these outputs, so a query differs from
+falkit's only in how the forward passes are run (`benchmarks/bench.py` checks the picks).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from falkit.fl.algorithms import State
+from falkit.fl.engine import Engine
+from falkit.seeding import torch_seed
+
+
+class PerSampleImages(Dataset):
+    """One image per `__getitem__`: uint8 -> float, normalise, random flip (training)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray,
+                 mean: tuple[float, ...], std: tuple[float, ...], train: bool, hflip: bool):
+        self.x, self.y, self.idx = x, y, np.asarray(idx)
+        c = x.shape[1]
+        self.mean = torch.tensor(mean).view(c, 1, 1)
+        self.std = torch.tensor(std).view(c, 1, 1)
+        self.train, self.hflip = train, hflip
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = int(self.idx[i])
+        img = (self.x[j].float() / 255.0 - self.mean) / self.std
+        if self.train and self.hflip and torch.rand(1).item() < 0.5:
+            img = img.flip(2)
+        return img, self.y[j]
+
+
+class ReferenceStyle:
+    """FL training, evaluation and query-time inference the reference's way."""
+
+    def __init__(self, x_train: torch.Tensor,
+                 y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 mean: tuple[float, ...], std: tuple[float, ...], hflip: bool,
+                 batch_size: int = 64, lr: float = 0.01, momentum: float = 0.9,
+                 weight_decay: float = 1e-5):
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        self.mean, self.std, self.hflip = mean, std, hflip
+        self.bs, self.lr, self.momentum, self.wd = batch_size, lr, momentum, weight_decay
+
+    def _loader(self, idx: np.ndarray, train: bool, batch_size: int, test: bool = False):
+        x, y = (self.x_test, self.y_test) if test else (self.x_train, self.y_train)
+        ds = PerSampleImages(x, y, idx, self.mean, self.std, train, self.hflip)
+        return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=0,
+                          drop_last=False)
+
+    def _local_train(self, model: nn.Module, idx: np.ndarray, epochs: int, lr: float,
+                     stop_accuracy: float | None = None,
+                     lr_at_epoch: Callable[[int], float] | None = None) -> None:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum,
+                              weight_decay=self.wd)
+        for epoch in range(epochs):
+            if lr_at_epoch is not None:
+                for g in opt.param_groups:
+                    g["lr"] = lr_at_epoch(epoch)
+            correct = seen = 0
+            for xb, yb in self._loader(idx, True, self.bs):
+                if len(yb) < 2:  # BatchNorm cannot take one sample (falkit drops it too)
+                    continue
+                logits, _ = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                correct += int((logits.argmax(1) == yb).sum())
+                seen += len(yb)
+            if stop_accuracy is not None and correct / max(seen, 1) >= stop_accuracy:
+                break
+
+    def fl_round(self, global_model: nn.Module, pools: list[np.ndarray], epochs: int,
+                 lr: float) -> nn.Module:
+        """Every client trains a deep copy of the global model; FedAvg of the state dicts."""
+        states, weights = [], []
+        for idx in pools:
+            if len(idx) == 0:
+                continue
+            local = copy.deepcopy(global_model)
+            self._local_train(local, idx, epochs, lr)
+            states.append(local.state_dict())
+            weights.append(float(len(idx)))
+        total = sum(weights)
+        avg = {}
+        for name, ref in global_model.state_dict().items():
+            if ref.is_floating_point():
+                avg[name] = sum(w / total * s[name] for s, w in zip(states, weights, strict=True))
+            else:
+                avg[name] = states[0][name].clone()
+        new = copy.deepcopy(global_model)
+        new.load_state_dict(avg)
+        return new
+
+    @torch.no_grad()
+    def infer_batch1(self, model: nn.Module, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Softmax and features, one sample per forward pass (the reference's query loaders)."""
+        model.eval()
+        probs, feats = [], []
+        for xb, _ in self._loader(idx, False, 1):
+            logits, f = model(xb)
+            probs.append(torch.softmax(logits, 1))
+            feats.append(f)
+        if not probs:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(probs), torch.cat(feats)
+
+
+
+class ReferenceEngine(Engine):
+    """falkit's loop driving `ReferenceStyle`: `loop.run(cfg, engine_class=ReferenceEngine)`
+    runs the same protocol (same inits, labels, strategies, metrics and phase timers) with
+    training, evaluation and query-time inference done the reference's way."""
+
+    def __init__(self, cfg, train, test, num_classes: int, num_clients: int = 1, **kwargs):
+        super().__init__(cfg, train, test, num_classes, num_clients, **kwargs)
+        fl = cfg.fl
+        self.ref = ReferenceStyle(train.x, train.y, test.x, test.y, train.mean, train.std,
+                                  train.hflip, fl.batch_size, fl.lr, fl.momentum,
+                                  fl.weight_decay)
+
+    @staticmethod
+    def _plain(model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.contiguous_format)  # the reference's default
+
+    def _model(self, state: State) -> nn.Module:
+        model = self._plain(self.new_model(0))
+        model.load_state_dict(state)
+        return model
+
+    def fl_round(self, global_state, clients, pools, lr, seed, key, keep_states=False):
+        new = self.ref.fl_round(self._model(global_state), [pools[k] for k in clients],
+                                self.cfg.fl.local_epochs, lr)
+        return {n: v.detach().clone() for n, v in new.state_dict().items()}, {}
+
+    def evaluate(self, state):
+        model = self._model(state)
+        model.eval()
+        preds = []
+        with torch.no_grad():
+            for xb, _ in self.ref._loader(np.arange(len(self.ref.y_test)), False, self.ref.bs,
+                                          test=True):
+                preds.append(model(xb)[0].argmax(1))
+        y = self.ref.y_test
+        correct = (torch.cat(preds) == y).double()
+        per_class = np.array([float(correct[y == c].mean()) if (y == c).any() else np.nan
+                              for c in range(self.num_classes)])
+        return float(correct.mean()), per_class
+
+    def predict(self, state, idx=None, split="train"):
+        assert split == "train"
+        idx = np.arange(len(self.ref.y_train)) if idx is None else np.asarray(idx)
+        return self.ref.infer_batch1(self._model(state), idx)
+
+    def train_scratch(self, jobs, labels, seed):
+        lm = self.cfg.local_model
+        out = []
+        for idx, key in jobs:
+            model = self._plain(self.new_model(torch_seed(seed, "local_init", *key)))
+            self.ref._local_train(model, idx, lm.epochs, lm.lr, lm.stop_accuracy,
+                                  lambda e: lm.lr * (0.1 if e >= lm.decay_epoch else 1.0))
+            out.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        return out
