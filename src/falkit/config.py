@@ -105,6 +105,13 @@ class FairFALConfig:
 
 
 @dataclass
+class KAFALConfig:
+    """KAFAL (ALGORITHMS.md §4 kafal)."""
+
+    kcfu: bool = False  # also train KAFAL's way (logit-adjusted CE + unlabeled-mixup KD)
+
+
+@dataclass
 class IFALConfig:
     """IFAL (ALGORITHMS.md §4 ifal): defaults are the reference code's."""
 
@@ -132,6 +139,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     fairfal: FairFALConfig = field(default_factory=FairFALConfig)
+    kafal: KAFALConfig = field(default_factory=KAFALConfig)
     ifal: IFALConfig = field(default_factory=IFALConfig)
 
     def run_name(self) -> str:
@@ -191,7 +199,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Config sections that hold one strategy's options: only the run's own strategy's section is
 # part of its saved config and settings hash, so adding a strategy renames no existing run.
-STRATEGY_SECTIONS = ("fairfal", "ifal")
+STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal")
 
 
 def experiment_dict(cfg: Config) -> dict[str, Any]:

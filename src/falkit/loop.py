@@ -182,6 +182,13 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
         last = r == fl.rounds - 1
         # models with a loss hook (ll4al) learn which round of R this is (its stop-gradient)
         hook = {"progress": (r, fl.rounds)} if hasattr(engine.model, "extra_loss") else {}
+        # strategies that train their own way (kafal.kcfu) give each client's objective
+        # (they read only the labels of st.labeled, which the oracle revealed)
+        objectives = (strategy.local_objectives(engine, global_state, st.labeled, y,
+                                                data.clients, r)
+                      if hasattr(strategy, "local_objectives") else None)
+        if objectives is not None:
+            hook["objectives"] = objectives
         global_state, kept = engine.fl_round(global_state, clients, st.labeled, lr, cfg.seed,
                                              (cycle, r), keep_states=keep_last, **hook)
         comm += 2 * state_bytes(global_state) * sum(1 for k in clients if len(st.labeled[k]))

@@ -10,13 +10,21 @@ restricted to the classes present in L_k, and the score is the symmetric KL dive
     s(x) = ½ [KL(softmax z_g ‖ softmax z_l) + KL(softmax z_l ‖ softmax z_g)],
     z_m = logits_m(x) + a.
 
-The optional KCFU training (`kafal.kcfu`) is not part of this module.
+With `kafal.kcfu = true` the clients also train KAFAL's way (Knowledge-Compensatory
+Federated Update, `kcfu_objectives`): logit-adjusted cross-entropy on the labeled batch plus a
+distillation term from the global model on a Beta(2,2) mixup of permuted unlabeled pairs,
+weighted by the normalised inverse local frequency of the global pseudo-label; the
+distillation is off in the first round of each cycle.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import top_k
@@ -75,7 +83,16 @@ class KAFAL(Strategy):
 
     def __init__(self, at: str | None = None, *, kcfu: bool = False, **options: object):
         super().__init__(at, **options)
-        self.kcfu = bool(kcfu)  # KCFU training is handled by the trainer, not by the query
+        self.kcfu = bool(kcfu)  # KAFAL's own local training (the loop asks `local_objectives`)
+
+    def local_objectives(self, engine, global_state, labeled: Sequence[np.ndarray],
+                         labels: np.ndarray, pools: Sequence[np.ndarray], round_index: int
+                         ) -> Callable[[int], object] | None:
+        """Per-client training objectives of FL round `round_index`, or None (plain CE)."""
+        if not self.kcfu:
+            return None
+        return kcfu_objectives(engine, global_state, labeled, labels, pools,
+                               distill=round_index > 0)
 
     @property
     def needs_local_model(self) -> bool:
@@ -95,3 +112,81 @@ class KAFAL(Strategy):
             else 0.0,
         }
         return picks
+
+
+# -- KCFU training (option kafal.kcfu) -----------------------------------------------------------
+ABSENT_LOGIT = -1e4  # a class with no local label: finite "log 0" (exp underflows to exactly 0)
+
+
+def log_count_prior(counts: np.ndarray) -> torch.Tensor:
+    """a_c = log n_c for present classes, a large finite negative for absent ones (KAFAL's
+    logit adjustment; −inf would turn a 0 · (−inf) into NaN in the backward pass)."""
+    c = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
+    return torch.where(c > 0, torch.log(c.clamp_min(1.0)), torch.full_like(c, ABSENT_LOGIT))
+
+
+def inverse_frequency_weights(counts: np.ndarray) -> torch.Tensor:
+    """w_c ∝ 1 / (n_c + 1), normalised to mean 1 over the classes: the classes a client has
+    few (or no) labels of weigh most in the compensating distillation (KAFAL KCFU; the +1
+    keeps absent classes finite — our choice, the paper does not say)."""
+    inv = 1.0 / (torch.as_tensor(np.asarray(counts), dtype=torch.float32) + 1.0)
+    return inv * (len(inv) / inv.sum())
+
+
+def beta22(gen: torch.Generator) -> float:
+    """One draw of Beta(2, 2): the median of three uniforms (the 2nd order statistic of 3
+    U(0,1) is Beta(2, 2)), from the client's own seeded generator."""
+    return float(torch.rand(3, generator=gen).median())
+
+
+def kcfu_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,
+              student_mix: torch.Tensor | None = None, teacher_mix: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KAFAL KCFU: CE(logits + a, y) + mean_i w[ŷ_i] · KL(p_g(x̃_i) ‖ p_l(x̃_i)), where x̃ is the
+    unlabeled mixup, p_g the global (teacher) and p_l the local (student) softmax and ŷ the
+    global pseudo-label. Without mixup logits, just the logit-adjusted CE."""
+    loss = F.cross_entropy(logits.float() + prior, y)  # logit-adjusted CE
+    if student_mix is None or teacher_mix is None or weights is None:
+        return loss
+    log_pt = F.log_softmax(teacher_mix.float(), 1)
+    log_ps = F.log_softmax(student_mix.float(), 1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)  # KL(p_g ‖ p_l) per sample
+    w = weights[log_pt.argmax(1)]  # inverse local frequency of the global pseudo-label
+    return loss + (w * kl).mean()
+
+
+def kcfu_objectives(engine, global_state, labeled: Sequence[np.ndarray], labels: np.ndarray,
+                    pools: Sequence[np.ndarray], distill: bool) -> Callable[[int], object]:
+    """Client k's KCFU objective for one FL round (the engine calls it in place of CE). The
+    teacher is the round's global model, frozen; each step draws as many unlabeled samples
+    as the labeled batch from U_k (augmented like it), pairs them with a permutation of
+    themselves and mixes each pair with one λ ~ Beta(2, 2)."""
+    C = engine.num_classes
+    teacher: nn.Module | None = None
+    if distill:
+        teacher = engine.new_model(0)
+        teacher.load_state_dict(global_state)
+        teacher.eval()
+
+    def for_client(k: int):
+        counts = np.bincount(np.asarray(labels[labeled[k]], dtype=np.int64), minlength=C)
+        prior = log_count_prior(counts).to(engine.device)
+        weights = inverse_frequency_weights(counts).to(engine.device)
+        unl = torch.as_tensor(np.setdiff1d(pools[k], labeled[k]), dtype=torch.int64)
+
+        def objective(model, xb, logits, yb, gen):
+            if teacher is None or len(unl) < 2:
+                return kcfu_loss(logits, yb, prior)
+            pick = unl[torch.randint(len(unl), (len(yb),), generator=gen)].to(engine.device)
+            xu = engine._augment(engine._inputs(engine.train_x[pick]), gen)
+            lam = beta22(gen)
+            perm = torch.randperm(len(pick), generator=gen).to(engine.device)
+            mix = lam * xu + (1.0 - lam) * xu[perm]  # mixup of permuted unlabeled pairs
+            with torch.no_grad():
+                t_logits, _ = teacher(mix)
+            s_logits, _ = model(mix)
+            return kcfu_loss(logits, yb, prior, s_logits, t_logits, weights)
+
+        return objective
+
+    return for_client

@@ -32,6 +32,9 @@ from falkit.seeding import torch_generator, torch_seed
 
 J = TypeVar("J")
 R = TypeVar("R")
+# a client's training loss in place of cross-entropy: (model, x, logits, y, generator) -> loss
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
+                     torch.Tensor]
 
 
 _ALLOCATOR_TUNED = False
@@ -223,14 +226,17 @@ class Engine:
                   lr_at_epoch: Callable[[int], float] | None = None,
                   stop_accuracy: float | None = None,
                   client: Client | None = None,
-                  progress: tuple[int, int] | None = None) -> tuple[int, float]:
+                  progress: tuple[int, int] | None = None,
+                  objective: Objective | None = None) -> tuple[int, float]:
         """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
         of steps and the training accuracy of the last epoch.
 
         A model may add its own term to the loss: `model.extra_loss(logits, targets,
         progress)`, called right after the forward pass (ll4al's loss-prediction module);
         `progress` = (round index r, rounds R) of the FL round this update belongs to, None
-        outside FL training. Models without the method train on plain cross-entropy."""
+        outside FL training. Models without the method train on plain cross-entropy.
+        `objective(model, x, logits, y, gen)`, if given, replaces that cross-entropy (KAFAL's
+        KCFU: logit-adjusted CE plus distillation on unlabeled mixup)."""
         model.train()
         opt = self._optimizer(model, lr)
         model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
@@ -248,7 +254,8 @@ class Engine:
                 yb = ys[bi_d]
                 with self._autocast():
                     logits, _ = model(xb)
-                    loss = F.cross_entropy(logits.float(), yb)
+                    loss = (F.cross_entropy(logits.float(), yb) if objective is None
+                            else objective(model, xb, logits, yb, gen))
                     if model_loss is not None:
                         loss = loss + model_loss(logits, yb, progress)
                 if client is not None:  # FL local update: the algorithm's hooks
@@ -271,11 +278,14 @@ class Engine:
     def fl_round(self, global_state: State, clients: list[int], pools: list[np.ndarray],
                  lr: float, seed: int, key: tuple[object, ...],
                  keep_states: bool = False,
-                 progress: tuple[int, int] | None = None) -> tuple[State, dict[int, State]]:
+                 progress: tuple[int, int] | None = None,
+                 objectives: Callable[[int], Objective | None] | None = None
+                 ) -> tuple[State, dict[int, State]]:
         """One FL round: every participating client trains from the global weights, the
         server averages with labeled-count weights. Returns the new global state and, when
         asked, each client's final local state (the `last_round` local model). `progress`
-        = (r, R) is handed to the model's `extra_loss` hook (see `local_sgd`)."""
+        = (r, R) is handed to the model's `extra_loss` hook; `objectives(k)` gives client
+        k's training objective, None for plain cross-entropy (see `local_sgd`)."""
         active = [k for k in clients if len(pools[k]) > 0]
         algo = self.algorithm
         algo.begin_round(global_state, [n for n, p in self.model.named_parameters()
@@ -287,7 +297,8 @@ class Engine:
             algo.begin_client(model, global_state, client)
             gen = torch_generator(seed, "train", *key, k)
             client.steps, _ = self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen,
-                                             client=client, progress=progress)
+                                             client=client, progress=progress,
+                                             objective=objectives(k) if objectives else None)
             client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
             algo.end_client(model, global_state, client)
             return client
