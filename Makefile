@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast data lint clean
+.PHONY: demo test test-fast bench data lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: data
 
 test: data
 	$(PY) -m pytest -q
+
+# Speed as measured facts (issue 4): ~40 min here; writes benchmarks/RESULTS.md.
+# BENCH_ARGS="--only engine,query --reps 3" runs a part (other sections keep their results).
+bench: data
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"

@@ -283,11 +283,13 @@ def _query_one(strategy_id: str, n: int) -> dict:
     g = torch.Generator().manual_seed(0)
     total = n + n // 20
     outs = {}
-    for m in ("global", "local"):
+    models = ("global", "local", "distilled")
+    for m in models:
         logits = torch.randn(total, C, generator=g) * 2
         outs[m] = (torch.softmax(logits, 1), torch.relu(torch.randn(total, D, generator=g)))
     weights = {m: {"classifier.weight": torch.randn(C, D, generator=g) * 0.1,
-                   "classifier.bias": torch.zeros(C)} for m in ("global", "local")}
+                   "classifier.bias": torch.zeros(C)} for m in models}
+    predicted_loss = torch.rand(total, generator=g)  # ll4al's module output
     unl = np.arange(n)
     lab = np.arange(n, total)
     labels = np.random.default_rng(0).integers(0, C, len(lab))
@@ -299,7 +301,8 @@ def _query_one(strategy_id: str, n: int) -> dict:
 
     ctx = QueryContext(client_id=0, cycle=1, labeled=lab, labeled_y=labels, unlabeled=unl,
                        num_classes=C, rng=np.random.default_rng(1), infer=infer,
-                       weights=lambda m: weights[m])
+                       weights=lambda m: weights[m],
+                       state={"predicted_loss": lambda m, pool: predicted_loss[pool]})
     strategy = create_strategy(strategy_id)
     base = peak_rss_mib()
     t = time.perf_counter()
