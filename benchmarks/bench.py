@@ -122,11 +122,9 @@ def bench_slice(reps: int, ref_reps: int) -> dict:
 
 def query_identity() -> dict:
     """The same global and local weights, the same FairFAL query step (falkit's own
-    `_query_phase`), forward passes batched (falkit) or one sample at a time (reference):
-    are the picks identical?"""
+    `_query_phase`), forward passes in batches of `runtime.eval_batch` = 128 or one sample
+    at a time (the reference's query loaders): are the picks identical?"""
     import copy
-
-    from reference_style import ReferenceEngine
 
     from falkit.al.base import create as create_strategy
     from falkit.data.federation import build, client_budgets
@@ -141,7 +139,9 @@ def query_identity() -> dict:
                               ds.hflip, ds.crop_pad),
             ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
             data.num_classes)
-    fast, slow = Engine(*args, num_clients=K), ReferenceEngine(*args, num_clients=K)
+    one = copy.deepcopy(cfg)
+    one.runtime.eval_batch = 1
+    fast, slow = Engine(*args, num_clients=K), Engine(one, *args[1:], num_clients=K)
     budgets = client_budgets(cfg, data)
     st0 = _initial_labels(cfg, data, budgets, SimulatedOracle(ds.y_train))
     state = fast.init_state(cfg.seed, 0)
@@ -151,7 +151,7 @@ def query_identity() -> dict:
     local_models = fast.train_scratch([(st0.labeled[k], (1, k)) for k in range(K)],
                                       torch.as_tensor(ds.y_train), cfg.seed)
     picks, times = {}, {}
-    for name, eng in (("falkit", fast), ("reference", slow)):
+    for name, eng in (("batch128", fast), ("batch1", slow)):
         eng.train_scratch = lambda jobs, labels, seed: local_models  # the same local models
         st, oracle = copy.deepcopy(st0), SimulatedOracle(ds.y_train)
         for k, lab in enumerate(st.labeled):
@@ -162,7 +162,7 @@ def query_identity() -> dict:
                      {"local_model": 0.0})
         times[name] = time.perf_counter() - t
         picks[name] = [set(q["indices"]) for q in st.queries if q["cycle"] == 1]
-    pairs = list(zip(picks["falkit"], picks["reference"], strict=True))
+    pairs = list(zip(picks["batch128"], picks["batch1"], strict=True))
     return {"identical_clients": sum(a == b for a, b in pairs), "clients": K,
             "overlap": sum(len(a & b) for a, b in pairs),
             "picked": sum(len(a) for a, _ in pairs), "time": times}
@@ -401,12 +401,13 @@ def write_results(res: dict, path: Path, command: str) -> None:
     if "identity" in res:
         q = res["identity"]
         L += ["### Same weights, same query: batched vs one-sample forward passes", "",
-              f"FairFAL query step at 5 % labels with identical global and local weights: "
-              f"{q['identical_clients']}/{q['clients']} clients pick exactly the same samples "
-              f"({q['overlap']}/{q['picked']} picks shared); query step (inference + "
-              f"selection, local models given) {_fmt(q['time']['falkit'])} s falkit vs "
-              f"{_fmt(q['time']['reference'])} s one sample at a time "
-              f"({q['time']['reference'] / q['time']['falkit']:.1f}x).", ""]
+              f"FairFAL query step at 5 % labels with identical global and local weights, "
+              f"forward passes in batches of 128 (falkit's default) or one sample at a time "
+              f"(as the reference's query loaders): {q['identical_clients']}/{q['clients']} "
+              f"clients pick exactly the same samples ({q['overlap']}/{q['picked']} picks "
+              f"shared). The query step (inference + selection, local models given) took "
+              f"{_fmt(q['time']['batch128'])} s batched vs {_fmt(q['time']['batch1'])} s one "
+              f"sample at a time ({q['time']['batch1'] / q['time']['batch128']:.1f}x).", ""]
     if "slice" in res:
         s = res["slice"]
         targets.append(("FairFAL query step at 5 % (incl. local models)", ">= 8x",
