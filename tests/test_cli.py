@@ -66,3 +66,13 @@ def test_run_prints_table_and_show_reads_it(capsys, tmp_path):
     assert "15%" in out and f"results: {tmp_path / 'r'}" in out
     assert main(["show", str(tmp_path / "r")]) == 0
     assert "r " in capsys.readouterr().out
+
+
+def test_run_strategy_fast_goes_to_fast(capsys, tmp_path):
+    """`falkit run strategy=fast` runs FAST's one AL round (not the per-cycle loop)."""
+    assert main(["run", "configs/fmnist_lt.toml", "--preset", "quick", "strategy=fast",
+                 "model.backbone=linear", f"out_dir={tmp_path}", "fast.cache_dir="
+                 f"{tmp_path / 'cache'}", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    run_dir = next(p for p in tmp_path.iterdir() if "_fast_" in p.name)
+    assert f"results: {run_dir}" in out and (run_dir / "clients.csv").is_file()

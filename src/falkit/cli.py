@@ -100,6 +100,8 @@ def accuracy_text(run_dirs: list[str | Path]) -> str:
 def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
     from falkit.loop import run
 
+    if cfg.strategy == "fast":  # FAST is one two-pass AL round, not a per-cycle strategy
+        from falkit.fast import run
     result = run(cfg, reporter=RichReporter(quiet), overwrite=overwrite)
     if result.skipped:
         print(f"{result.run_dir}: already complete (use --overwrite to run again)",
@@ -267,6 +269,76 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fast(args: argparse.Namespace) -> int:
+    from falkit import fast
+
+    path, overrides = _split_config_arg(args)
+    cfg = _load_config(path, args.preset, [*overrides, "strategy=fast"])
+    result = fast.run(cfg, reporter=RichReporter(args.quiet), overwrite=args.overwrite)
+    if result.skipped:
+        print(f"{result.run_dir}: already complete (use --overwrite to run again)",
+              file=sys.stderr)
+    print(fast.summary_text(result.run_dir))
+    print(f"results: {result.run_dir}")
+    return 0
+
+
+def cmd_fast_compare(args: argparse.Namespace) -> int:
+    from falkit import fast
+    from falkit.results import write_atomic
+
+    path, overrides = _split_config_arg(args)
+    base = _load_config(path, args.preset, overrides)
+    variants = [v.split(",") if v else [] for v in (args.fast or [""])]
+    jobs = [("baseline", _load_config(path, args.preset, [*overrides, f"strategy={s}"]))
+            for s in args.baselines.split(",") if s]
+    jobs += [("fast", _load_config(path, args.preset, [*overrides, "strategy=fast", *v]))
+             for v in variants]
+    runs = []
+    for i, (kind, cfg) in enumerate(jobs):
+        print(f"[{i + 1}/{len(jobs)}] {cfg.run_name()}", file=sys.stderr)
+        if kind == "fast":
+            runs.append(fast.run(cfg, reporter=RichReporter(args.quiet)).run_dir)
+        else:
+            runs.append(_run_one(cfg, args.quiet).run_dir)
+    rows = fast.comparison_rows(runs)
+    text = fast.comparison_markdown(rows)
+    out = Path(base.out_dir) / (args.name or "fast_compare")
+    from falkit.results import csv_text
+
+    write_atomic(out / "comparison.csv", csv_text(rows))
+    write_atomic(out / "comparison.md", text)
+    print(text)
+    print(f"comparison: {out / 'comparison.md'}")
+    return 0
+
+
+def cmd_comm(args: argparse.Namespace) -> int:
+    from falkit import fast
+    from falkit.data import sources
+    from falkit.fl.algorithms import clone_state, state_bytes
+    from falkit.models.backbones import create as create_backbone
+
+    ds = sources.load(args.dataset, args.data_root)
+    if args.model == "linear":
+        if not args.dim:
+            raise ConfigError("falkit comm --model linear needs --dim (the embedding size)")
+        channels, size, what = args.dim, 1, f"{args.dim}-dim embeddings"
+    else:
+        channels, size = ds.in_channels, ds.image_size
+        what = f"{channels}x{size}x{size} images"
+    model = create_backbone(args.model, num_classes=ds.num_classes, in_channels=channels,
+                            image_size=size)
+    nbytes = state_bytes(clone_state(model))
+    t = fast.model_traffic(nbytes, args.clients, args.rounds)
+    print(f"{args.model} on {args.dataset} ({ds.num_classes} classes, {what}): "
+          f"{nbytes:,} bytes per state dict (every tensor, buffers included)")
+    print(f"per round: 2 x {nbytes:,} B x {args.clients} clients = {t['round_bytes']:,} B = "
+          f"{t['round_mib']:.4f} MiB")
+    print(f"{args.rounds} rounds: {t['total_bytes']:,} B = {t['total_mib']:.4f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="falkit", description="Federated active learning.")
     p.add_argument("--version", action="version", version=f"falkit {__version__}")
@@ -324,6 +396,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", nargs="?")
     sp.add_argument("--data-root", help="searched before $FALKIT_DATA and ~/.cache/falkit")
     sp.set_defaults(func=cmd_data)
+
+    sp = sub.add_parser("fast", help="FAST: two passes with a frozen encoder, one-shot "
+                        "training (strategy=fast)")
+    with_config(sp)
+    sp.add_argument("--overwrite", action="store_true", help="discard an existing run directory")
+    sp.set_defaults(func=cmd_fast)
+
+    sp = sub.add_parser("fast-compare", help="FAST (one AL round) vs iterative baselines: "
+                        "accuracy, rounds, MiB, wall-clock (FAST Table III)")
+    with_config(sp)
+    sp.add_argument("--baselines", default="random,entropy@G,fairfal",
+                    help="comma-separated strategies run with the config's cycles")
+    sp.add_argument("--fast", action="append", metavar="KEY=V,KEY=V",
+                    help="one FAST variant's overrides, e.g. model.backbone=linear "
+                    "(repeatable; default: one variant with the config as it is)")
+    sp.add_argument("--name", help="output folder under out_dir (default: fast_compare)")
+    sp.set_defaults(func=cmd_fast_compare)
+
+    sp = sub.add_parser("comm", help="model traffic of FL training (bytes per round, MiB)")
+    sp.add_argument("--model", required=True, help="backbone, e.g. cnn4 or linear")
+    sp.add_argument("--dataset", required=True, help="gives the classes and the input shape")
+    sp.add_argument("--clients", type=int, default=10, help="participating clients per round")
+    sp.add_argument("--rounds", type=int, default=100)
+    sp.add_argument("--dim", type=int, help="embedding size (model linear)")
+    sp.add_argument("--data-root", help="searched before $FALKIT_DATA and ~/.cache/falkit")
+    sp.set_defaults(func=cmd_comm)
 
     sp = sub.add_parser("list", help="every strategy, FL algorithm, backbone, dataset, partition")
     sp.set_defaults(func=cmd_list)

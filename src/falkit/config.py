@@ -60,6 +60,9 @@ class FLConfig:
     fraction: float = 1.0  # participating clients per round
     reset: str = "random"  # random: fresh init every cycle | continue: warm start
     mu: float = 0.01  # FedProx
+    # falkit.flower: a client that fails or times out mid-run; continue: the run goes on
+    # with the clients that answer | stop: the run ends with an error (finished cycles kept)
+    on_client_failure: str = "stop"
 
 
 @dataclass
@@ -126,6 +129,30 @@ class IFALConfig:
 
 
 @dataclass
+class FASTConfig:
+    """FAST (ALGORITHMS.md §6): defaults are the paper's Algorithm 1; `scope = "pooled"` is
+    the reference code's behaviour. Table II's components: ① linear probing is
+    `model.backbone = "linear"` (a linear head on the embeddings), ② `weak_labels`,
+    ③ `refine` (uncertainty refinement), ④ random refinement = `uncertainty = "random"`."""
+
+    # pixels | pca[:dim] | hf:<dir or id> | open_clip:<arch>:<file> | timm:<name>:<file>
+    # | torchscript:<file> (falkit.models.encoders)
+    encoder: str = "pca"
+    scope: str = "client"  # client: per-client passes (Alg. 1) | pooled: the reference code's
+    bank: str = "shared"  # shared: every client's G_k^0 embeddings, redistributed | local
+    initial: float = 0.01  # r0: initial labeled fraction of each client's pool
+    budget: float = 0.05  # refinement budget b_k = budget x |pool_k| (0, 5, 40, 80 % study)
+    k: int = 10  # kNN neighbours of the weak labels
+    # entropy (paper) | norm (reference code) | least_confidence | smallest_margin
+    # | largest_margin | random
+    uncertainty: str = "entropy"
+    weak_labels: bool = True  # train on weak labels for the unqueried samples (Table II ②)
+    refine: bool = True  # spend the budget on the oracle (Table II ③/④)
+    encode_batch: int = 64
+    cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
+
+
+@dataclass
 class Config:
     name: str = ""  # run directory name; empty = derived from the settings
     seed: int = 0
@@ -141,6 +168,7 @@ class Config:
     fairfal: FairFALConfig = field(default_factory=FairFALConfig)
     kafal: KAFALConfig = field(default_factory=KAFALConfig)
     ifal: IFALConfig = field(default_factory=IFALConfig)
+    fast: FASTConfig = field(default_factory=FASTConfig)
 
     def run_name(self) -> str:
         """`name`, or a readable name plus a short hash of every setting that changes the
@@ -154,10 +182,10 @@ class Config:
                 f"{self.settings_hash()}")
 
     def settings_hash(self) -> str:
-        """6 hex digits over the experiment's settings (not name, out_dir, data_root, nor the
-        option sections of strategies other than this run's)."""
+        """6 hex digits over the experiment's settings (not name, out_dir, data_root,
+        fl.on_client_failure, nor the option sections of strategies other than this run's)."""
         d = _flatten(experiment_dict(self))
-        for key in ("name", "out_dir", "data.data_root"):
+        for key in ("name", "out_dir", "data.data_root", "fl.on_client_failure"):
             d.pop(key)
         return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:6]
 
@@ -182,6 +210,7 @@ CHOICES = {
     "partition.method": ("dirichlet_balanced", "dirichlet", "iid", "shards", "json"),
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
+    "fl.on_client_failure": ("stop", "continue"),
     "fl.algorithm": ("fedavg", "fedprox", "scaffold", "fednova"),
     "local_model.mode": ("scratch", "last_round"),
     "runtime.precision": ("fp32", "bf16"),
@@ -190,6 +219,10 @@ CHOICES = {
     "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
     "fairfal.embedding_probs": ("paper", "code"),
     "ifal.w1": ("reference", "histogram"),
+    "fast.scope": ("client", "pooled"),
+    "fast.bank": ("shared", "local"),
+    "fast.uncertainty": ("entropy", "norm", "least_confidence", "smallest_margin",
+                         "largest_margin", "random"),
 }
 
 
@@ -199,7 +232,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Config sections that hold one strategy's options: only the run's own strategy's section is
 # part of its saved config and settings hash, so adding a strategy renames no existing run.
-STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal")
+STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast")
 
 
 def experiment_dict(cfg: Config) -> dict[str, Any]:
@@ -365,6 +398,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ifal.kd_lr and ifal.kd_temperature must be > 0")
     if not 0 <= ifal.kd_ce_weight <= 1:
         raise ConfigError(f"ifal.kd_ce_weight must be in [0, 1], got {ifal.kd_ce_weight:g}")
+    fast = cfg.fast
+    if not 0 < fast.initial < 1 or not 0 <= fast.budget < 1 or fast.initial + fast.budget > 1:
+        raise ConfigError(f"fast.initial must be in (0, 1) and fast.budget in [0, 1) with a sum "
+                          f"<= 1, got {fast.initial:g} and {fast.budget:g}")
+    if fast.k < 1 or fast.encode_batch < 1:
+        raise ConfigError("fast.k and fast.encode_batch must be >= 1")
     if cfg.seed < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
     if cfg.fl.lr <= 0:

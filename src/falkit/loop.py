@@ -234,83 +234,21 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
     """Every client queries with the previous cycle's global model (query before training)."""
     assert st.global_state is not None
     y = data.dataset.y_train
-    global_out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    mode = _local_mode(cfg, strategy)
-
-    def global_outputs(pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if not global_out:  # the global model's outputs on the whole train set, once
-            global_out.append(engine.predict(st.global_state))
-        probs, feats = global_out[0]
-        idx = torch.as_tensor(pool)
-        return probs[idx], feats[idx]
-
-    local_states: dict[int, State] = {}
-    if strategy.needs_local_model:
-        t = time.perf_counter()
-        if mode == "last_round":
-            missing = [k for k in range(len(data.clients)) if k not in st.last_round]
-            if missing:
-                raise RuntimeError(f"clients {missing} took no part in any round of cycle "
-                                   f"{cycle - 1}: no last_round local model; raise "
-                                   "fl.fraction or fl.rounds")
-            local_states = st.last_round
-        else:  # every client's scratch model, trained concurrently when workers > 1
-            jobs = [(st.labeled[k], (cycle, k)) for k in range(len(data.clients))]
-            # only st.labeled[k] is read from these labels: the ones the oracle revealed
-            trained = engine.train_scratch(jobs, torch.as_tensor(y), cfg.seed)
-            local_states = dict(enumerate(trained))
-        times["local_model"] += time.perf_counter() - t
-    # model "distilled": a local model distilled from the global one, for strategies that
-    # declare its training settings (IFAL, ALGORITHMS.md §4); keyed seeds, so a resumed run
-    # trains the same models
-    distilled: dict[int, State] = {}
-    distill_info: dict[int, dict[str, Any]] = {}
-    distill = getattr(strategy, "distillation", None)
-    if distill is not None:
-        t = time.perf_counter()
-        jobs = [(st.labeled[k], (cycle, k)) for k in range(len(data.clients))]
-        trained_kd = engine.train_distilled(jobs, st.global_state, torch.as_tensor(y), cfg.seed,
-                                            **distill)
-        for k, (state, losses) in enumerate(trained_kd):
-            distilled[k] = state
-            distill_info[k] = {"distill_epochs": len(losses),
-                               "distill_loss": min(losses) if losses else None}
-        times["local_model"] += time.perf_counter() - t
-    client_models = {"local": local_states, "distilled": distilled}
-
-    def state_of(k: int, model: str) -> State:
-        if model == "global":
-            return st.global_state
-        if k not in client_models.get(model, {}):
-            raise RuntimeError(f"{strategy.id} asked for a {model} model it did not declare")
-        return client_models[model][k]
-
-    def make_infer(k: int):
-        def infer(model: str, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            if model == "global":
-                return global_outputs(pool)
-            return engine.predict(state_of(k, model), pool)
-
-        return infer
-
-    def make_weights(k: int):
-        def weights(model: str) -> State:
-            return state_of(k, model)
-
-        return weights
-
     K = len(data.clients)
+    t = time.perf_counter()
+    # only st.labeled[k] is read from these labels: the ones the oracle revealed
+    models, distill_info = client_models(cfg, strategy, engine, cycle, dict(enumerate(st.labeled)),
+                                         torch.as_tensor(y), st.global_state, st.last_round)
+    times["local_model"] += time.perf_counter() - t
+    global_outputs = global_outputs_fn(engine, st.global_state)
     contexts = []
     for k in range(K):
         unl = np.setdiff1d(data.clients[k], st.labeled[k], assume_unique=True)
-        contexts.append(QueryContext(client_id=k, cycle=cycle, labeled=st.labeled[k],
-                                     labeled_y=y[st.labeled[k]], unlabeled=unl,
-                                     num_classes=data.num_classes,
-                                     rng=rng(cfg.seed, "query", cycle, k), infer=make_infer(k),
-                                     weights=make_weights(k), state=dict(distill_info.get(k, {}))))
-    if hasattr(engine.model, "predicted_loss"):  # ll4al: the loss module's predictions
-        for k, ctx in enumerate(contexts):
-            ctx.state["predicted_loss"] = _loss_predictor(engine, make_weights(k))
+        contexts.append(query_context(cfg, strategy, engine, cycle, k, st.labeled[k],
+                                      y[st.labeled[k]], unl, data.num_classes, st.global_state,
+                                      {m: by_client[k] for m, by_client in models.items()
+                                       if k in by_client},
+                                      global_outputs, distill_info.get(k, {})))
     # two-phase strategies: client statistics -> server reduce -> broadcast (DESIGN.md §2)
     stats = [strategy.client_stats(ctx) for ctx in contexts]
     if any(s is not None for s in stats):
@@ -320,17 +258,108 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
     rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} query", K)
     new_all = []
     for k, ctx in enumerate(contexts):
-        strategy._diag = {}
-        picks = strategy.query(ctx, budgets[k])
+        picks, diagnostics = select(strategy, ctx, budgets[k])
         labels = oracle.label(k, picks)
         st.labeled[k] = np.union1d(st.labeled[k], picks)
         record = {"cycle": cycle, "client": k, "strategy": strategy.id,
                   "indices": picks.tolist(), "labels": labels.tolist()}
-        record.update(strategy.diagnostics())
+        record.update(diagnostics)
         st.queries.append(record)
         new_all.append(picks)
         rep.advance()
     return np.concatenate(new_all) if new_all else np.zeros(0, dtype=np.int64)
+
+
+# -- one client's query pieces: the in-process loop above and falkit.flower's ClientApp -------
+def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
+                  labeled: dict[int, np.ndarray], labels: torch.Tensor, global_state: State,
+                  last_round: dict[int, State]
+                  ) -> tuple[dict[str, dict[int, State]], dict[int, dict[str, Any]]]:
+    """The client-side models `strategy` queries with, for the clients `labeled` maps (client
+    -> its labeled train indices; only those entries of `labels` are read): {"local": ...,
+    "distilled": ...} by client, and the distillation diagnostics by client. Trained with
+    keyed seeds, so any subset of clients, resumed or on another machine, gets the same
+    models."""
+    mode = _local_mode(cfg, strategy)
+    ids = list(labeled)
+    local_states: dict[int, State] = {}
+    if strategy.needs_local_model:
+        if mode == "last_round":
+            missing = [k for k in ids if k not in last_round]
+            if missing:
+                raise RuntimeError(f"clients {missing} took no part in any round of cycle "
+                                   f"{cycle - 1}: no last_round local model; raise "
+                                   "fl.fraction or fl.rounds")
+            local_states = {k: last_round[k] for k in ids}
+        else:  # every client's scratch model, trained concurrently when workers > 1
+            jobs = [(labeled[k], (cycle, k)) for k in ids]
+            local_states = dict(zip(ids, engine.train_scratch(jobs, labels, cfg.seed),
+                                    strict=True))
+    # model "distilled": a local model distilled from the global one, for strategies that
+    # declare its training settings (IFAL, ALGORITHMS.md §4); keyed seeds, so a resumed run
+    # trains the same models
+    distilled: dict[int, State] = {}
+    distill_info: dict[int, dict[str, Any]] = {}
+    distill = getattr(strategy, "distillation", None)
+    if distill is not None:
+        jobs = [(labeled[k], (cycle, k)) for k in ids]
+        trained_kd = engine.train_distilled(jobs, global_state, labels, cfg.seed, **distill)
+        for k, (state, losses) in zip(ids, trained_kd, strict=True):
+            distilled[k] = state
+            distill_info[k] = {"distill_epochs": len(losses),
+                               "distill_loss": min(losses) if losses else None}
+    return {"local": local_states, "distilled": distilled}, distill_info
+
+
+def global_outputs_fn(engine: Engine, global_state: State):
+    """pool -> (probs, features) of the global model; the whole train set is inferred once,
+    on first use, in the engine's batches, and then indexed."""
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def global_outputs(pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if not cache:
+            cache.append(engine.predict(global_state))
+        probs, feats = cache[0]
+        idx = torch.as_tensor(pool)
+        return probs[idx], feats[idx]
+
+    return global_outputs
+
+
+def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k: int,
+                  labeled: np.ndarray, labeled_y: np.ndarray, unlabeled: np.ndarray,
+                  num_classes: int, global_state: State, models: dict[str, State],
+                  global_outputs, state: dict[str, Any]) -> QueryContext:
+    """Client k's QueryContext: its pools, the models it may query with ("global" and the
+    client models of `models`), and its keyed query RNG."""
+
+    def state_of(model: str) -> State:
+        if model == "global":
+            return global_state
+        if model not in models:
+            raise RuntimeError(f"{strategy.id} asked for a {model} model it did not declare")
+        return models[model]
+
+    def infer(model: str, pool: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if model == "global":
+            return global_outputs(pool)
+        return engine.predict(state_of(model), pool)
+
+    ctx = QueryContext(client_id=k, cycle=cycle, labeled=labeled, labeled_y=labeled_y,
+                       unlabeled=unlabeled, num_classes=num_classes,
+                       rng=rng(cfg.seed, "query", cycle, k), infer=infer, weights=state_of,
+                       state=dict(state))
+    if hasattr(engine.model, "predicted_loss"):  # ll4al: the loss module's predictions
+        ctx.state["predicted_loss"] = _loss_predictor(engine, state_of)
+    return ctx
+
+
+def select(strategy: Strategy, ctx: QueryContext, budget: int
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The client's query and the strategy's diagnostics of it."""
+    strategy._diag = {}
+    picks = strategy.query(ctx, budget)
+    return picks, dict(strategy.diagnostics())
 
 
 def _loss_predictor(engine: Engine, weights):

@@ -79,6 +79,8 @@ class Strategy:
     description: ClassVar[str] = ""
     uses_selector: ClassVar[bool] = False  # takes @G / @L
     local_model_mode: ClassVar[str | None] = None  # None: the config's local_model.mode
+    # the names of the scalars client_stats sends the server (DESIGN.md §8: audited)
+    server_stats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, at: str | None = None, **options: object):
         """`at` is the @G / @L suffix of the strategy id; `options` its config section."""

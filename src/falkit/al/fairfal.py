@@ -81,6 +81,7 @@ class FairFAL(Strategy):
     name = "fairfal"
     description = "FairFAL: adaptive global/local model, prototype quotas, 2-stage sampling"
     local_model_mode = "scratch"
+    server_stats = ("gamma",)  # γ_k, the only value that leaves a client
 
     def __init__(self, at: str | None = None, *, selector: str = "adaptive",
                  classwise: bool = True, prototypes: str = "global", kappa: float = 4.0,

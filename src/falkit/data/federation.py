@@ -65,19 +65,24 @@ def client_budgets(cfg: Config, data: FederatedData) -> list[int]:
     """Per-client per-cycle budget (ALGORITHMS.md §1): FairFAL's int(round(N,-2)*q/K), or
     KAFAL's proportional ceil(q·|pool_k|). The initial labeled set has the same size.
     Impossible budgets are a ConfigError."""
-    q, k = cfg.budget.fraction, len(data.clients)
+    return budgets_for(cfg, data.num_train, [len(c) for c in data.clients])
+
+
+def budgets_for(cfg: Config, num_train: int, pool_sizes: list[int]) -> list[int]:
+    """`client_budgets` from the sizes alone (falkit.flower's server never sees the pools)."""
+    q, k = cfg.budget.fraction, len(pool_sizes)
     if cfg.budget.rule == "fairfal":
-        total = round(data.num_train, -2) * q
+        total = round(num_train, -2) * q
         budgets = [int(total / k)] * k
     else:
-        budgets = [math.ceil(q * len(c)) for c in data.clients]
+        budgets = [math.ceil(q * n) for n in pool_sizes]
     cycles = cfg.budget.cycles
-    for i, (b, pool) in enumerate(zip(budgets, data.clients, strict=True)):
+    for i, (b, pool) in enumerate(zip(budgets, pool_sizes, strict=True)):
         if b < 1:
-            raise ConfigError(f"budget of client {i} is 0 (N={data.num_train}, "
+            raise ConfigError(f"budget of client {i} is 0 (N={num_train}, "
                               f"q={q:g}, K={k}); raise budget.fraction")
-        if b * cycles > len(pool):
-            raise ConfigError(f"impossible budget: client {i} holds {len(pool)} samples but "
+        if b * cycles > pool:
+            raise ConfigError(f"impossible budget: client {i} holds {pool} samples but "
                               f"{cycles} cycles x {b} labels need {b * cycles}; lower "
                               "budget.fraction or budget.cycles")
     return budgets

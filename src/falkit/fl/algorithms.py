@@ -105,6 +105,31 @@ class FedAvg:
     def reset(self) -> None:
         """A fresh model: forget any server/client state (called at each fresh init)."""
 
+    # Clients on other machines (falkit.flower): what a round carries besides the weights.
+    # Names of the scalars and of the parameter-shaped arrays a client sends the server:
+    uplink_scalars: tuple[str, ...] = ()
+    uplink_arrays: bool = False
+
+    def downlink(self) -> State:
+        """Server: arrays every participant receives with the global weights."""
+        return {}
+
+    def at_client(self, client_id: int, downlink: State, memory: State) -> None:
+        """Client: install the server's `downlink` and this client's own `memory` (what
+        `client_memory` returned last round) before `begin_client`."""
+
+    def uplink(self, client: Client) -> tuple[State, dict[str, float]]:
+        """Client, after `end_client`: the arrays and scalars the server aggregates with."""
+        return {}, {}
+
+    def client_memory(self, client: Client) -> State:
+        """Client, after `end_client`: what it keeps for its next round."""
+        return {}
+
+    def from_uplink(self, client: Client, arrays: State, scalars: dict[str, float]) -> None:
+        """Server: fill `client` (weights, weight, lr already set) from its uplink so that
+        `aggregate` treats it as a client trained in process."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -164,16 +189,36 @@ class Scaffold(FedAvg):
         assert client.state is not None
         ck = client.extras["c_k"]
         scale = 1.0 / max(client.steps * client.lr, 1e-12)
-        client.extras["c_k_new"] = {
-            n: ck[n] - self.c[n] + (global_state[n] - client.state[n]) * scale for n in ck}
+        new = {n: ck[n] - self.c[n] + (global_state[n] - client.state[n]) * scale for n in ck}
+        client.extras["c_k_new"] = new
+        client.extras["dc"] = {n: new[n] - ck[n] for n in ck}  # c_k⁺ − c_k
 
     def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
         for client in clients:  # in client order: deterministic sums
-            new, old = client.extras["c_k_new"], client.extras["c_k"]
+            dc = client.extras["dc"]
             for n in self.c:
-                self.c[n] += (new[n] - old[n]) / num_clients
-            self.c_k[client.id] = new
+                self.c[n] += dc[n] / num_clients
+            if "c_k_new" in client.extras:  # a client elsewhere keeps its own c_k
+                self.c_k[client.id] = client.extras["c_k_new"]
         return weighted_average(clients, global_state)
+
+    uplink_arrays = True  # c_k⁺ − c_k, one array per trainable parameter
+
+    def downlink(self) -> State:
+        return dict(self.c)
+
+    def at_client(self, client_id: int, downlink: State, memory: State) -> None:
+        self.c = dict(downlink)
+        self.c_k = {client_id: dict(memory)} if memory else {}
+
+    def uplink(self, client: Client) -> tuple[State, dict[str, float]]:
+        return client.extras["dc"], {}
+
+    def client_memory(self, client: Client) -> State:
+        return client.extras["c_k_new"]
+
+    def from_uplink(self, client: Client, arrays: State, scalars: dict[str, float]) -> None:
+        client.extras["dc"] = arrays
 
     def reset(self) -> None:
         self.c, self.c_k = {}, {}
@@ -195,9 +240,22 @@ class FedNova(FedAvg):
 
     name = "fednova"
 
+    uplink_scalars = ("a",)  # the client's normaliser a_k
+
     def __init__(self, momentum: float = 0.0, **options: Any):
         super().__init__(**options)
         self.rho = float(momentum)
+        self.params: list[str] = []
+
+    def begin_round(self, global_state: State, param_names: list[str]) -> None:
+        self.params = list(param_names)
+
+    def uplink(self, client: Client) -> tuple[State, dict[str, float]]:
+        return {}, {"a": float(client.extras["a"])}
+
+    def from_uplink(self, client: Client, arrays: State, scalars: dict[str, float]) -> None:
+        client.extras["a"] = float(scalars["a"])
+        client.extras["params"] = self.params
 
     def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
         client.extras["params"] = _param_names(model)

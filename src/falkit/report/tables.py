@@ -183,7 +183,9 @@ def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PC
             for p in cols:
                 vals = [a for a in (r.accuracy_at(p) for r in mruns) if a is not None]
                 row.append(_mean_std_cell(vals, len(mruns)))
-            row.append(_mean_std_cell([r.aulc() for r in mruns if r.complete], len(mruns)))
+            # AULC needs two points: a one-cycle run (FAST's single AL round) has none
+            row.append(_mean_std_cell([r.aulc() for r in mruns
+                                       if r.complete and len(r.metrics) > 1], len(mruns)))
             rows.append(row)
         for col in range(2, 2 + len(cols) + 1):
             _bold_best(rows, col)

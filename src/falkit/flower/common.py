@@ -1,0 +1,155 @@
+"""What the ServerApp and the ClientApps share: the run's config, the record formats, and
+the declaration of every server-bound payload with its audit (DESIGN.md §8).
+
+A client sends the server only
+* `train`: its weights (the global model's keys and shapes), the FL algorithm's declared
+  uplink (SCAFFOLD: c_k⁺ − c_k per parameter; FedNova: the scalar a_k) and its labeled count;
+* `query.stats`: the scalars its strategy declares in `server_stats` (FairFAL: γ_k);
+* `query.info`, `query.select`, `evaluate`: counts (pool size, data shape, labeled count,
+  per-class correct/total on its test data).
+With `simulation-metrics = true` a `diagnostics` record may add what needs the true labels
+(selected indices and labels, strategy diagnostics, class histograms); `audit` rejects
+anything else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from falkit import config as config_mod
+from falkit.al.base import Strategy
+from falkit.config import Config
+from falkit.fl.algorithms import FedAvg, State
+
+TRAIN, EVALUATE = "train", "evaluate"
+INFO, STATS, SELECT = "query.info", "query.stats", "query.select"
+
+INFO_KEYS = ("partition-id", "pool", "num-train", "num-classes", "in-channels", "image-size",
+             "test")
+SELECT_KEYS = ("labeled", "queried")
+EVAL_KEYS = ("correct", "total")
+NUM_EXAMPLES = "num-examples"
+
+
+class PrivacyViolation(RuntimeError):
+    """A client's reply carries something its method does not declare."""
+
+
+@dataclass
+class Options:
+    """The Flower-side settings of a run (the App's run config beside the falkit config)."""
+
+    simulation_metrics: bool = False
+    round_timeout: float = 600.0
+    node_wait: float = 120.0
+    overwrite: bool = False
+
+
+def load_config(run_config: dict[str, Any]) -> tuple[Config, Options]:
+    """The falkit config (`config` file, `preset`, `overrides` = "k=v k=v") and Options."""
+    path = str(run_config.get("config", "") or "") or None
+    preset = str(run_config.get("preset", "") or "") or None
+    overrides = config_mod.parse_overrides(str(run_config.get("overrides", "") or "").split())
+    cfg = config_mod.load(path, preset, overrides)
+    opts = Options(simulation_metrics=bool(run_config.get("simulation-metrics", False)),
+                   round_timeout=float(run_config.get("round-timeout", 600.0)),
+                   node_wait=float(run_config.get("node-wait", 120.0)),
+                   overwrite=bool(run_config.get("overwrite", False)))
+    return cfg, opts
+
+
+# -- records ------------------------------------------------------------------------------
+def state_record(state: State) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
+
+
+def record_state(record: ArrayRecord) -> State:
+    # copy: the arrays decoded from a message are read-only
+    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+
+
+def array_record(**arrays: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.array(v.numpy()) for k, v in record.items()}
+
+
+def json_config(**values: Any) -> ConfigRecord:
+    """A ConfigRecord of JSON texts (nested dicts, None and exact floats survive)."""
+    return ConfigRecord({k: json.dumps(v) for k, v in values.items()})
+
+
+def config_json(record: ConfigRecord, key: str, default: Any = None) -> Any:
+    return json.loads(str(record[key])) if key in record else default
+
+
+# -- declarations and audit ---------------------------------------------------------------
+def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
+             ) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Per message type: record name -> the keys it may hold ("*" for the model's keys)."""
+    stats = tuple(getattr(strategy, "server_stats", ()))
+    train: dict[str, tuple[str, ...]] = {
+        "model": ("*",), "metrics": (NUM_EXAMPLES, *algorithm.uplink_scalars)}
+    if algorithm.uplink_arrays:
+        train["uplink"] = ("*params",)
+    out = {INFO: {"info": INFO_KEYS}, STATS: {"stats": stats},
+           SELECT: {"query": SELECT_KEYS}, TRAIN: train, EVALUATE: {"eval": EVAL_KEYS}}
+    if simulation_metrics:
+        out[INFO]["diagnostics"] = ("class-counts", "classes")
+        out[SELECT]["diagnostics"] = ("record", "queried-classes")
+    return out
+
+
+def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, tuple[str, ...]]],
+          model: State, params: list[str]) -> None:
+    """Raise PrivacyViolation unless `content` holds only declared records and keys, model
+    arrays of the global model's shapes and scalar (or per-class count) metrics."""
+    spec = allowed.get(message_type)
+    if spec is None:
+        raise PrivacyViolation(f"undeclared message type {message_type!r}")
+    for name, record in content.items():
+        if name not in spec:
+            raise PrivacyViolation(f"{message_type}: undeclared record {name!r}")
+        keys = spec[name]
+        if isinstance(record, ArrayRecord):
+            if keys == ("*",):
+                if set(record) != set(model):
+                    raise PrivacyViolation(f"{message_type}: {name} is not the model's arrays")
+                like = model
+            elif keys == ("*params",):
+                if not set(record) <= set(params):
+                    raise PrivacyViolation(f"{message_type}: {name} holds non-parameter arrays")
+                like = model
+            else:
+                raise PrivacyViolation(f"{message_type}: {name} may not carry arrays")
+            for k, arr in record.items():
+                if tuple(arr.shape) != tuple(like[k].shape):
+                    raise PrivacyViolation(f"{message_type}: {name}[{k}] has shape "
+                                           f"{tuple(arr.shape)}, the model's is "
+                                           f"{tuple(like[k].shape)}")
+        elif isinstance(record, MetricRecord):
+            extra = set(record) - set(keys)
+            if extra:
+                raise PrivacyViolation(f"{message_type}: undeclared values {sorted(extra)} in "
+                                       f"{name}")
+            for k, v in record.items():
+                if isinstance(v, list) and k not in EVAL_KEYS:
+                    raise PrivacyViolation(f"{message_type}: {name}[{k}] is a list, not a "
+                                           "scalar")
+        elif isinstance(record, ConfigRecord):
+            if name != "diagnostics":
+                raise PrivacyViolation(f"{message_type}: {name} may not carry config values")
+            extra = set(record) - set(keys)
+            if extra:
+                raise PrivacyViolation(f"{message_type}: undeclared diagnostics "
+                                       f"{sorted(extra)}")
+        else:  # pragma: no cover - RecordDict holds only these three kinds
+            raise PrivacyViolation(f"{message_type}: unknown record type of {name!r}")

@@ -1,0 +1,309 @@
+"""falkit on Flower (DESIGN.md §8): the simulation gives falkit run's numbers, every
+server-bound message is declared, and the deployment engine runs on loopback."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp import ServerApp  # noqa: E402
+
+from falkit import config  # noqa: E402
+from falkit.flower import APP_DIR  # noqa: E402
+from falkit.flower.common import (  # noqa: E402
+    PrivacyViolation,
+    array_record,
+    audit,
+    declared,
+    state_record,
+)
+from falkit.flower.server_app import run_server  # noqa: E402
+from falkit.flower.simulation import simulate  # noqa: E402
+from falkit.loop import run  # noqa: E402
+
+SMALL = {
+    "data.dataset": "digits", "data.rho": "5", "partition.num_clients": "3",
+    "partition.alpha": "1.0", "budget.fraction": "0.05", "budget.cycles": "2",
+    "fl.rounds": "2", "fl.local_epochs": "1", "fl.lr": "0.05", "local_model.epochs": "3",
+    "model.backbone": "resnet8_preact16", "runtime.threads": "1",
+}
+BIN = Path(sys.executable).parent
+
+
+def overrides(out, **extra) -> str:
+    return " ".join(f"{k}={v}" for k, v in {**SMALL, "out_dir": str(out), **extra}.items())
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: v for k, v in r.items() if not k.startswith("time_")}
+                for r in csv.DictReader(f)]
+
+
+def only_dir(parent: Path) -> Path:
+    (d,) = [p for p in parent.iterdir() if p.is_dir()]
+    return d
+
+
+@pytest.mark.slow
+def test_simulation_gives_falkit_runs_queries_and_accuracies(tmp_path):
+    cfg = config.load(None, overrides={**SMALL, "out_dir": str(tmp_path / "inproc"),
+                                       "strategy": "fairfal"})
+    ref = run(cfg).run_dir
+    simulate({"overrides": overrides(tmp_path / "flower", strategy="fairfal"),
+              "simulation-metrics": True}, num_supernodes=3)
+    got = only_dir(tmp_path / "flower")
+    assert got.name == ref.name
+    # the same selected indices, labels and FairFAL diagnostics, byte for byte
+    assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
+    assert (got / "partition.csv").read_bytes() == (ref / "partition.csv").read_bytes()
+    assert metrics(got) == metrics(ref)  # accuracies, per class, labeled, comm bytes
+    assert json.loads((got / "status.json").read_text())["complete"] is True
+
+
+def _inspect(message_type: str, content: RecordDict, model: dict, params: set,
+             scalars: dict[str, set]) -> None:
+    """The test's own check: model arrays (the global model's names and shapes) and the
+    method's declared scalars, nothing else."""
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            assert message_type == "train", (message_type, name)
+            keys = set(record)
+            assert keys == set(model) or (name == "uplink" and keys <= params), name
+            for k, arr in record.items():
+                assert tuple(arr.shape) == tuple(model[k].shape), (name, k)
+        elif isinstance(record, MetricRecord):
+            assert set(record) <= scalars[message_type], (message_type, dict(record))
+            for k, v in record.items():
+                assert not isinstance(v, list) or (message_type, k) in {
+                    ("evaluate", "correct"), ("evaluate", "total")}, (message_type, k)
+        else:
+            raise AssertionError(f"{message_type} carries {type(record).__name__} {name}")
+
+
+@pytest.mark.slow
+def test_every_server_bound_message_is_declared(tmp_path):
+    """FairFAL under SCAFFOLD, without simulation metrics: every reply the server receives
+    holds only model-shaped arrays and the declared scalars (γ_k, counts)."""
+    seen: list[tuple[str, RecordDict]] = []
+
+    class RecordingGrid:
+        def __init__(self, grid):
+            self.grid = grid
+
+        def get_node_ids(self):
+            return self.grid.get_node_ids()
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+            types = {m.metadata.dst_node_id: m.metadata.message_type for m in messages}
+            seen.extend((types[r.metadata.src_node_id], r.content) for r in replies)
+            return replies
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        run_server(RecordingGrid(grid), context)
+
+    extra = {"strategy": "fairfal", "fl.algorithm": "scaffold"}
+    simulate({"overrides": overrides(tmp_path / "flower", **extra)}, num_supernodes=3,
+             server_app=server)
+    ref = run(config.load(None, overrides={**SMALL, **extra,
+                                           "out_dir": str(tmp_path / "inproc")})).run_dir
+    got = only_dir(tmp_path / "flower")
+    assert [r["accuracy"] for r in metrics(got)] == [r["accuracy"] for r in metrics(ref)]
+    assert not (got / "partition.csv").exists()  # class counts need simulation metrics
+    records = [json.loads(x) for x in (got / "queries.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"cycle", "client", "strategy", "count"} for r in records)
+
+    import torch
+
+    state = torch.load(got / "checkpoint" / "latest.pt", weights_only=False)["global_state"]
+    from falkit.models.backbones import create
+
+    params = {n for n, p in create("resnet8_preact16", num_classes=10, in_channels=1,
+                                   image_size=8).named_parameters()}
+    scalars = {"query.info": {"partition-id", "pool", "num-train", "num-classes",
+                              "in-channels", "image-size", "test"},
+               "query.stats": {"gamma"}, "query.select": {"labeled", "queried"},
+               "train": {"num-examples"}, "evaluate": {"correct", "total"}}
+    kinds = {t for t, _ in seen}
+    assert kinds == {"query.info", "query.stats", "query.select", "train", "evaluate"}
+    for message_type, content in seen:
+        _inspect(message_type, content, state, params, scalars)
+    assert any("gamma" in c.get("stats", {}) for t, c in seen if t == "query.stats")
+
+
+def test_audit_rejects_undeclared_payloads():
+    import torch
+
+    from falkit.al.base import create as create_strategy
+    from falkit.fl.algorithms import create as create_algorithm
+
+    model = {"w": torch.zeros(2, 3), "n": torch.zeros((), dtype=torch.int64)}
+    allowed = declared(create_strategy("fairfal"), create_algorithm("fedavg"), False)
+    ok = RecordDict({"model": state_record(model), "metrics": MetricRecord({"num-examples": 3})})
+    audit("train", ok, allowed, model, ["w"])
+    bad = [
+        ("train", RecordDict({"model": state_record(model),
+                              "metrics": MetricRecord({"num-examples": 3, "loss": 0.1})})),
+        ("train", RecordDict({"model": array_record(w=torch.zeros(2, 4).numpy(),
+                                                    n=torch.zeros(()).numpy())})),
+        ("train", RecordDict({"model": state_record({"w": model["w"]})})),
+        ("query.stats", RecordDict({"stats": MetricRecord({"gamma": 0.5, "d": 0.1})})),
+        ("query.select", RecordDict({"query": MetricRecord({"labeled": 3}),
+                                     "diagnostics": ConfigRecord({"record": "{}"})})),
+        ("query.select", RecordDict({"query": MetricRecord({"labeled": [1, 2]})})),
+        ("query.info", RecordDict({"labels": array_record(y=torch.zeros(5).numpy())})),
+    ]
+    for message_type, content in bad:
+        with pytest.raises(PrivacyViolation):
+            audit(message_type, content, allowed, model, ["w"])
+
+
+# -- the deployment engine on loopback ----------------------------------------------------
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Loopback:
+    """A SuperLink and three SuperNodes on 127.0.0.1, each in its own process group, every
+    one of them stopped by its PID at the end."""
+
+    def __init__(self, tmp: Path, nodes: int = 3):
+        self.tmp, self.procs, self.logs = tmp, {}, {}
+        self.link_port, *self.node_ports = _free_ports(1 + nodes)
+        self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr"), "OMP_NUM_THREADS": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        (tmp / "flwr").mkdir()
+        (tmp / "flwr" / "config.toml").write_text(
+            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+        self.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host",
+                                 "127.0.0.1", "--port", str(self.link_port),
+                                 "--disable-runtime-dependency-installation",
+                                 "--database", str(tmp / "state.db")])
+        deadline = time.monotonic() + 60
+        while True:  # the SuperLink's API is up before the SuperNodes and the job connect
+            try:
+                socket.create_connection(("127.0.0.1", self.link_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for i, port in enumerate(self.node_ports):
+            self.start(f"node{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                    f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
+                                    "--port", str(port), "--node-config",
+                                    f"partition-id={i} num-partitions={nodes}"])
+
+    def start(self, name: str, cmd: list[str]) -> None:
+        log = (self.tmp / f"{name}.log").open("w")
+        self.logs[name] = log
+        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, name: str) -> None:
+        """SIGTERM, then SIGKILL, to the process group of the process we started (its
+        SuperExec and ClientApp children included)."""
+        proc = self.procs.pop(name)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.logs.pop(name).close()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+    def flwr_run(self, run_config: str) -> subprocess.Popen:
+        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), "loopback", "--run-config", run_config]
+        return subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def loopback(tmp_path):
+    lb = Loopback(tmp_path)
+    try:
+        yield lb
+    finally:
+        lb.close()
+
+
+def _wait_status(out: Path, done, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dirs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+        if dirs and (dirs[0] / "status.json").is_file():
+            status = json.loads((dirs[0] / "status.json").read_text())
+            if done(status):
+                return status
+        time.sleep(1.0)
+    raise AssertionError(f"no run status satisfying the test in {timeout:g} s under {out}")
+
+
+def _run_config(out: Path, timeout: float = 120.0, **extra) -> str:
+    return (f'overrides="{overrides(out, strategy="fairfal", **extra)}" '
+            f"simulation-metrics=true round-timeout={timeout}")
+
+
+@pytest.mark.slow
+def test_deployment_engine_on_loopback_runs_fairfal(tmp_path, loopback):
+    out = tmp_path / "runs"
+    job = loopback.flwr_run(_run_config(out))
+    text, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, text
+    status = _wait_status(out, lambda s: s.get("complete") or "error" in s, 600)
+    assert status["complete"] is True, status
+    got = only_dir(out)
+    ref = run(config.load(None, overrides={**SMALL, "strategy": "fairfal",
+                                           "out_dir": str(tmp_path / "inproc")})).run_dir
+    assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
+    assert metrics(got) == metrics(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["continue", "stop"])
+def test_killed_supernode(tmp_path, loopback, policy):
+    out = tmp_path / "runs"
+    job = loopback.flwr_run(_run_config(out, timeout=45.0, **{
+        "budget.cycles": "3", "fl.on_client_failure": policy}))
+    job.communicate(timeout=120)
+    _wait_status(out, lambda s: s.get("cycles_done", 0) >= 1, 600)
+    loopback.stop("node2")
+    status = _wait_status(out, lambda s: s.get("complete") or "error" in s, 600)
+    rows = metrics(only_dir(out))
+    if policy == "continue":
+        assert status["complete"] is True, status
+        assert [int(r["cycle"]) for r in rows] == [0, 1, 2]
+    else:
+        assert "client 2" in status["error"] and "fl.on_client_failure" in status["error"]
+        assert status["cycles_done"] == len(rows) >= 1
+        assert [int(r["cycle"]) for r in rows] == list(range(len(rows)))
