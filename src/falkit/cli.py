@@ -436,6 +436,7 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: An
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.formatwarning = _one_line_warning
+    warnings.simplefilter("once", UserWarning)  # a command may load the same runs twice
     parser = build_parser()
     # options may come after key=value overrides: collect the stray positionals
     args, extra = parser.parse_known_args(argv)
