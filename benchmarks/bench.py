@@ -312,7 +312,8 @@ def _query_one(strategy_id: str, n: int) -> dict:
     picks = strategy.query(ctx, max(1, n // 100))
     sec = time.perf_counter() - t
     assert len(set(picks.tolist())) == max(1, n // 100)
-    return {"seconds": sec, "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base}
+    return {"seconds": sec, "peak_rss_mib": peak_rss_mib(), "base_rss_mib": base,
+            "threads": torch.get_num_threads()}
 
 
 def bench_query(timeout: float) -> dict:
@@ -435,9 +436,13 @@ def write_results(res: dict, path: Path, command: str) -> None:
         targets.append(("bf16 FL training speed-up", ">= 1.8x", f"{e['bf16_speedup']:.2f}x",
                         e["bf16_speedup"] >= 1.8))
     if "query" in res:
+        threads = sorted({r.get("threads") for by_n in res["query"].values()
+                          for r in by_n.values() if r.get("threads")})
         L += ["## 3. Query scaling (synthetic outputs, one client, budget 1 % of the pool)", "",
-              "Seconds and peak RSS (MiB, whole process) per strategy; growth = time at "
-              "100k / time at 10k (10x the pool and 10x the budget).", "",
+              "Seconds and peak RSS (MiB, whole process) per strategy, each in its own process "
+              f"with {'/'.join(map(str, threads)) or '?'} torch thread(s); growth = time at "
+              "100k / time at 10k (10x the pool and 10x the budget, so selection by k-center "
+              "or k-means, O(pool x budget), grows ~100x).", "",
               "| strategy | " + " | ".join(f"{n // 1000}k s" for n in QUERY_SIZES)
               + " | 100k RSS | growth |", "|---|" + "---:|" * (len(QUERY_SIZES) + 2)]
         for sid, by_n in res["query"].items():
