@@ -57,3 +57,13 @@ def test_kmeanspp_fills_uniformly_when_all_distances_vanish():
     x = torch.ones(6, 3)
     picks = kmeanspp_seeding(x, 4, np.random.default_rng(1))
     assert picks[0] == 0 and len(set(picks.tolist())) == 4
+
+
+def test_sq_dists_blocks_rows_and_centers_without_changing_the_answer():
+    from falkit.al.primitives import _sq_dists
+
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(50, 3, generator=g), torch.randn(7, 3, generator=g)
+    exact = ((x[:, None, :].double() - c[None].double()) ** 2).sum(2).min(1).values
+    assert torch.allclose(_sq_dists(x, c), exact)
+    assert torch.allclose(_sq_dists(x, c, chunk=3, max_block=12), exact)  # 4-row blocks

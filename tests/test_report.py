@@ -259,3 +259,21 @@ def test_write_report(root, tmp_path):
     first = next(r for r in rows if r["method"] == "fairfal" and r["seed"] == "2"
                  and r["cycle"] == "0" and "0.1" in r["setting"])
     assert float(first["accuracy_pct"]) == pytest.approx(55.0)
+
+
+def test_strategy_options_name_the_method_not_the_setting(tmp_path):
+    """An ablation (fairfal.selector=global) or variant (kafal.kcfu) is a row of its own in
+    the setting's table; another strategy's options never split settings."""
+    from falkit import config
+    from falkit.report import Run
+
+    def run_of(**over):
+        return Run(tmp_path, config.load(None, preset="quick", overrides=over), [], [], None,
+                   None, True)
+
+    plain, ablated = run_of(strategy="fairfal"), run_of(strategy="fairfal",
+                                                        **{"fairfal.selector": "global"})
+    kcfu, ifal = run_of(strategy="kafal", **{"kafal.kcfu": "true"}), run_of(strategy="ifal")
+    assert plain.method == "fairfal" and ablated.method == "fairfal[selector=global]"
+    assert kcfu.method == "kafal[kcfu=True]" and ifal.method == "ifal[kd_epochs=20]"
+    assert len({r.setting_key() for r in (plain, ablated, kcfu, ifal, run_of())}) == 1

@@ -36,16 +36,22 @@ def grad_embeddings(features: torch.Tensor, probs: torch.Tensor,
     return (coef.unsqueeze(2) * features.unsqueeze(1)).reshape(len(features), -1)
 
 
-def _sq_dists(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """min over centers of squared Euclidean distance, for every row of x (chunked)."""
+def _sq_dists(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096,
+              max_block: int = 1 << 25) -> torch.Tensor:
+    """min over centers of squared Euclidean distance, for every row of x, in blocks of at
+    most `chunk` centers and `max_block` distances (256 MiB of float64): a 100k pool with 5k
+    labeled centers needed 3.7 GB in one block. Pools of up to max_block // chunk = 8192
+    rows are one row block, as before."""
     out = torch.full((len(x),), float("inf"), dtype=torch.float64)
     if len(centers) == 0:
         return out
     x64 = x.to(torch.float64)
+    rows = max(1, max_block // chunk)
     for b in range(0, len(centers), chunk):
         c = centers[b:b + chunk].to(torch.float64)
-        d = torch.cdist(x64, c).pow_(2).min(1).values
-        out = torch.minimum(out, d)
+        for r in range(0, len(x64), rows):
+            d = torch.cdist(x64[r:r + rows], c).pow_(2).min(1).values
+            out[r:r + rows] = torch.minimum(out[r:r + rows], d)
     return out
 
 

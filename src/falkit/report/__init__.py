@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from falkit import stats
-from falkit.config import Config, loads
+from falkit.config import STRATEGY_SECTIONS, Config, loads
 from falkit.errors import FalkitError
 from falkit.results import read_metrics, read_status
 
@@ -82,7 +82,17 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.config.strategy
+        """The strategy, plus its own option section's non-default values (an ablation or
+        variant is a method of its own: `fairfal[selector=global]`, `kafal[kcfu=True]`)."""
+        name = self.config.strategy.partition("@")[0]
+        section = getattr(self.config, name, None) if name in STRATEGY_SECTIONS else None
+        if section is None:
+            return self.config.strategy
+        default = type(section)()
+        changed = [f"{f.name}={_fmt(getattr(section, f.name))}"
+                   for f in dataclasses.fields(section)
+                   if getattr(section, f.name) != getattr(default, f.name)]
+        return self.config.strategy + (f"[{','.join(changed)}]" if changed else "")
 
     @property
     def seed(self) -> int:
@@ -94,7 +104,9 @@ class Run:
 
     def setting_key(self) -> tuple[tuple[str, str], ...]:
         flat = _flatten(dataclasses.asdict(self.config))
-        return tuple(sorted((k, _fmt(v)) for k, v in flat.items() if k not in _NOT_SETTING))
+        # a strategy's own options belong to the method (see `method`), not the setting
+        return tuple(sorted((k, _fmt(v)) for k, v in flat.items() if k not in _NOT_SETTING
+                            and k.split(".", 1)[0] not in STRATEGY_SECTIONS))
 
     def curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(labeled %, accuracy %) per cycle."""
