@@ -38,6 +38,13 @@ def method_colors(methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return {m: tuple(cmap(i % cmap.N)) for i, m in enumerate(methods)}
 
 
+def _line(methods: Sequence[str], m: str) -> dict[str, str]:
+    """Solid lines with round markers for the first 20 methods (one tab20 colour each),
+    dashed with squares after that, so that no two methods look the same."""
+    return {"ls": "-", "marker": "o"} if list(methods).index(m) < 20 else {"ls": "--",
+                                                                          "marker": "s"}
+
+
 def _by_cycle(runs: Sequence[Run], values: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
     """Per cycle index: mean labeled %, mean and std (ddof=0) of ``values`` over the runs."""
     length = max(len(v) for v in values)
@@ -61,7 +68,8 @@ def accuracy_figure(runs: Sequence[Run], title: str,
     for m in methods:
         mruns = [r for r in runs if r.method == m]
         x, mean, std = _by_cycle(mruns, [r.curve()[1] for r in mruns])
-        ax.plot(x, mean, marker="o", ms=4, lw=1.8, color=colors[m], label=f"{m} (n={len(mruns)})")
+        ax.plot(x, mean, ms=4, lw=1.8, color=colors[m], label=f"{m} (n={len(mruns)})",
+                **_line(methods, m))
         ax.fill_between(x, mean - std, mean + std, color=colors[m], alpha=0.18, lw=0)
     ax.set_xlabel("labeled samples (% of the training set)")
     ax.set_ylabel("test accuracy (%)")
@@ -98,8 +106,8 @@ def query_balance_figure(runs: Sequence[Run], title: str,
         for gi, ax in enumerate(axes):
             cols = [np.concatenate([np.full(first, np.nan), s[:, gi]]) for s in shares]
             x, mean, _ = _by_cycle(mruns, cols)
-            ax.plot(x[first:], mean[first:], marker="o", ms=4, lw=1.8, color=colors[m],
-                    label=f"{m} (n={len(mruns)})")
+            ax.plot(x[first:], mean[first:], ms=4, lw=1.8, color=colors[m],
+                    label=f"{m} (n={len(mruns)})", **_line(methods, m))
     example = stats.class_groups(runs[0].class_counts)
     for gi, (ax, g) in enumerate(zip(axes, stats.GROUPS, strict=True)):
         ax.axhline(ref[gi], color="0.35", ls="--", lw=1.2,
