@@ -310,23 +310,32 @@ class HFEncoder(Encoder):
         return out.last_hidden_state.mean(1)
 
 
-class OpenClipEncoder(Encoder):
-    """open_clip `<arch>` with the weights in `<checkpoint file>`; its eval transform."""
+class _PilCheckpointEncoder(Encoder):
+    """An encoder from a library (`kind`: open_clip, timm) that builds `<name>` with the
+    weights in `<checkpoint file>` and a PIL eval transform; subclasses implement `_build`
+    (-> model, transform) and `_forward`."""
 
-    def __init__(self, arch: str, checkpoint: str):
-        self.spec = f"open_clip:{arch}:{checkpoint}"
-        self.arch = arch
+    kind = ""
+
+    def __init__(self, name: str, checkpoint: str):
+        self.spec = f"{self.kind}:{name}:{checkpoint}"
+        self.name = name
         self.file = _checkpoint_file(self.spec, checkpoint)
-        self.open_clip = _require("open_clip", self.spec)
+        self.lib = _require(self.kind, self.spec)
         self._model = self._transform = None
 
     def identity(self) -> dict[str, Any]:
-        return {"spec": "open_clip", "arch": self.arch, "weights": _file_identity(self.file)}
+        return {"spec": self.kind, "name": self.name, "weights": _file_identity(self.file)}
+
+    def _build(self) -> tuple[Any, Callable[[Any], torch.Tensor]]:
+        raise NotImplementedError
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _load(self) -> None:
         if self._model is None:
-            model, _, transform = self.open_clip.create_model_and_transforms(
-                self.arch, pretrained=str(self.file))
+            model, transform = self._build()
             self._model, self._transform = model.eval(), transform
 
     def preprocessing(self) -> dict[str, Any]:
@@ -336,39 +345,37 @@ class OpenClipEncoder(Encoder):
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         self._load()
         assert self._model is not None and self._transform is not None
-        return self._model.encode_image(_pil_batch(x, self._transform))
+        return self._forward(_pil_batch(x, self._transform))
 
 
-class TimmEncoder(Encoder):
+class OpenClipEncoder(_PilCheckpointEncoder):
+    """open_clip `<arch>` with the weights in `<checkpoint file>`; its eval transform."""
+
+    kind = "open_clip"
+
+    def _build(self) -> tuple[Any, Callable[[Any], torch.Tensor]]:
+        model, _, transform = self.lib.create_model_and_transforms(
+            self.name, pretrained=str(self.file))
+        return model, transform
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._model.encode_image(pixels)
+
+
+class TimmEncoder(_PilCheckpointEncoder):
     """timm `<name>` (classifier removed, `num_classes=0`) with `<checkpoint file>` and the
     eval transform timm resolves for that model."""
 
-    def __init__(self, name: str, checkpoint: str):
-        self.spec = f"timm:{name}:{checkpoint}"
-        self.name = name
-        self.file = _checkpoint_file(self.spec, checkpoint)
-        self.timm = _require("timm", self.spec)
-        self._model = self._transform = None
+    kind = "timm"
 
-    def identity(self) -> dict[str, Any]:
-        return {"spec": "timm", "name": self.name, "weights": _file_identity(self.file)}
-
-    def _load(self) -> None:
-        if self._model is None:
-            timm = self.timm
-            model = timm.create_model(self.name, pretrained=False, num_classes=0,
+    def _build(self) -> tuple[Any, Callable[[Any], torch.Tensor]]:
+        model = self.lib.create_model(self.name, pretrained=False, num_classes=0,
                                       checkpoint_path=str(self.file))
-            cfg = timm.data.resolve_data_config({}, model=model)
-            self._model, self._transform = model.eval(), timm.data.create_transform(**cfg)
+        cfg = self.lib.data.resolve_data_config({}, model=model)
+        return model, self.lib.data.create_transform(**cfg)
 
-    def preprocessing(self) -> dict[str, Any]:
-        self._load()
-        return {"transform": repr(self._transform), "input": "PIL RGB, grey x3"}
-
-    def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        self._load()
-        assert self._model is not None and self._transform is not None
-        return self._model(_pil_batch(x, self._transform))
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._model(pixels)
 
 
 def _pil_batch(x: torch.Tensor, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
