@@ -208,16 +208,25 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
 
-    labeled = sum(len(lab) for lab in st.labeled)
+    return metrics_row(cfg, cycle, sum(len(lab) for lab in st.labeled), data.num_train, acc,
+                       per_class, queried, comm, times)
+
+
+def metrics_row(cfg: Config, cycle: int, labeled: int, num_train: int, acc: float,
+                per_class: np.ndarray, queried: np.ndarray | None, comm: int,
+                times: dict[str, float]) -> dict[str, Any]:
+    """One metrics.csv row (in process and on Flower); `queried` None leaves out the
+    queried-class columns (they need true labels)."""
     row: dict[str, Any] = {
         "cycle": cycle,
         "target_pct": round(100 * cfg.budget.fraction * (cycle + 1), 6),
         "labeled": labeled,
-        "labeled_pct": round(100 * labeled / data.num_train, 4),
+        "labeled_pct": round(100 * labeled / num_train, 4),
         "accuracy": round(acc, 6),
     }
     row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(per_class)})
-    row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
+    if queried is not None:
+        row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
     row["comm_bytes"] = comm
     row["comm_mib"] = round(comm / 2**20, 4)
     row.update({f"time_{k}": round(v, 3) for k, v in times.items()})

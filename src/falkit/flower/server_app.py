@@ -50,7 +50,7 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
-from falkit.loop import _local_mode, _State, _write_results, run_dir_of
+from falkit.loop import _local_mode, _State, _write_results, metrics_row, run_dir_of
 from falkit.results import is_complete, save_torch, write_atomic
 from falkit.seeding import rng
 
@@ -277,22 +277,10 @@ class FlowerServer:
         if cfg.runtime.eval_every:
             st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
 
-        labeled = sum(self.labeled.values())
-        row: dict[str, Any] = {
-            "cycle": cycle,
-            "target_pct": round(100 * cfg.budget.fraction * (cycle + 1), 6),
-            "labeled": labeled,
-            "labeled_pct": round(100 * labeled / self.num_train, 4),
-            "accuracy": round(acc, 6),
-        }
-        row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(per_class)})
-        if queried is not None:  # needs the true labels: simulation metrics only
-            row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
-        row["comm_bytes"] = comm
-        row["comm_mib"] = round(comm / 2**20, 4)
-        row.update({f"time_{k}": round(v, 3) for k, v in times.items()})
         assert len(per_class) == C
-        return row
+        # queried-class columns need the true labels: simulation metrics only
+        return metrics_row(cfg, cycle, sum(self.labeled.values()), self.num_train, acc,
+                           per_class, queried, comm, times)
 
     def _query_phase(self, cycle: int) -> np.ndarray | None:
         """Cycle 0: the initial random labels; later, the strategy's two phases. Returns the
