@@ -59,6 +59,35 @@ def test_kmeanspp_fills_uniformly_when_all_distances_vanish():
     assert picks[0] == 0 and len(set(picks.tolist())) == 4
 
 
+def test_rank_one_rows_give_the_distances_and_picks_of_the_built_embeddings():
+    from falkit.al.primitives import RankOneRows, grad_embedding_factors, grad_embeddings
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.relu(torch.randn(400, 16, generator=g))
+    probs = torch.softmax(3 * torch.randn(400, 5, generator=g), 1)
+    full = grad_embeddings(feats, probs).double()
+    rows = RankOneRows(*grad_embedding_factors(feats, probs))
+    assert torch.allclose(rows.sq_norms, full.pow(2).sum(1))
+    assert torch.allclose(rows.sq_dists_to(7), (full - full[7]).pow(2).sum(1), atol=1e-9)
+    assert rows.sq_dists_to(7)[7] == 0.0  # exactly, not a rounding residue
+    for seed in range(5):
+        a = kmeanspp_seeding(full, 40, np.random.default_rng(seed))
+        b = kmeanspp_seeding(rows, 40, np.random.default_rng(seed))
+        assert a.tolist() == b.tolist()
+
+
+def test_rank_one_rows_treat_coinciding_rows_as_distance_zero():
+    from falkit.al.primitives import RankOneRows
+
+    a = torch.tensor([[0.3, -0.7], [0.3, -0.7], [0.3, -0.7]]).repeat(2, 1)
+    b = torch.tensor([[1.1, 2.3, 0.1]]).repeat(6, 1)
+    # identical rows: after the first pick the rest are drawn uniformly, as with built rows
+    built = (a.unsqueeze(2) * b.unsqueeze(1)).reshape(6, -1)
+    for seed in range(3):
+        assert (kmeanspp_seeding(RankOneRows(a, b), 4, np.random.default_rng(seed)).tolist()
+                == kmeanspp_seeding(built, 4, np.random.default_rng(seed)).tolist())
+
+
 def test_sq_dists_blocks_rows_and_centers_without_changing_the_answer():
     from falkit.al.primitives import _sq_dists
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import kmeanspp_seeding
+from falkit.al.primitives import RankOneRows, grad_embedding_factors, kmeanspp_seeding
 
 
 @register
@@ -15,4 +15,7 @@ class Badge(Strategy):
     uses_selector = True
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        return kmeanspp_seeding(ctx.grad_embeddings(self.query_model), budget, ctx.rng)
+        # the gradient embeddings as their rank-one factors: O(N·(C + D)) per draw, not C·D
+        probs, feats = ctx.outputs(self.query_model, "unlabeled")
+        emb = RankOneRows(*grad_embedding_factors(feats, probs))
+        return kmeanspp_seeding(emb, budget, ctx.rng)

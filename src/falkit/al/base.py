@@ -14,7 +14,6 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from falkit.al.primitives import grad_embeddings
 from falkit.errors import ConfigError
 
 # (model, indices) -> (probs N×C, features N×D) for "global" or "local"
@@ -64,11 +63,6 @@ class QueryContext:
             raise RuntimeError("this QueryContext carries no model weights")
         state = self.weights(model)
         return state["classifier.weight"].float(), state["classifier.bias"].float()
-
-    def grad_embeddings(self, model: str, subset: str = "unlabeled",
-                        hot: torch.Tensor | None = None) -> torch.Tensor:
-        probs, feats = self.outputs(model, subset)
-        return grad_embeddings(feats, probs, hot)
 
 
 class Strategy:
