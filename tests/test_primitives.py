@@ -59,6 +59,20 @@ def test_kmeanspp_fills_uniformly_when_all_distances_vanish():
     assert picks[0] == 0 and len(set(picks.tolist())) == 4
 
 
+def test_row_distances_are_bitwise_the_direct_expression_for_any_block_size():
+    from falkit.al.primitives import RowDistances
+
+    g = torch.Generator().manual_seed(5)
+    # 256-row blocks with a 1-row tail (513) or a ragged one (700); one block (1030 x 64)
+    for n, d in ((1, 3), (513, 37), (700, 37), (1030, 64), (300, 1281)):
+        x = torch.randn(n, d, generator=g)
+        x64 = x.double()
+        for budget in (8, 1 << 20):  # the 256-row minimum, the default 1 MiB
+            rows = RowDistances(x, buffer_bytes=budget)
+            for i in (0, n // 2, n - 1):
+                assert torch.equal(rows.to(i), (x64 - x64[i]).pow(2).sum(1))
+
+
 def test_rank_one_rows_give_the_distances_and_picks_of_the_built_embeddings():
     from falkit.al.primitives import RankOneRows, grad_embedding_factors, grad_embeddings
 
