@@ -1,8 +1,10 @@
 """The way the FairFAL reference code runs a FAL cycle, kept only as a speed baseline.
 
 Same model, same arithmetic as falkit, organised as the reference organises it:
-* a per-sample `torch.utils.data.Dataset` whose `__getitem__` normalises and augments one
-  image, read through a `DataLoader` (batch 64, shuffle, `num_workers=0`) per client;
+* a per-sample `torch.utils.data.Dataset` whose `__getitem__` turns one stored array into a
+  PIL image, flips it (training), converts and normalises it (the reference's torchvision
+  transforms, re-created with PIL), read through a `DataLoader` (batch 64, shuffle,
+  `num_workers=0`) per client;
 * a `copy.deepcopy` of the global model for every client in every round, a fresh optimizer;
 * FedAvg over the clients' state dicts (labeled-count weights);
 * the test set evaluated through a DataLoader after every round;
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,12 +33,15 @@ from falkit.seeding import torch_seed
 
 
 class PerSampleImages(Dataset):
-    """One image per `__getitem__`: uint8 -> float, normalise, random flip (training)."""
+    """One image per `__getitem__`, the reference's torchvision pipeline re-created with PIL
+    (torchvision does not import beside this torch): `Image.fromarray` of the stored uint8
+    array, `RandomHorizontalFlip` (training, `torch.rand(1) < 0.5`), `ToTensor` (÷ 255) and
+    `Normalize` ((x − mean) / std) — the arithmetic of falkit's batched normalisation."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray,
+    def __init__(self, data: np.ndarray, y: torch.Tensor, idx: np.ndarray,
                  mean: tuple[float, ...], std: tuple[float, ...], train: bool, hflip: bool):
-        self.x, self.y, self.idx = x, y, np.asarray(idx)
-        c = x.shape[1]
+        self.data, self.y, self.idx = data, y, np.asarray(idx)
+        c = 1 if data.ndim == 3 else data.shape[3]
         self.mean = torch.tensor(mean).view(c, 1, 1)
         self.std = torch.tensor(std).view(c, 1, 1)
         self.train, self.hflip = train, hflip
@@ -45,10 +51,13 @@ class PerSampleImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = int(self.idx[i])
-        img = (self.x[j].float() / 255.0 - self.mean) / self.std
-        if self.train and self.hflip and torch.rand(1).item() < 0.5:
-            img = img.flip(2)
-        return img, self.y[j]
+        img = Image.fromarray(self.data[j])  # mode L (grey) or RGB
+        if self.train and self.hflip and torch.rand(1) < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr = torch.from_numpy(np.array(img, np.uint8, copy=True))
+        t = (arr.view(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
+             .to(torch.float32).div(255))  # ToTensor
+        return t.sub_(self.mean).div_(self.std), self.y[j]  # Normalize
 
 
 class ReferenceStyle:
@@ -59,13 +68,17 @@ class ReferenceStyle:
                  mean: tuple[float, ...], std: tuple[float, ...], hflip: bool,
                  batch_size: int = 64, lr: float = 0.01, momentum: float = 0.9,
                  weight_decay: float = 1e-5):
-        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        self.y_train, self.y_test = y_train, y_test
+        # stored as the reference stores images: N × H × W (grey) or N × H × W × C uint8
+        self.arrays = {split: (x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1))
+                       .contiguous().numpy() for split, x in (("train", x_train), ("test", x_test))}
         self.mean, self.std, self.hflip = mean, std, hflip
         self.bs, self.lr, self.momentum, self.wd = batch_size, lr, momentum, weight_decay
 
     def _loader(self, idx: np.ndarray, train: bool, batch_size: int, test: bool = False):
-        x, y = (self.x_test, self.y_test) if test else (self.x_train, self.y_train)
-        ds = PerSampleImages(x, y, idx, self.mean, self.std, train, self.hflip)
+        data, y = ((self.arrays["test"], self.y_test) if test
+                   else (self.arrays["train"], self.y_train))
+        ds = PerSampleImages(data, y, idx, self.mean, self.std, train, self.hflip)
         return DataLoader(ds, batch_size=batch_size, shuffle=train, num_workers=0,
                           drop_last=False)
 

@@ -1,0 +1,45 @@
+"""The benchmarks' reference-style loop (benchmarks/reference_style.py) must compute what
+falkit computes, or its speed ratios mean nothing."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from reference_style import PerSampleImages  # noqa: E402
+
+
+def _images(c: int, n: int = 40) -> torch.Tensor:
+    g = torch.Generator().manual_seed(c)
+    return torch.randint(0, 256, (n, c, 6, 5), dtype=torch.uint8, generator=g)
+
+
+def test_pil_pipeline_gives_the_normalised_tensor_of_each_image():
+    for c, mean, std in ((1, (0.286,), (0.353,)), (3, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))):
+        x = _images(c)
+        data = x[:, 0].numpy() if c == 1 else x.permute(0, 2, 3, 1).contiguous().numpy()
+        idx = np.array([3, 0, 17])
+        ds = PerSampleImages(data, torch.arange(len(x)), idx, mean, std, train=False,
+                             hflip=True)
+        m, s = torch.tensor(mean).view(c, 1, 1), torch.tensor(std).view(c, 1, 1)
+        for i, j in enumerate(idx):
+            img, label = ds[i]
+            assert img.shape == (c, 6, 5) and int(label) == j
+            assert torch.equal(img, (x[j].float() / 255.0 - m) / s)
+
+
+def test_training_view_flips_about_half_the_images_left_to_right():
+    x = _images(1, n=400)
+    data = x[:, 0].numpy()
+    plain = PerSampleImages(data, torch.zeros(400), np.arange(400), (0.5,), (0.5,), False, True)
+    aug = PerSampleImages(data, torch.zeros(400), np.arange(400), (0.5,), (0.5,), True, True)
+    torch.manual_seed(0)
+    flipped = same = 0
+    for i in range(400):
+        a, p = aug[i][0], plain[i][0]
+        flipped += torch.equal(a, p.flip(2))
+        same += torch.equal(a, p)
+    assert flipped + same == 400 and 150 < flipped < 250
