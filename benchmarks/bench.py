@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-reps", type=int, default=None,
                     help="repetitions of the (slow) reference-style slice (default: --reps)")
     ap.add_argument("--only", default="slice,identity,engine,query,runs")
-    ap.add_argument("--query-timeout", type=float, default=300.0)
+    ap.add_argument("--query-timeout", type=float, default=120.0)
     ap.add_argument("--query-strategies", default="",
                     help="re-measure only these strategies (comma-separated)")
     ap.add_argument("--json", default=str(HERE / "results.json"))
