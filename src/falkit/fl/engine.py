@@ -291,22 +291,31 @@ class Engine:
         algo.begin_round(global_state, [n for n, p in self.model.named_parameters()
                                         if p.requires_grad])
 
-        def train_client(model: nn.Module, k: int) -> Client:
-            client = Client(id=k, weight=float(len(pools[k])), lr=lr)
-            model.load_state_dict(global_state)
-            algo.begin_client(model, global_state, client)
-            gen = torch_generator(seed, "train", *key, k)
-            client.steps, _ = self.local_sgd(model, pools[k], self.cfg.fl.local_epochs, lr, gen,
-                                             client=client, progress=progress,
-                                             objective=objectives(k) if objectives else None)
-            client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
-            algo.end_client(model, global_state, client)
-            return client
+        def one(model: nn.Module, k: int) -> Client:
+            return self.train_client(model, global_state, k, pools[k], lr,
+                                     torch_generator(seed, "train", *key, k), progress=progress,
+                                     objective=objectives(k) if objectives else None)
 
-        done = self.map(train_client, active)  # results in client order
+        done = self.map(one, active)  # results in client order
         new_state = algo.aggregate(global_state, done, num_clients=self.num_clients)
         kept = {c.id: c.state for c in done if c.state is not None} if keep_states else {}
         return new_state, kept
+
+    def train_client(self, model: nn.Module, global_state: State, k: int, pool: np.ndarray,
+                     lr: float, gen: torch.Generator, *,
+                     progress: tuple[int, int] | None = None,
+                     objective: Objective | None = None) -> Client:
+        """Client k's local update of one round, from the global weights: the FL algorithm's
+        begin/end hooks around `local_sgd` over its labeled `pool`. `fl_round` runs it for
+        every client in process; the Flower ClientApp runs it for its own site."""
+        client = Client(id=k, weight=float(len(pool)), lr=lr)
+        model.load_state_dict(global_state)
+        self.algorithm.begin_client(model, global_state, client)
+        client.steps, _ = self.local_sgd(model, pool, self.cfg.fl.local_epochs, lr, gen,
+                                         client=client, progress=progress, objective=objective)
+        client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
+        self.algorithm.end_client(model, global_state, client)
+        return client
 
     def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                       labels: torch.Tensor, seed: int) -> list[State]:

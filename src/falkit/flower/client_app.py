@@ -21,7 +21,7 @@ from falkit import config as config_mod
 from falkit.al.base import create as create_strategy
 from falkit.data.federation import build
 from falkit.data.sources import ImageDataset, load
-from falkit.fl.algorithms import Client, State
+from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.flower.common import (
     NUM_EXAMPLES,
@@ -210,8 +210,8 @@ def select_(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local update from the global weights with the run's FL algorithm; the same steps
-    as `Engine.fl_round` takes for one client in process."""
+    """One local update from the global weights with the run's FL algorithm:
+    `Engine.train_client`, as `Engine.fl_round` runs it for each client in process."""
     site = Site(context)
     conf = _conf(msg)
     cycle, r, k, lr = conf["cycle"], conf["round"], conf["client"], conf["lr"]
@@ -223,22 +223,16 @@ def train(msg: Message, context: Context) -> Message:
     if meta.get("fl_generation") == conf["generation"] and FL_MEMORY in context.state:
         memory = record_state(context.state[FL_MEMORY])
     algo.at_client(k, record_state(msg.content["downlink"]), memory)
-    model = engine.model
-    client = Client(id=k, weight=float(len(site.labeled)), lr=lr)
-    model.load_state_dict(global_state)
-    algo.begin_client(model, global_state, client)
-    gen = torch_generator(cfg.seed, "train", cycle, r, k)
     progress = tuple(conf["progress"]) if conf.get("progress") else None
     # a strategy's own training objective (kafal.kcfu), built from this site's data only;
     # `site.known` holds just the labels the oracle revealed here
     objectives = (site.strategy.local_objectives(engine, global_state, [site.labeled],
                                                  site.known, [site.pool], r)
                   if hasattr(site.strategy, "local_objectives") else None)
-    client.steps, _ = engine.local_sgd(model, site.labeled, cfg.fl.local_epochs, lr, gen,
-                                       client=client, progress=progress,
-                                       objective=objectives(0) if objectives else None)
-    client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
-    algo.end_client(model, global_state, client)
+    client = engine.train_client(engine.model, global_state, k, site.labeled, lr,
+                                 torch_generator(cfg.seed, "train", cycle, r, k),
+                                 progress=progress,
+                                 objective=objectives(0) if objectives else None)
     arrays, scalars = algo.uplink(client)
     context.state[FL_MEMORY] = state_record(algo.client_memory(client))
     if conf.get("keep_last"):  # the `last_round` local model of this cycle
