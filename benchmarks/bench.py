@@ -608,6 +608,8 @@ def gaps(res: dict) -> list[str]:
         per_sample = s["train"]["falkit"] / (3 * 5 * sum(s["labeled"]))
         round5 = 5 * s["labeled"][0] * per_sample
         ev = s["eval"]["falkit"] / 6
+        q_rest = ((s["query"]["reference"] - s["local_model"]["reference"])
+                  / (s["query"]["falkit"] - s["local_model"]["falkit"]))
         out += [
             f"* **Slice >= 4x, query >= 8x.** Training is compute-bound: falkit's FL round runs "
             f"at {100 * e['ratio']:.1f} % of a bare single-model loop, which itself sustains "
@@ -630,7 +632,15 @@ def gaps(res: dict) -> list[str]:
             f"({193 / s['query']['falkit']:.0f}x). Inference alone is "
             + (f"{res['identity']['time']['batch1'] / res['identity']['time']['batch128']:.1f}x "
                "faster batched than one sample at a time (same picks)."
-               if "identity" in res else "faster batched."),
+               if "identity" in res else "faster batched.")
+            + f" The query step splits into training the clients' `scratch` local models "
+            f"({s['local_model']['falkit']:.1f} s vs {s['local_model']['reference']:.1f} s, "
+            f"{s['local_model']['ratio']:.2f}x: compute-bound training again) and inference "
+            f"plus selection ({s['query']['falkit'] - s['local_model']['falkit']:.1f} s vs "
+            f"{s['query']['reference'] - s['local_model']['reference']:.1f} s, "
+            f"{q_rest:.1f}x); with the local models taking "
+            f"{100 * s['local_model']['falkit'] / s['query']['falkit']:.0f} % of falkit's query "
+            "step, 8x overall would need training itself to run faster.",
         ]
     if e:
         out += [
