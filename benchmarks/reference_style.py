@@ -36,7 +36,8 @@ class PerSampleImages(Dataset):
     """One image per `__getitem__`, the reference's torchvision pipeline re-created with PIL
     (torchvision does not import beside this torch): `Image.fromarray` of the stored uint8
     array, `RandomHorizontalFlip` (training, `torch.rand(1) < 0.5`), `ToTensor` (÷ 255) and
-    `Normalize` ((x − mean) / std) — the arithmetic of falkit's batched normalisation."""
+    `Normalize` ((x − mean) / std): torchvision's arithmetic, equal to falkit's folded
+    multiply-add up to float32 rounding (`tests/test_bench_reference.py`)."""
 
     def __init__(self, data: np.ndarray, y: torch.Tensor, idx: np.ndarray,
                  mean: tuple[float, ...], std: tuple[float, ...], train: bool, hflip: bool):

@@ -11,10 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from reference_style import PerSampleImages  # noqa: E402
 
+from falkit import config as config_mod  # noqa: E402
+from falkit.fl.engine import Engine, ImageTensors  # noqa: E402
+
 
 def _images(c: int, n: int = 40) -> torch.Tensor:
     g = torch.Generator().manual_seed(c)
-    return torch.randint(0, 256, (n, c, 6, 5), dtype=torch.uint8, generator=g)
+    return torch.randint(0, 256, (n, c, 16, 15), dtype=torch.uint8, generator=g)
 
 
 def test_pil_pipeline_gives_the_normalised_tensor_of_each_image():
@@ -25,10 +28,16 @@ def test_pil_pipeline_gives_the_normalised_tensor_of_each_image():
         ds = PerSampleImages(data, torch.arange(len(x)), idx, mean, std, train=False,
                              hflip=True)
         m, s = torch.tensor(mean).view(c, 1, 1), torch.tensor(std).view(c, 1, 1)
+        # what falkit feeds its models for the same images (a folded multiply-add: equal up
+        # to float32 rounding, not bit for bit)
+        engine = Engine(config_mod.Config(), ImageTensors(x, torch.arange(len(x)), mean, std),
+                        ImageTensors(x[:2], torch.arange(2), mean, std), num_classes=40)
+        falkit_view = engine._inputs(x[torch.as_tensor(idx)])
         for i, j in enumerate(idx):
             img, label = ds[i]
-            assert img.shape == (c, 6, 5) and int(label) == j
-            assert torch.equal(img, (x[j].float() / 255.0 - m) / s)
+            assert img.shape == (c, 16, 15) and int(label) == j
+            assert torch.equal(img, (x[j].float() / 255.0 - m) / s)  # torchvision's arithmetic
+            assert torch.allclose(img, falkit_view[i], atol=1e-5)
 
 
 def test_training_view_flips_about_half_the_images_left_to_right():

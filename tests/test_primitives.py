@@ -63,14 +63,20 @@ def test_row_distances_are_bitwise_the_direct_expression_for_any_block_size():
     from falkit.al.primitives import RowDistances
 
     g = torch.Generator().manual_seed(5)
-    # 256-row blocks with a 1-row tail (513) or a ragged one (700); one block (1030 x 64)
-    for n, d in ((1, 3), (513, 37), (700, 37), (1030, 64), (300, 1281)):
-        x = torch.randn(n, d, generator=g)
-        x64 = x.double()
-        for budget in (8, 1 << 20):  # the 256-row minimum, the default 1 MiB
-            rows = RowDistances(x, buffer_bytes=budget)
-            for i in (0, n // 2, n - 1):
-                assert torch.equal(rows.to(i), (x64 - x64[i]).pow(2).sum(1))
+    # 256-row blocks with a 1-row tail (513, 257) or a ragged one (700); one block (1030 x
+    # 64); a 1-row block of 33000 numbers would be summed on two threads in another order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, d in ((1, 3), (513, 37), (700, 37), (1030, 64), (300, 1281), (257, 33000)):
+            x = torch.randn(n, d, generator=g)
+            x64 = x.double()
+            for budget in (8, 1 << 20):  # the 256-row minimum, the default 1 MiB
+                rows = RowDistances(x, buffer_bytes=budget)
+                for i in (0, n // 2, n - 1):
+                    assert torch.equal(rows.to(i), (x64 - x64[i]).pow(2).sum(1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_rank_one_rows_give_the_distances_and_picks_of_the_built_embeddings():
@@ -88,6 +94,22 @@ def test_rank_one_rows_give_the_distances_and_picks_of_the_built_embeddings():
         a = kmeanspp_seeding(full, 40, np.random.default_rng(seed))
         b = kmeanspp_seeding(rows, 40, np.random.default_rng(seed))
         assert a.tolist() == b.tolist()
+
+
+def test_rank_one_rows_zero_duplicates_but_not_near_duplicates():
+    from falkit.al.primitives import RankOneRows
+
+    g = torch.Generator().manual_seed(9)
+    a = torch.softmax(torch.randn(6, 10, generator=g), 1) - torch.eye(10)[:6]
+    b = torch.relu(torch.randn(6, 512, generator=g)) + 0.1
+    a[3], b[3] = a[1], b[1]  # row 3 duplicates row 1
+    b[5] = b[4] * (1 + 1e-3)  # rows 4 and 5: squared distance 1e-6 of their squared norms
+    a[5] = a[4]
+    rows = RankOneRows(a, b)
+    d1, d4 = rows.sq_dists_to(1), rows.sq_dists_to(4)
+    assert d1[1] == 0.0 and d1[3] == 0.0
+    full = (a.double().unsqueeze(2) * b.double().unsqueeze(1)).reshape(6, -1)
+    assert d4[5] > 0.0 and torch.isclose(d4[5], (full[5] - full[4]).pow(2).sum(), rtol=1e-3)
 
 
 def test_rank_one_rows_treat_coinciding_rows_as_distance_zero():

@@ -66,15 +66,18 @@ def _sq_dists(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096,
 
 class RowDistances:
     """‖x_j − x_i‖² of every row j to one row i, computed as (x_j − x_i)², summed per row —
-    bit for bit what `(x - x[i]).pow(2).sum(1)` gives — but through one reused buffer of a
-    few hundred rows: the full N × D temporaries of that expression left the CPU cache (and
-    were page-faulted in afresh) on every pick, 10x slower at 100k rows."""
+    bit for bit what `(x - x[i]).pow(2).sum(1)` gives — but in blocks of rows through one
+    reused buffer (max(256 rows, `buffer_bytes`)): the full N × D temporaries of that
+    expression left the CPU cache (and were page-faulted in afresh) on every pick, 10x
+    slower at 100k rows. No block is a single row unless N = 1: torch sums a single long
+    row (≥ 32768 numbers) on several threads in another order, but always sums each row of
+    a multi-row block on one thread, as it does for the whole matrix."""
 
     def __init__(self, x: torch.Tensor, buffer_bytes: int = 1 << 20):
         self.x = x.to(torch.float64)
         n, d = self.x.shape
         self.rows = max(256, buffer_bytes // (8 * max(d, 1)))
-        self._buf = torch.empty(min(self.rows, n), d, dtype=torch.float64)
+        self._buf = torch.empty(min(self.rows + 1, n), d, dtype=torch.float64)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -82,10 +85,14 @@ class RowDistances:
     def to(self, i: int) -> torch.Tensor:
         x, n, c = self.x, len(self.x), self.x[i]
         out = torch.empty(n, dtype=torch.float64)
-        for r in range(0, n, self.rows):
+        r = 0
+        while r < n:
             m = min(self.rows, n - r)
+            if n - r - m == 1:  # fold a 1-row tail into this block
+                m += 1
             b = torch.sub(x[r:r + m], c, out=self._buf[:m])
             torch.sum(b.pow_(2), 1, out=out[r:r + m])
+            r += m
         return out
 
 
@@ -132,12 +139,18 @@ class RankOneRows:
         return len(self.a)
 
     def sq_dists_to(self, i: int) -> torch.Tensor:
-        """‖x_j − x_i‖² for every j = ‖x_j‖² + ‖x_i‖² − 2⟨a_j, a_i⟩⟨b_j, b_i⟩, clamped at 0;
-        values within the rounding error of the expansion (a few ulps of ‖x_j‖² + ‖x_i‖²)
-        count as 0, so coinciding rows stay at distance 0 as in the direct computation."""
+        """‖x_j − x_i‖² for every j = ‖x_j‖² + ‖x_i‖² − 2⟨a_j, a_i⟩⟨b_j, b_i⟩, clamped at 0.
+        Values below the expansion's rounding bound, 4·(C + D)·eps·(‖x_j‖² + ‖x_i‖²) in
+        float64 (≈ 5e-13 relative at C + D = 522), count as 0, so coinciding rows stay at
+        distance 0 as in the direct computation; rows that far apart are duplicates in
+        float32 features anyway."""
         scale = self.sq_norms + self.sq_norms[i]
         d = scale - 2.0 * (self.a @ self.a[i]) * (self.b @ self.b[i])
-        return d.masked_fill_(d <= 64 * torch.finfo(torch.float64).eps * scale, 0.0)
+        return d.masked_fill_(d <= self._tol * scale, 0.0)
+
+    @property
+    def _tol(self) -> float:
+        return 4 * (self.a.shape[1] + self.b.shape[1]) * torch.finfo(torch.float64).eps
 
 
 def kmeanspp_seeding(x: torch.Tensor | RankOneRows, k: int,
@@ -145,7 +158,9 @@ def kmeanspp_seeding(x: torch.Tensor | RankOneRows, k: int,
     """BADGE's k-means++ seeding: first center = the largest ‖x‖; each next center drawn
     with probability ∝ squared distance to the nearest chosen center; once every remaining
     distance is 0, the rest are drawn uniformly at random (ALGORITHMS.md §4 badge).
-    `x` is a matrix of rows or `RankOneRows` (same picks up to float rounding, far faster)."""
+    `x` is a matrix of rows or `RankOneRows` (far faster; exact float64 products, so picks
+    can differ from those on float32-built rows where a draw lands within rounding of a
+    boundary)."""
     n = len(x)
     k = min(k, n)
     if k <= 0:
