@@ -661,8 +661,10 @@ def gaps(res: dict) -> list[str]:
             "(its own VmHWM). The same run measured 0.6, 0.6, 1.2, 1.4, 1.8 and 2.2 GB on "
             "this machine on 2026-11-24 (VmHWM, /usr/bin/time; the last two side by side "
             "with `runtime.threads = 1`, 2.2 GB with `runtime.tune_allocator = false`, so it "
-            "is not the allocator tuning): the peak "
-            "varies from run to run and its cause is not yet found. Earlier figures (919 MiB) "
+            "is not the allocator tuning): the peak varies from run to run. A run sampled "
+            "every 0.14 s climbed from 0.6 to 1.9 GB during its first query step (global "
+            "outputs, scratch local models) and fell back to 0.65 GB as that step ended; "
+            "what holds that memory is not yet found. Earlier figures (919 MiB) "
             "came from ru_maxrss, which a child inherits from its parent, and are void.",
         ]
     q = res.get("query")
