@@ -663,8 +663,13 @@ def gaps(res: dict) -> list[str]:
             "with `runtime.threads = 1`, 2.2 GB with `runtime.tune_allocator = false`, so it "
             "is not the allocator tuning): the peak varies from run to run. A run sampled "
             "every 0.14 s climbed from 0.6 to 1.9 GB during its first query step (global "
-            "outputs, scratch local models) and fell back to 0.65 GB as that step ended; "
-            "what holds that memory is not yet found. Earlier figures (919 MiB) "
+            "outputs, scratch local models) and fell back to 0.65 GB as that step ended. "
+            "It points at oneDNN's primitive cache: a 2-cycle FairFAL run "
+            "(`benchmarks/memory_probe.py`) peaked at 644, 939, 1178 and 1213 MiB by "
+            "default, at 574, 600 and 628 MiB with `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` (10 % "
+            "slower), and still at 1180 and 1530 MiB with a capacity of 64 or with "
+            "`MALLOC_ARENA_MAX=2`. Set that variable where memory matters more than time. "
+            "Earlier figures (919 MiB) "
             "came from ru_maxrss, which a child inherits from its parent, and are void.",
         ]
     q = res.get("query")
