@@ -667,7 +667,7 @@ def gaps(res: dict) -> list[str]:
             "It points at oneDNN's primitive cache: a 2-cycle FairFAL run "
             "(`benchmarks/memory_probe.py`) peaked at 644, 939, 1178 and 1213 MiB by "
             "default, at 574, 600 and 628 MiB with `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` (10 % "
-            "slower), and still at 1180 and 1530 MiB with a capacity of 64 or with "
+            "slower), at 1180 and 1530 MiB with a capacity of 64 and at 973–1583 MiB with "
             "`MALLOC_ARENA_MAX=2`. Set that variable where memory matters more than time. "
             "Earlier figures (919 MiB) "
             "came from ru_maxrss, which a child inherits from its parent, and are void.",
