@@ -199,6 +199,20 @@ def _trained(pools: list[np.ndarray], bs: int) -> int:
     return sum(len(p) - (1 if len(p) % bs == 1 else 0) for p in pools)
 
 
+def bare_epoch(model, opt, batches: list, n: int) -> float:
+    """Samples/s of one plain training pass of `model` over prepared (x, y) batches."""
+    import torch.nn.functional as F
+
+    model.train()
+    t = time.perf_counter()
+    for xb, yb in batches:
+        loss = F.cross_entropy(model(xb)[0], yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return n / (time.perf_counter() - t)
+
+
 def bench_engine(reps: int) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -222,14 +236,7 @@ def bench_engine(reps: int) -> dict:
                 batches.append((eng._inputs(eng.train_x[bi]), eng.train_y[bi]))
 
     def bare() -> float:
-        model.train()
-        t = time.perf_counter()
-        for xb, yb in batches:
-            loss = F.cross_entropy(model(xb)[0], yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return n / (time.perf_counter() - t)
+        return bare_epoch(model, opt, batches, n)
 
     def engine(e=eng, st=state, i=[0]) -> float:  # noqa: B006
         i[0] += 1
@@ -283,18 +290,9 @@ def techniques(eng, batches: list, n: int, reps: int) -> dict[str, dict[str, flo
     """The issue's other levers, each timed against falkit's choice in the same run:
     channels_last vs contiguous, torch.compile (inductor) vs eager for training, and
     BatchNorm folded into the convolutions (torch.jit.freeze) vs eager for inference."""
-    import torch.nn.functional as F
-
     def train_sps(model, data=batches) -> float:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        model.train()
-        t = time.perf_counter()
-        for xb, yb in data:
-            loss = F.cross_entropy(model(xb)[0], yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return n / (time.perf_counter() - t)
+        return bare_epoch(model, opt, data, n)
 
     def best_of(fn) -> float:
         fn()  # warm-up (and, for torch.compile, compilation)

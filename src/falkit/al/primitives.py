@@ -79,9 +79,6 @@ class RowDistances:
         self.rows = max(256, buffer_bytes // (8 * max(d, 1)))
         self._buf = torch.empty(min(self.rows + 1, n), d, dtype=torch.float64)
 
-    def __len__(self) -> int:
-        return len(self.x)
-
     def to(self, i: int) -> torch.Tensor:
         x, n, c = self.x, len(self.x), self.x[i]
         out = torch.empty(n, dtype=torch.float64)
