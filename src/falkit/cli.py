@@ -119,14 +119,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, e.g. 0,1,2; got "
+                          f"{text!r}") from None
+
+
+def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
+    """Every job of a sweep is checked before the first one starts: its strategy (or FAST
+    encoder) exists, its run directory is free or holds the same run. How many are done."""
+    from falkit.al.base import create as create_strategy
+    from falkit.models import encoders
+    from falkit.rundir import RunDir
+
+    done = 0
+    names: dict[Any, str] = {}
+    for cfg in cfgs:
+        if cfg.strategy == "fast":
+            encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
+        else:
+            create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+        rd = RunDir.of(cfg)
+        if rd.path in names and names[rd.path] != config_mod.dumps(cfg):
+            raise ConfigError(f"two jobs would share the run directory {rd.path}: drop the "
+                              "name= override so that each job gets its own")
+        names[rd.path] = config_mod.dumps(cfg)
+        done += rd.inspect(cfg, overwrite) == "complete"
+    return done
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from falkit.results import csv_text, write_atomic
 
     path, overrides = _split_config_arg(args)
     base = _load_config(path, args.preset, overrides)  # validates the base first
+    out = Path(base.out_dir).expanduser() / config_mod.check_name(args.name or "sweep",
+                                                                  "--name")
     strategies = ([s for s in args.strategies.split(",") if s] if args.strategies
                   else [base.strategy])
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    seeds = _int_list(args.seeds, "--seeds") if args.seeds else [base.seed]
     grid: list[tuple[str, list[str]]] = []
     for g in args.grid or []:
         if "=" not in g:
@@ -143,10 +176,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 extra.update(strategy=strategy, seed=str(seed))
                 jobs.append((config_mod.load(path, args.preset, extra), dict(zip(
                     [k for k, _ in grid], values, strict=True))))
-    from falkit.loop import run_dir_of
-    from falkit.results import is_complete
-
-    done = sum(is_complete(run_dir_of(c)) for c, _ in jobs)
+    done = _check_jobs([c for c, _ in jobs])
     print(f"sweep: {len(jobs)} runs ({done} already complete)", file=sys.stderr)
     long_rows = []
     for i, (cfg, settings) in enumerate(jobs):
@@ -155,9 +185,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for row in result.metrics:
             long_rows.append({"run": cfg.run_name(), "strategy": cfg.strategy, "seed": cfg.seed,
                               **settings, **row})
-    out = Path(base.out_dir) / (args.name or "sweep") / "sweep.csv"
-    write_atomic(out, csv_text(long_rows))
-    print(f"sweep results: {out}")
+    write_atomic(out / "sweep.csv", csv_text(long_rows))
+    print(f"sweep results: {out / 'sweep.csv'}")
     return 0
 
 
@@ -188,9 +217,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_report_out(out: Path) -> None:
+    """A report folder is a directory of its own: not a file, not (inside) a run."""
+    from falkit.rundir import check_out_dir, is_run
+
+    check_out_dir(out, "--out")
+    for p in (out, *out.parents):
+        if is_run(p):
+            raise ConfigError(f"--out {out} is inside the run directory {p}; write the report "
+                              "to a folder of its own")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from falkit.report import write_report
 
+    _check_report_out(Path(args.out))
     html = write_report(args.runs, Path(args.out))
     print(accuracy_text(args.runs))
     print(f"report: {html}")
@@ -289,11 +330,14 @@ def cmd_fast_compare(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_arg(args)
     base = _load_config(path, args.preset, overrides)
+    out = Path(base.out_dir).expanduser() / config_mod.check_name(args.name or "fast_compare",
+                                                                  "--name")
     variants = [v.split(",") if v else [] for v in (args.fast or [""])]
     jobs = [("baseline", _load_config(path, args.preset, [*overrides, f"strategy={s}"]))
             for s in args.baselines.split(",") if s]
     jobs += [("fast", _load_config(path, args.preset, [*overrides, "strategy=fast", *v]))
              for v in variants]
+    _check_jobs([cfg for _, cfg in jobs])
     runs = []
     for i, (kind, cfg) in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {cfg.run_name()}", file=sys.stderr)
@@ -303,7 +347,6 @@ def cmd_fast_compare(args: argparse.Namespace) -> int:
             runs.append(_run_one(cfg, args.quiet).run_dir)
     rows = fast.comparison_rows(runs)
     text = fast.comparison_markdown(rows)
-    out = Path(base.out_dir) / (args.name or "fast_compare")
     from falkit.results import csv_text
 
     write_atomic(out / "comparison.csv", csv_text(rows))
@@ -319,6 +362,10 @@ def cmd_comm(args: argparse.Namespace) -> int:
     from falkit.fl.algorithms import clone_state, state_bytes
     from falkit.models.backbones import create as create_backbone
 
+    for flag, value in (("--clients", args.clients), ("--rounds", args.rounds),
+                        ("--dim", args.dim)):
+        if value is not None and value < 1:
+            raise ConfigError(f"falkit comm {flag} must be >= 1, got {value}")
     ds = sources.load(args.dataset, args.data_root)
     if args.model == "linear":
         if not args.dim:
@@ -448,6 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FalkitError as e:
         print(f"falkit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only file system, permissions: the last good
+        # checkpoint and every finished result are kept (writes are atomic)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"falkit: error: {e.strerror or e}{where} (what was already written is intact: "
+              "run the same command again once this is fixed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("falkit: interrupted; run the same command again to resume after the last "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import re
 import tomllib
 import types
 import typing
@@ -177,7 +179,7 @@ class Config:
             return self.name
         alpha = f"{self.partition.alpha:g}"
         strategy = self.strategy.replace("@", "-")
-        dataset = self.data.dataset.replace(":", "-").replace("/", "-")[-40:]
+        dataset = self.data.dataset.replace(":", "-").replace("/", "-")[-40:].lstrip(".")
         return (f"{dataset}_{self.partition.method}_a{alpha}_{strategy}_s{self.seed}_"
                 f"{self.settings_hash()}")
 
@@ -344,9 +346,13 @@ def load(path: str | Path | None = None, preset: str | None = None,
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            file_values = _flatten(tomllib.loads(p.read_text()))
+            file_values = _flatten(tomllib.loads(p.read_text(encoding="utf-8")))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a TOML config (not UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
     # a preset named in the file is its base (the file's own values win over it); the
     # --preset argument is applied on top of the file, so it can scale any config down
     file_preset = file_values.pop("preset", None)
@@ -363,55 +369,118 @@ def load(path: str | Path | None = None, preset: str | None = None,
     return cfg
 
 
+def check_name(name: str, what: str = "name") -> str:
+    """A run (or output folder) name must be one plain path component: a name is never a
+    way to reach (and, with --overwrite, replace) another directory."""
+    if (not name or name in (".", "..") or name.startswith(".") or "/" in name
+            or "\\" in name or "\0" in name):
+        raise ConfigError(f"{what} must be a single folder name (no '/', not empty, not "
+                          f"starting with '.'), got {name!r}")
+    return name
+
+
+# (key, low, high, low inclusive, high inclusive): every numeric setting's valid range;
+# None = unbounded on that side. Every float must also be finite (no nan, no inf).
+RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
+    ("seed", 0, None, True, True),
+    ("data.rho", 1, None, True, True),
+    ("partition.num_clients", 1, None, True, True),
+    ("partition.alpha", 0, None, False, True),
+    ("partition.min_partition_size", 0, None, True, True),
+    ("partition.classes_per_client", 1, None, True, True),
+    ("budget.fraction", 0, 1, False, False),
+    ("budget.cycles", 1, None, True, True),
+    ("fl.rounds", 1, None, True, True),
+    ("fl.local_epochs", 1, None, True, True),
+    ("fl.batch_size", 2, None, True, True),
+    ("fl.lr", 0, None, False, True),
+    ("fl.momentum", 0, 1, True, False),
+    ("fl.weight_decay", 0, None, True, True),
+    ("fl.lr_decay", 0, 1, False, True),
+    ("fl.lr_decay_at", 0, 1, True, True),
+    ("fl.fraction", 0, 1, False, True),
+    ("fl.mu", 0, None, True, True),
+    ("local_model.lr", 0, None, False, True),
+    ("local_model.epochs", 1, None, True, True),
+    ("local_model.decay_epoch", 0, None, True, True),
+    ("local_model.stop_accuracy", 0, 1, False, True),
+    ("runtime.threads", 0, None, True, True),
+    ("runtime.workers", 1, None, True, True),
+    ("runtime.eval_batch", 1, None, True, True),
+    ("runtime.eval_every", 0, None, True, True),
+    ("fairfal.delta", 0, 1, True, True),
+    ("ifal.top_k", 1, None, True, True),
+    ("ifal.n_init", 1, None, True, True),
+    ("ifal.kd_lr", 0, None, False, True),
+    ("ifal.kd_epochs", 1, None, True, True),
+    ("ifal.kd_patience", 1, None, True, True),
+    ("ifal.kd_temperature", 0, None, False, True),
+    ("ifal.kd_ce_weight", 0, 1, True, True),
+    ("fast.initial", 0, 1, False, False),
+    ("fast.budget", 0, 1, True, False),
+    ("fast.k", 1, None, True, True),
+    ("fast.encode_batch", 1, None, True, True),
+)
+
+
+def _range_text(lo: float | None, hi: float | None, lo_in: bool, hi_in: bool) -> str:
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
 def validate(cfg: Config) -> None:
     """Reject what cannot run, one line each. Budget feasibility needs the data: see loop."""
     flat = _flatten(to_dict(cfg))
     for key, valid in CHOICES.items():
         if flat[key] not in valid:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
-    if cfg.partition.alpha <= 0:
-        raise ConfigError(f"partition.alpha must be > 0, got {cfg.partition.alpha:g}")
-    if cfg.data.rho is not None and cfg.data.rho < 1:
-        raise ConfigError(f"data.rho must be >= 1 (n_max / n_min), got {cfg.data.rho:g}; "
-                          "the reference code's 0.05 is rho = 20")
-    if cfg.partition.num_clients < 1:
-        raise ConfigError("partition.num_clients must be >= 1")
-    if not 0 < cfg.budget.fraction < 1:
-        raise ConfigError(f"budget.fraction must be in (0, 1), got {cfg.budget.fraction:g}")
-    if cfg.budget.cycles < 1:
-        raise ConfigError("budget.cycles must be >= 1")
-    if cfg.fl.rounds < 1 or cfg.fl.local_epochs < 1 or cfg.fl.batch_size < 2:
-        raise ConfigError("fl.rounds and fl.local_epochs must be >= 1, fl.batch_size >= 2")
-    if not 0 < cfg.fl.fraction <= 1:
-        raise ConfigError(f"fl.fraction must be in (0, 1], got {cfg.fl.fraction:g}")
-    if cfg.runtime.workers < 1:
-        raise ConfigError("runtime.workers must be >= 1")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    for key, lo, hi, lo_in, hi_in in RANGES:
+        v = flat[key]
+        if v is None:
+            continue
+        ok = ((lo is None or (v >= lo if lo_in else v > lo))
+              and (hi is None or (v <= hi if hi_in else v < hi)))
+        if not ok:
+            hint = ("; the reference code's 0.05 is rho = 20" if key == "data.rho" else "")
+            raise ConfigError(f"{key} must be {_range_text(lo, hi, lo_in, hi_in)}, got "
+                              f"{v:g}{hint}")
+    if cfg.name:
+        check_name(cfg.name)
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir cannot be empty (the default is runs)")
     if cfg.fairfal.kappa != 0 and cfg.fairfal.kappa < 1:
         # stage 1 keeps floor(kappa * q_c) candidates: fewer than q_c when kappa < 1
         raise ConfigError(f"fairfal.kappa must be 0 (one stage) or >= 1, got "
                           f"{cfg.fairfal.kappa:g}")
-    ifal = cfg.ifal
-    if ifal.top_k < 1 or ifal.n_init < 1 or ifal.kd_epochs < 1 or ifal.kd_patience < 1:
-        raise ConfigError("ifal.top_k, ifal.n_init, ifal.kd_epochs and ifal.kd_patience must "
-                          "be >= 1")
-    if ifal.kd_lr <= 0 or ifal.kd_temperature <= 0:
-        raise ConfigError("ifal.kd_lr and ifal.kd_temperature must be > 0")
-    if not 0 <= ifal.kd_ce_weight <= 1:
-        raise ConfigError(f"ifal.kd_ce_weight must be in [0, 1], got {ifal.kd_ce_weight:g}")
     fast = cfg.fast
-    if not 0 < fast.initial < 1 or not 0 <= fast.budget < 1 or fast.initial + fast.budget > 1:
-        raise ConfigError(f"fast.initial must be in (0, 1) and fast.budget in [0, 1) with a sum "
-                          f"<= 1, got {fast.initial:g} and {fast.budget:g}")
-    if fast.k < 1 or fast.encode_batch < 1:
-        raise ConfigError("fast.k and fast.encode_batch must be >= 1")
-    if cfg.seed < 0:
-        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
-    if cfg.fl.lr <= 0:
-        raise ConfigError("fl.lr must be > 0")
+    if fast.initial + fast.budget > 1:
+        raise ConfigError(f"fast.initial + fast.budget must be <= 1, got {fast.initial:g} + "
+                          f"{fast.budget:g}")
     if cfg.partition.method == "json" and not cfg.partition.file:
         raise ConfigError("partition.method = json needs partition.file = PATH")
-    if cfg.runtime.device not in ("cpu", "cuda") and not cfg.runtime.device.startswith("cuda:"):
-        raise ConfigError(f"runtime.device must be cpu or cuda[:N], got {cfg.runtime.device!r}")
+    _check_device(cfg.runtime.device)
+
+
+def _check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and only a CUDA device this machine has."""
+    if device == "cpu":
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise ConfigError(f"runtime.device must be cpu, cuda or cuda:N, got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device = {device}, but this machine (or this torch "
+                          f"{torch.__version__} build) has no CUDA GPU; use runtime.device=cpu")
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        raise ConfigError(f"runtime.device = {device}, but this machine has {n} CUDA "
+                          f"device(s) (cuda:0..cuda:{n - 1})")
 
 
 def _toml_value(v: Any) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,13 @@ from falkit.data.federation import FederatedData, build
 from falkit.data.partition import write_partition_csv
 from falkit.data.sources import ImageDataset, load
 from falkit.errors import ConfigError
-from falkit.fl.algorithms import state_bytes
+from falkit.fl.algorithms import check_finite, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.loop import Reporter
 from falkit.models import encoders
 from falkit.oracle import SimulatedOracle
-from falkit.results import is_complete, read_metrics, write_atomic, write_csv, write_jsonl
+from falkit.results import read_metrics, write_atomic, write_csv, write_jsonl
+from falkit.rundir import RunDir, data_fingerprint
 from falkit.seeding import rng
 
 UNCERTAINTIES = ("entropy", "norm", "least_confidence", "smallest_margin", "largest_margin",
@@ -190,10 +190,6 @@ class Passes:
     bank_sizes: list[int]
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / cfg.run_name()
-
-
 def two_passes(cfg: Config, data: FederatedData, z: np.ndarray,
                oracle: SimulatedOracle) -> Passes:
     """Both passes of FAST for every client; the oracle reveals (and audits) every human
@@ -276,11 +272,12 @@ def weak_label_report(data: FederatedData, passes: Passes) -> list[dict[str, Any
     return rows
 
 
-def embeddings(cfg: Config, ds: ImageDataset, splits: tuple[str, ...] = ("train",)
-               ) -> tuple[dict[str, np.ndarray], bool]:
+def embeddings(cfg: Config, ds: ImageDataset, splits: tuple[str, ...] = ("train",),
+               enc: encoders.Encoder | None = None) -> tuple[dict[str, np.ndarray], bool]:
     """The encoder's embeddings of the full splits of `ds` (before the long tail, so every
     seed and setting reuses one cache entry); whether all came from the cache."""
-    enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
+    if enc is None:
+        enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
     enc.fit(ds.x_train)  # pca: fitted on the train split; others: nothing
     out, hits = {}, []
     for split in splits:
@@ -300,30 +297,36 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     if cfg.strategy != "fast":
         raise ConfigError(f"FAST runs need strategy = fast, got {cfg.strategy!r}")
     rep = reporter or Reporter()
-    out = run_dir_of(cfg)
-    text = config_mod.dumps(cfg)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if (out / "config.toml").is_file():
-        if (out / "config.toml").read_text() != text:
-            raise ConfigError(f"{out} holds a run with a different config; pass --overwrite "
-                              "or choose another name=")
-        if is_complete(out):
-            return FastResult(out, read_metrics(out), skipped=True)
+    rd = RunDir.of(cfg)
+    out = rd.path
+    if rd.inspect(cfg, overwrite) == "complete":
+        return FastResult(out, read_metrics(out), skipped=True)
     linear = cfg.model.backbone == "linear"  # Table II ① linear probing
     times = {"data": 0.0, "encode": 0.0, "query": 0.0, "local_model": 0.0, "train": 0.0,
              "eval": 0.0}
+    # every encoder error (missing model, file, package; unknown kind) before any write
+    enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
 
     t = time.perf_counter()
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)
     data = build(cfg, ds)
     times["data"] = time.perf_counter() - t
-    write_atomic(out / "config.toml", text)
+    fp = data_fingerprint(data.dataset, cfg.data.dataset)
+    with rd.open(cfg, overwrite, fp, cycles=1) as state:
+        if state == "complete":
+            return FastResult(out, read_metrics(out), skipped=True)
+        row = _run(cfg, rd, rep, ds, data, enc, linear, times)
+    return FastResult(out, [row])
+
+
+def _run(cfg: Config, rd: RunDir, rep: Reporter, ds: ImageDataset, data: FederatedData,
+         enc: encoders.Encoder, linear: bool, times: dict[str, float]) -> dict[str, Any]:
+    out = rd.path
     write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
 
     rep.start(out.name, 1, 0)
     t = time.perf_counter()
-    z, cached = embeddings(cfg, ds, ("train", "test") if linear else ("train",))
+    z, cached = embeddings(cfg, ds, ("train", "test") if linear else ("train",), enc)
     z_train = z["train"][data.source_indices]  # rows of data.dataset (the long-tailed subset)
     times["encode"] = time.perf_counter() - t
 
@@ -403,7 +406,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
                                                   "cycles": 1}) + "\n")
     rep.cycle_done(row)
     rep.finish()
-    return FastResult(out, [row])
+    return row
 
 
 def _engine(cfg: Config, data: FederatedData, z_train: np.ndarray, z_test: np.ndarray | None,
@@ -451,6 +454,7 @@ def _train(cfg: Config, engine: Engine, pools: list[np.ndarray], rep: Reporter,
         else:
             clients = list(range(K))
         state, _ = engine.fl_round(state, clients, pools, lr, cfg.seed, (0, r))
+        check_finite(state, f"FAST training, round {r + 1}")
         active = sum(1 for k in clients if len(pools[k]))
         nbytes = state_bytes(state) * active
         rounds.append({"round": r + 1, "clients": active, "down": nbytes, "up": nbytes})

@@ -7,7 +7,6 @@ because every random draw comes from a stream keyed by (seed, purpose, cycle, cl
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,18 @@ from falkit.config import Config
 from falkit.data.federation import FederatedData, build, client_budgets
 from falkit.data.partition import write_partition_csv
 from falkit.data.sources import ImageDataset
-from falkit.errors import ConfigError
-from falkit.fl.algorithms import State, state_bytes
+from falkit.errors import FalkitError
+from falkit.fl.algorithms import State, check_finite, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.oracle import SimulatedOracle
 from falkit.results import (
-    is_complete,
     read_metrics,
     save_torch,
     write_atomic,
     write_csv,
     write_jsonl,
 )
+from falkit.rundir import RunDir, data_fingerprint, load_checkpoint
 from falkit.seeding import rng
 
 
@@ -67,7 +66,7 @@ class _State:
 
 
 def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / cfg.run_name()
+    return Path(cfg.out_dir).expanduser() / cfg.run_name()
 
 
 def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
@@ -75,19 +74,15 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
         engine_class: type[Engine] = Engine) -> RunResult:
     """Run (or resume, or skip if finished) the experiment `cfg`. `stop_after` ends the call
     after that cycle as if the process had been killed (used by tests); `engine_class` swaps
-    in another way of training (benchmarks/ runs the reference's way through it)."""
+    in another way of training (benchmarks/ runs the reference's way through it).
+
+    Nothing is written before the config, the strategy and the data are validated; an
+    existing run is replaced (`overwrite`) only then (falkit.rundir)."""
     rep = reporter or Reporter()
-    out = run_dir_of(cfg)
-    text = config_mod.dumps(cfg)
-    cfg_path = out / "config.toml"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    if cfg_path.is_file():
-        if cfg_path.read_text() != text:
-            raise ConfigError(f"{out} holds a run with a different config; pass --overwrite "
-                              "or choose another name=")
-        if is_complete(out):
-            return RunResult(out, read_metrics(out), skipped=True)
+    rd = RunDir.of(cfg)
+    out = rd.path
+    if rd.inspect(cfg, overwrite) == "complete":
+        return RunResult(out, read_metrics(out), skipped=True)
 
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     data = build(cfg, dataset)
@@ -102,24 +97,29 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
                     ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
                     data.num_classes, num_clients=len(data.clients), wrap_model=wrap)
     oracle = SimulatedOracle(ds.y_train)
-    write_atomic(cfg_path, text)
-    write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
-
-    st, first = _resume(out, cfg, oracle, strategy, engine)
-    resumed = first if st is not None else None
-    if st is None:
-        st = _initial_labels(cfg, data, budgets, oracle)
-        first = 0
-    rep.start(out.name, cfg.budget.cycles, first)
-    for cycle in range(first, cfg.budget.cycles):
-        row = _cycle(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep)
-        st.metrics.append(row)
-        _checkpoint(out, cycle, cfg, st, strategy, engine)
-        rep.cycle_done(row)
-        if stop_after is not None and cycle >= stop_after and cycle < cfg.budget.cycles - 1:
+    fingerprint = data_fingerprint(ds, cfg.data.dataset)
+    with rd.open(cfg, overwrite, fingerprint) as state:
+        if state == "complete":  # finished by another process meanwhile
+            return RunResult(out, read_metrics(out), skipped=True)
+        write_partition_csv(out / "partition.csv", data.partition_counts(), ds.classes)
+        st, first = _resume(rd, cfg, oracle, strategy, engine)
+        resumed = first if st is not None else None
+        if st is None:
+            st = _initial_labels(cfg, data, budgets, oracle)
+            first = 0
+        rep.start(out.name, cfg.budget.cycles, first)
+        try:
+            for cycle in range(first, cfg.budget.cycles):
+                row = _cycle(cfg, cycle, data, budgets, strategy, engine, oracle, st, rep)
+                st.metrics.append(row)
+                _checkpoint(out, cycle, cfg, st, strategy, engine)
+                rd.commit()
+                rep.cycle_done(row)
+                if (stop_after is not None and cycle >= stop_after
+                        and cycle < cfg.budget.cycles - 1):
+                    break
+        finally:
             rep.finish()
-            return RunResult(out, st.metrics, resumed_from=resumed)
-    rep.finish()
     return RunResult(out, st.metrics, resumed_from=resumed)
 
 
@@ -191,6 +191,7 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
             hook["objectives"] = objectives
         global_state, kept = engine.fl_round(global_state, clients, st.labeled, lr, cfg.seed,
                                              (cycle, r), keep_states=keep_last, **hook)
+        check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
         comm += 2 * state_bytes(global_state) * sum(1 for k in clients if len(st.labeled[k]))
         st.last_round.update(kept)  # with fl.fraction < 1 a client's last update may be earlier
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
@@ -304,6 +305,8 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
             jobs = [(labeled[k], (cycle, k)) for k in ids]
             local_states = dict(zip(ids, engine.train_scratch(jobs, labels, cfg.seed),
                                     strict=True))
+            for k, state in local_states.items():
+                check_finite(state, f"cycle {cycle}'s scratch local model of client {k}")
     # model "distilled": a local model distilled from the global one, for strategies that
     # declare its training settings (IFAL, ALGORITHMS.md §4); keyed seeds, so a resumed run
     # trains the same models
@@ -314,6 +317,7 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
         jobs = [(labeled[k], (cycle, k)) for k in ids]
         trained_kd = engine.train_distilled(jobs, global_state, labels, cfg.seed, **distill)
         for k, (state, losses) in zip(ids, trained_kd, strict=True):
+            check_finite(state, f"cycle {cycle}'s distilled local model of client {k}")
             distilled[k] = state
             distill_info[k] = {"distill_epochs": len(losses),
                                "distill_loss": min(losses) if losses else None}
@@ -401,17 +405,19 @@ def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
                  f'"cycles": {cfg.budget.cycles}}}\n')
 
 
-def _resume(out: Path, cfg: Config, oracle: SimulatedOracle, strategy: Strategy,
+def _resume(rd: RunDir, cfg: Config, oracle: SimulatedOracle, strategy: Strategy,
             engine: Engine) -> tuple[_State | None, int]:
-    path = out / "checkpoint" / "latest.pt"
-    if not path.is_file():
+    ck = load_checkpoint(rd)
+    if ck is None:
         return None, 0
-    ck = torch.load(path, weights_only=False)
+    if ck.get("engine") == "flower":
+        raise FalkitError(f"{rd.path} holds a Flower run; Flower runs do not resume in "
+                          f"process: pass {rd.flag} or choose another name=")
     st = _State(labeled=ck["labeled"], global_state=ck["global_state"],
                 last_round=ck["last_round"], metrics=ck["metrics"], queries=ck["queries"],
                 rounds=ck.get("rounds", []))
     strategy.load_state_dict(ck.get("strategy", {}))
     engine.algorithm.load_state_dict(ck.get("fl_algorithm", {}))
     oracle.restore(np.concatenate(st.labeled))
-    _write_results(out, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
+    _write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

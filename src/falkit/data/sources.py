@@ -31,6 +31,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -324,7 +325,12 @@ def _parse(name: str) -> tuple[str, str]:
 def _user_roots(data_root: str | Path | None) -> list[Path]:
     roots: list[Path] = []
     if data_root is not None and str(data_root) != "":
-        roots.append(Path(data_root).expanduser())
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            what = "is a file" if root.exists() else "does not exist"
+            warnings.warn(f"data.data_root {root} {what}; searching the other data roots",
+                          stacklevel=3)
+        roots.append(root)
     for part in os.environ.get("FALKIT_DATA", "").split(os.pathsep):
         if part.strip():
             roots.append(Path(part.strip()).expanduser())
@@ -506,12 +512,28 @@ def _build(name: str, source: Path | str, x_train: np.ndarray, y_train: np.ndarr
                           f"{x_test.shape[1:]} (C×H×W)")
     if len(x_train) == 0:
         raise FalkitError(f"{src}: the train split is empty")
+    if len(x_test) == 0:
+        raise FalkitError(f"{src}: the test split is empty (accuracy needs test images)")
     top = int(max(y_train.max(initial=-1), y_test.max(initial=-1)))
+    present = np.unique(y_train)
     if classes is None:
+        # C = the labels' own range: a label past a gap is a stray value, not 990 classes
+        missing = np.setdiff1d(np.arange(top + 1), present)
+        if len(missing):
+            stray = next((int(v) for v in np.unique(np.concatenate([y_train, y_test]))
+                          if v > missing[0]), top)
+            raise FalkitError(f"{src}: label {stray} follows a gap (no train sample of label "
+                              f"{int(missing[0])}); labels must be 0..C-1, every one with train "
+                              "samples (give a `classes` array to declare the classes)")
         classes = [str(i) for i in range(top + 1)]
     classes = [str(c) for c in classes]
     if top >= len(classes):
-        raise FalkitError(f"{src}: label {top} out of range for {len(classes)} classes")
+        raise FalkitError(f"{src}: label {top} out of range for {len(classes)} classes "
+                          f"(labels must be 0..{len(classes) - 1})")
+    empty = [classes[c] for c in np.setdiff1d(np.arange(len(classes)), present)]
+    if empty:
+        warnings.warn(f"{src}: no train sample of class {', '.join(empty[:5])}"
+                      f"{' ...' if len(empty) > 5 else ''}", stacklevel=3)
     if mean is None or std is None:
         mean, std = _channel_stats(x_train)
     if len(mean) != x_train.shape[1] or len(std) != x_train.shape[1]:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from falkit.errors import ConfigError
+from falkit.errors import ConfigError, FalkitError
 
 State = dict[str, torch.Tensor]
 
@@ -18,6 +18,20 @@ State = dict[str, torch.Tensor]
 def state_bytes(state: State) -> int:
     """Bytes of every state-dict tensor, buffers included (ALGORITHMS.md §7 communication)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class TrainingDiverged(FalkitError):
+    """Weights became NaN or infinite: the run stops instead of finishing with them."""
+
+
+def check_finite(state: State, where: str) -> None:
+    """Refuse NaN/inf weights (a NaN or infinite loss makes them so) after `where`."""
+    bad = [n for n, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDiverged(f"training diverged in {where}: {len(bad)} of {len(state)} "
+                               f"weight tensors are NaN or infinite (e.g. {bad[0]}); lower "
+                               "fl.lr (or local_model.lr) and run again; the finished cycles "
+                               "are kept")
 
 
 def clone_state(model: nn.Module) -> State:

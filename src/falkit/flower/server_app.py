@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,7 @@ from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import budgets_for
 from falkit.data.partition import write_partition_csv
-from falkit.errors import ConfigError
-from falkit.fl.algorithms import Client, State, state_bytes
+from falkit.fl.algorithms import Client, State, check_finite, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.flower.common import (
     EVALUATE,
@@ -50,8 +48,9 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
-from falkit.loop import _local_mode, _State, _write_results, metrics_row, run_dir_of
-from falkit.results import is_complete, save_torch, write_atomic
+from falkit.loop import _local_mode, _State, _write_results, metrics_row
+from falkit.results import save_torch, write_atomic
+from falkit.rundir import RunDir
 from falkit.seeding import rng
 
 log = logging.getLogger("falkit.flower")
@@ -77,7 +76,8 @@ def run_server(grid: Grid, context: Context) -> Path:
 class FlowerServer:
     def __init__(self, grid: Grid, cfg: Config, opts: Options):
         self.grid, self.cfg, self.opts = grid, cfg, opts
-        self.out = run_dir_of(cfg)
+        self.rundir = RunDir.of(cfg, flag="the run config overwrite=true")
+        self.out = self.rundir.path
         self.strategy: Strategy = create_strategy(cfg.strategy,
                                                   **config_mod.strategy_options(cfg))
         self.nodes: dict[int, int] = {}  # client k -> node id, alive clients only
@@ -136,38 +136,36 @@ class FlowerServer:
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg, out = self.cfg, self.out
-        text = config_mod.dumps(cfg)
-        cfg_path = out / "config.toml"
-        if cfg_path.is_file() and not self.opts.overwrite:
-            if cfg_path.read_text() != text:
-                raise ConfigError(f"{out} holds a run with a different config; set the run "
-                                  "config overwrite=true or choose another name=")
-            if is_complete(out):
-                log.info("%s is complete; nothing to run", out)
-                return out
+        cfg, out, rd = self.cfg, self.out, self.rundir
+        state = rd.inspect(cfg, self.opts.overwrite)
+        if state == "complete":
+            log.info("%s is complete; nothing to run", out)
+            return out
+        if state == "resume":
             raise FlowerRunError(f"{out} holds an unfinished run; Flower runs do not resume "
                                  "(the pools lived in that run's SuperNodes): set the run "
                                  "config overwrite=true or choose another name=")
-        if out.exists():
-            shutil.rmtree(out)
-        self._start(cfg_path, text)
-        try:
-            for cycle in range(cfg.budget.cycles):
-                row = self._cycle(cycle)
-                self.st.metrics.append(row)
-                self._checkpoint(cycle)
-                log.info("cycle %d/%d: accuracy %.4f, %d clients", cycle + 1,
-                         cfg.budget.cycles, row["accuracy"], len(self.nodes))
-        except Exception as e:
-            done = len(self.st.metrics)
-            write_atomic(out / "status.json",
-                         f'{{"complete": false, "cycles_done": {done}, "cycles": '
-                         f'{cfg.budget.cycles}, "error": {json.dumps(str(e))}}}\n')
-            raise
+        self._start()  # validates the federation before anything is written
+        with rd.open(cfg, self.opts.overwrite):
+            self._write_partition()
+            try:
+                for cycle in range(cfg.budget.cycles):
+                    row = self._cycle(cycle)
+                    self.st.metrics.append(row)
+                    self._checkpoint(cycle)
+                    rd.commit()
+                    log.info("cycle %d/%d: accuracy %.4f, %d clients", cycle + 1,
+                             cfg.budget.cycles, row["accuracy"], len(self.nodes))
+            except Exception as e:
+                done = len(self.st.metrics)
+                if done:  # a run that finished no cycle is put back as it was (rundir)
+                    write_atomic(out / "status.json",
+                                 f'{{"complete": false, "cycles_done": {done}, "cycles": '
+                                 f'{cfg.budget.cycles}, "error": {json.dumps(str(e))}}}\n')
+                raise
         return out
 
-    def _start(self, cfg_path: Path, text: str) -> None:
+    def _start(self) -> None:
         cfg = self.cfg
         K = cfg.partition.num_clients
         nodes = self._wait_for_nodes(K)
@@ -201,15 +199,19 @@ class FlowerServer:
         self.params = [n for n, p in self.engine.model.named_parameters() if p.requires_grad]
         self.allowed = declared(self.strategy, self.engine.algorithm,
                                 self.opts.simulation_metrics)
-        write_atomic(cfg_path, text)
+        self._partition = None
         if self.opts.simulation_metrics:
             counts = [config_json(info[k]["diagnostics"], "class-counts") for k in order]
             classes = config_json(info[order[0]]["diagnostics"], "classes") or [
                 str(j) for j in range(C)]
-            write_partition_csv(self.out / "partition.csv", np.array(counts), classes)
+            self._partition = (np.array(counts), classes)
         self.generation = 0
         log.info("%d clients, budgets %s, %d train samples", len(self.nodes), self.budgets,
                  self.num_train)
+
+    def _write_partition(self) -> None:
+        if self._partition is not None:
+            write_partition_csv(self.out / "partition.csv", *self._partition)
 
     def _cycle(self, cycle: int) -> dict[str, Any]:
         cfg, st = self.cfg, self.st
@@ -262,6 +264,7 @@ class FlowerServer:
                 done.append(client)
             if done:
                 global_state = algo.aggregate(global_state, done, num_clients=K)
+                check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
             comm += 2 * state_bytes(global_state) * len(active)
             if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
                 t_eval = time.perf_counter()

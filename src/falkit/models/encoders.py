@@ -389,7 +389,12 @@ class TorchScriptEncoder(Encoder):
     def __init__(self, file: str):
         self.spec = f"torchscript:{file}"
         self.file = _checkpoint_file(self.spec, file)
-        self._model = None
+        try:  # now, so that a wrong file is refused before a run writes anything
+            self._model = torch.jit.load(str(self.file), map_location="cpu").eval()
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ...
+            raise ConfigError(f"encoder {self.spec!r}: {self.file} is not a TorchScript "
+                              f"archive ({type(e).__name__}); save one with "
+                              "torch.jit.script(model).save(path)") from None
 
     def identity(self) -> dict[str, Any]:
         return {"spec": "torchscript", "weights": _file_identity(self.file)}
@@ -398,8 +403,6 @@ class TorchScriptEncoder(Encoder):
         return {"input": "float x/255, N×3×H×W at the dataset's resolution, grey x3"}
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        if self._model is None:
-            self._model = torch.jit.load(str(self.file), map_location="cpu").eval()
         return self._model(_rgb_uint8(x).to(torch.float32) / 255.0)
 
 
