@@ -211,8 +211,10 @@ def test_config_fast_section_is_saved_only_for_fast_runs():
     assert "[fast]" not in config_mod.dumps(config_mod.load(overrides={"strategy": "random"}))
     with pytest.raises(ConfigError, match="fast.scope"):
         _cfg(**{"fast.scope": "per_client"})
-    with pytest.raises(ConfigError, match="fast.initial"):
+    with pytest.raises(ConfigError, match="fast.budget"):
         _cfg(**{"fast.budget": 1.0})
+    with pytest.raises(ConfigError, match="fast.initial"):
+        _cfg(**{"fast.initial": 0.5, "fast.budget": 0.6})
     with pytest.raises(ConfigError, match="strategy = fast"):
         fast.run(config_mod.load(overrides={"strategy": "random"}))
 

@@ -306,7 +306,7 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
             local_states = dict(zip(ids, engine.train_scratch(jobs, labels, cfg.seed),
                                     strict=True))
             for k, state in local_states.items():
-                check_finite(state, f"cycle {cycle}'s scratch local model of client {k}")
+                check_finite(state, f"cycle {cycle + 1}'s scratch local model of client {k}")
     # model "distilled": a local model distilled from the global one, for strategies that
     # declare its training settings (IFAL, ALGORITHMS.md §4); keyed seeds, so a resumed run
     # trains the same models
@@ -317,7 +317,7 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
         jobs = [(labeled[k], (cycle, k)) for k in ids]
         trained_kd = engine.train_distilled(jobs, global_state, labels, cfg.seed, **distill)
         for k, (state, losses) in zip(ids, trained_kd, strict=True):
-            check_finite(state, f"cycle {cycle}'s distilled local model of client {k}")
+            check_finite(state, f"cycle {cycle + 1}'s distilled local model of client {k}")
             distilled[k] = state
             distill_info[k] = {"distill_epochs": len(losses),
                                "distill_loss": min(losses) if losses else None}
