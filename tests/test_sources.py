@@ -311,6 +311,19 @@ def test_imagefolder(tmp_path: Path, mode: str) -> None:
     assert ds.classes == ["ant", "bee", "cow"] and not ds.hflip
 
 
+def test_imagefolder_empty_class_folder_warns_and_empty_test_is_refused(tmp_path: Path) -> None:
+    x = _images(2, H, W)
+    _png(tmp_path / "train" / "a" / "0.png", x[0])
+    _png(tmp_path / "test" / "a" / "1.png", x[1])
+    (tmp_path / "train" / "b").mkdir()  # a class folder without images
+    with pytest.warns(UserWarning, match="no train sample of class b"):
+        ds = load(f"imagefolder:{tmp_path}")
+    assert ds.classes == ["a", "b"]
+    (tmp_path / "test" / "a" / "1.png").unlink()
+    with pytest.raises(FalkitError, match="test split is empty"):
+        load(f"imagefolder:{tmp_path}")
+
+
 def test_imagefolder_mixed_modes_become_rgb(tmp_path: Path) -> None:
     x = _images(2, H, W)
     _png(tmp_path / "train" / "a" / "0.png", x[0])

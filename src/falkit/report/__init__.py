@@ -149,8 +149,11 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if (p / "config.toml").is_file() and (p / "metrics.csv").is_file():
             here = [p]
         else:
+            # hidden folders are falkit's own (a run moved aside by --overwrite), not runs
             here = sorted(c.parent for c in p.rglob("config.toml")
-                          if (c.parent / "metrics.csv").is_file())
+                          if (c.parent / "metrics.csv").is_file()
+                          and not any(part.startswith(".")
+                                      for part in c.parent.relative_to(p).parts))
             if not here:
                 empty.append(p)
         for d in here:
