@@ -65,10 +65,6 @@ class _State:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.out_dir).expanduser() / cfg.run_name()
-
-
 def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
         dataset: ImageDataset | None = None, stop_after: int | None = None,
         engine_class: type[Engine] = Engine) -> RunResult:
