@@ -123,9 +123,31 @@ def test_largest_remainder_known_answer() -> None:
 def test_rebalance_counts_rule() -> None:
     m = np.array([[5, 1], [0, 0], [1, 1]])
     out = rebalance_counts(m, np.array([3, 3, 2]))
-    # Client 0 (surplus 3) gives its most abundant class 0 to client 1 (deficit 3).
+    # Client 0 (surplus 3) gives class 0, the first class it holds, to client 1 (deficit 3).
     assert out.tolist() == [[2, 1], [3, 0], [1, 1]]
     assert np.array_equal(out.sum(axis=0), m.sum(axis=0))
+
+
+def test_rebalance_counts_moves_classes_in_index_order_like_the_reference() -> None:
+    """Worked by hand with the authors' dir_balance repair. Targets 4, 4, 4; client 0 has a
+    surplus of 4, clients 1 and 2 a deficit of 2 each. Class 0: client 0 offers min(2, 4) = 2,
+    client 1 (first receiver) takes both. Class 1: client 0 offers min(5, 2) = 2, client 2
+    takes them. (Moving the donor's most abundant class first would have given
+    [[2, 1, 1], [1, 2, 1], [0, 4, 0]].)"""
+    m = np.array([[2, 5, 1], [1, 0, 1], [0, 2, 0]])
+    out = rebalance_counts(m, np.array([4, 4, 4]))
+    assert out.tolist() == [[0, 3, 1], [3, 0, 1], [0, 4, 0]]
+
+
+def test_rebalance_counts_passes_until_every_target_is_met() -> None:
+    """Two donors, two receivers; the larger offer is taken first. Targets 3 each.
+    Pass 1, class 0: donors 0 (surplus 3) and 1 (surplus 1) offer min(1, 3) = 1 and
+    min(2, 1) = 1; receiver 2 (deficit 2) takes 1 from donor 0 (equal offers: donor order),
+    then 1 from donor 1. Class 1: donor 0 offers min(5, 2) = 2; receiver 3 (deficit 2) takes
+    both."""
+    m = np.array([[1, 5], [2, 2], [1, 0], [0, 1]])
+    out = rebalance_counts(m, np.array([3, 3, 3, 3]))
+    assert out.tolist() == [[0, 3], [1, 2], [3, 0], [0, 3]]
 
 
 def test_dirichlet_balanced_counts_follows_steps_1_to_4() -> None:

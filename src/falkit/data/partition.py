@@ -98,28 +98,43 @@ def largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
 def rebalance_counts(counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Move samples between clients until row sums equal ``targets``; column sums are kept.
 
-    Rule (FairFAL partition step 4), repeated until no client has a deficit:
-    the receiver is the client with the largest deficit, the donor the client with the largest
-    surplus (ties: lower client index); the class moved is the donor's most abundant class
-    (ties: lower class index); ``min(surplus, deficit, donor's count of that class)`` units move.
-    Each move fills a deficit, empties a surplus or empties a donor cell, and donor cells never
-    grow, so the loop ends after at most ``2K + K*C`` moves.
+    The FairFAL authors' repair (partition step 4, their ``dir_balance``), in passes: at the
+    start of a pass, receivers are the clients below target (largest deficit first) and donors
+    those above it (largest surplus first; ties keep client order). Then for each class
+    j = 0..C-1 in index order: every donor that still has surplus offers
+    min(its count of j, its surplus); the receivers still short take, in receiver order, from
+    the donors with the largest offer first, at most min(offered, demanded) units of class j
+    in all. Passes repeat until every client is at its target.
     """
     m = np.array(counts, dtype=np.int64, copy=True)
     q = np.asarray(targets, dtype=np.int64)
     if q.shape != (m.shape[0],) or q.sum() != m.sum():
         raise ValueError("targets must have one entry per client and the same total as counts")
-    for _ in range(2 * m.shape[0] + m.size + 1):
-        diff = m.sum(axis=1) - q
-        if not diff.any():
-            return m
-        i = int(np.argmin(diff))  # largest deficit, lowest index first
-        k = int(np.argmax(diff))  # largest surplus, lowest index first
-        j = int(np.argmax(m[k]))
-        units = int(min(diff[k], -diff[i], m[k, j]))
-        m[k, j] -= units
-        m[i, j] += units
-    raise AssertionError("rebalance_counts did not terminate")  # unreachable, see docstring
+    need = q - m.sum(axis=1)  # > 0: deficit, < 0: surplus
+    while need.any():
+        receivers = sorted(np.flatnonzero(need > 0), key=lambda i: -need[i])
+        donors = sorted(np.flatnonzero(need < 0), key=lambda i: need[i])
+        moved = False
+        for j in range(m.shape[1]):
+            offer = {s: int(min(m[s, j], -need[s])) for s in donors
+                     if m[s, j] > 0 and need[s] < 0}
+            short = [d for d in receivers if need[d] > 0]
+            left = min(sum(offer.values()), int(sum(need[d] for d in short)))
+            for d in short:
+                for s in sorted(offer, key=lambda s: -offer[s]):  # stable: donor order
+                    t = min(offer[s], int(need[d]), left)
+                    if t <= 0:
+                        continue
+                    m[s, j] -= t
+                    m[d, j] += t
+                    offer[s] -= t
+                    need[s] += t
+                    need[d] -= t
+                    left -= t
+                    moved = True
+        if not moved:  # unreachable: total surplus equals total deficit
+            raise AssertionError("rebalance_counts made no progress")
+    return m
 
 
 def dirichlet_balanced_counts(
