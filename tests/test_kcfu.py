@@ -37,11 +37,11 @@ def test_logit_adjusted_ce_by_hand():
     assert logits.grad[:, 1].abs().max() < 1e-6  # an absent class gets no gradient
 
 
-def test_inverse_frequency_weights_mean_one_rare_heaviest():
+def test_inverse_frequency_weights_sum_one_absent_zero():
     w = inverse_frequency_weights(np.array([0, 1, 3]))
-    inv = np.array([1.0, 0.5, 0.25])
-    assert w.tolist() == pytest.approx((inv * 3 / inv.sum()).tolist())
-    assert w.mean().item() == pytest.approx(1.0)
+    # 1/1 and 1/3, normalised to sum 1: 3/4 and 1/4; the absent class weighs 0
+    assert w.tolist() == pytest.approx([0.0, 0.75, 0.25])
+    assert inverse_frequency_weights(np.array([0, 0])).tolist() == [0.0, 0.0]
 
 
 def test_distillation_term_by_hand():
@@ -50,10 +50,10 @@ def test_distillation_term_by_hand():
     prior = torch.zeros(2)
     teacher = torch.tensor([[math.log(3.0), 0.0]])  # p_g = (3/4, 1/4), pseudo-label 0
     student = torch.zeros(1, 2)  # p_l = (1/2, 1/2)
-    weights = torch.tensor([2.0, 0.5])
+    weights = torch.tensor([0.8, 0.2])
     kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     got = kcfu_loss(logits, y, prior, student, teacher, weights)
-    assert got.item() == pytest.approx(math.log(2) + 2.0 * kl, rel=1e-6)
+    assert got.item() == pytest.approx(math.log(2) + 0.8 * kl / 2, rel=1e-6)  # KL / C
     # the same model as teacher and student: no distillation loss
     same = kcfu_loss(logits, y, prior, teacher, teacher, weights)
     assert same.item() == pytest.approx(math.log(2), rel=1e-6)
@@ -65,6 +65,8 @@ def test_beta22_moments():
     assert 0 < draws.min() and draws.max() < 1
     assert draws.mean() == pytest.approx(0.5, abs=0.01)
     assert draws.var() == pytest.approx(0.05, abs=0.003)  # Beta(2,2): 4 / (16 * 5)
+    many = beta22(g, 20000).numpy()  # one λ per sample, as KCFU mixes
+    assert many.shape == (20000,) and many.var() == pytest.approx(0.05, abs=0.003)
 
 
 def test_first_round_is_logit_adjusted_ce_only_later_rounds_distill():

@@ -12,9 +12,10 @@ restricted to the classes present in L_k, and the score is the symmetric KL dive
 
 With `kafal.kcfu = true` the clients also train KAFAL's way (Knowledge-Compensatory
 Federated Update, `kcfu_objectives`): logit-adjusted cross-entropy on the labeled batch plus a
-distillation term from the global model on a Beta(2,2) mixup of permuted unlabeled pairs,
-weighted by the normalised inverse local frequency of the global pseudo-label; the
-distillation is off in the first round of each cycle.
+distillation term from the global model on a Beta(2,2) mixup of permuted unlabeled pairs
+(one λ per sample), weighted by the inverse local frequency of the global pseudo-label
+(normalised to sum 1, 0 for absent classes), the KL averaged over classes — the authors'
+code's form; the distillation is off in the first round of each cycle.
 """
 
 from __future__ import annotations
@@ -126,31 +127,37 @@ def log_count_prior(counts: np.ndarray) -> torch.Tensor:
 
 
 def inverse_frequency_weights(counts: np.ndarray) -> torch.Tensor:
-    """w_c ∝ 1 / (n_c + 1), normalised to mean 1 over the classes: the classes a client has
-    few (or no) labels of weigh most in the compensating distillation (KAFAL KCFU; the +1
-    keeps absent classes finite — our choice, the paper does not say)."""
-    inv = 1.0 / (torch.as_tensor(np.asarray(counts), dtype=torch.float32) + 1.0)
-    return inv * (len(inv) / inv.sum())
+    """w_c = (1 / n_c) / Σ_{c' present} 1 / n_c' for the classes the client has labels of,
+    w_c = 0 for the absent ones (KAFAL KCFU as the authors' code weights it: normalised to
+    sum 1; the classes a client has few labels of weigh most)."""
+    c = torch.as_tensor(np.asarray(counts), dtype=torch.float32)
+    inv = torch.where(c > 0, 1.0 / c.clamp_min(1.0), torch.zeros_like(c))
+    total = inv.sum()
+    return inv / total if float(total) > 0 else inv
 
 
-def beta22(gen: torch.Generator) -> float:
-    """One draw of Beta(2, 2): the median of three uniforms (the 2nd order statistic of 3
-    U(0,1) is Beta(2, 2)), from the client's own seeded generator."""
-    return float(torch.rand(3, generator=gen).median())
+def beta22(gen: torch.Generator, n: int | None = None) -> float | torch.Tensor:
+    """Beta(2, 2) draws: the median of three uniforms (the 2nd order statistic of 3 U(0,1) is
+    Beta(2, 2)), from the client's own seeded generator; one float, or `n` of them."""
+    if n is None:
+        return float(torch.rand(3, generator=gen).median())
+    return torch.rand(n, 3, generator=gen).median(dim=1).values
 
 
 def kcfu_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,
               student_mix: torch.Tensor | None = None, teacher_mix: torch.Tensor | None = None,
               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """KAFAL KCFU: CE(logits + a, y) + mean_i w[ŷ_i] · KL(p_g(x̃_i) ‖ p_l(x̃_i)), where x̃ is the
-    unlabeled mixup, p_g the global (teacher) and p_l the local (student) softmax and ŷ the
-    global pseudo-label. Without mixup logits, just the logit-adjusted CE."""
+    """KAFAL KCFU: CE(logits + a, y) + mean_i w[ŷ_i] · (1/C) Σ_c p_g,c log(p_g,c / p_l,c),
+    where x̃ is the unlabeled mixup, p_g the global (teacher) and p_l the local (student)
+    softmax, ŷ the global pseudo-label and the KL averaged over the C classes (the authors'
+    code: `kl_div(..., reduction="none").mean(1)`). Without mixup logits, just the
+    logit-adjusted CE."""
     loss = F.cross_entropy(logits.float() + prior, y)  # logit-adjusted CE
     if student_mix is None or teacher_mix is None or weights is None:
         return loss
     log_pt = F.log_softmax(teacher_mix.float(), 1)
     log_ps = F.log_softmax(student_mix.float(), 1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)  # KL(p_g ‖ p_l) per sample
+    kl = (log_pt.exp() * (log_pt - log_ps)).mean(1)  # KL(p_g ‖ p_l) / C per sample
     w = weights[log_pt.argmax(1)]  # inverse local frequency of the global pseudo-label
     return loss + (w * kl).mean()
 
@@ -179,7 +186,7 @@ def kcfu_objectives(engine, global_state, labeled: Sequence[np.ndarray], labels:
                 return kcfu_loss(logits, yb, prior)
             pick = unl[torch.randint(len(unl), (len(yb),), generator=gen)].to(engine.device)
             xu = engine._augment(engine._inputs(engine.train_x[pick]), gen)
-            lam = beta22(gen)
+            lam = beta22(gen, len(pick)).to(engine.device).view(-1, 1, 1, 1)  # one per sample
             perm = torch.randperm(len(pick), generator=gen).to(engine.device)
             mix = lam * xu + (1.0 - lam) * xu[perm]  # mixup of permuted unlabeled pairs
             with torch.no_grad():
