@@ -65,6 +65,20 @@ def test_pseudo_labels_only_locally_labeled_classes():
     assert prototype_pseudo_labels(feat_l, labels_l, feat_u).tolist() == [3, 7, 3]
 
 
+def test_pseudo_labels_cosine_normalises_the_prototypes_dot_does_not():
+    """Class 0's labels at ±60° average to (0.5, 0): a prototype of norm 0.5; class 1's one
+    label at 90° is a unit prototype. A sample at 30°: cos to class 0 = 0.866 > 0.5, but the
+    un-normalised dot product gives class 0 only 0.433 < 0.5: it favours the class with
+    fewer (more concentrated) labels."""
+    s3 = math.sqrt(3) / 2
+    feat_l = torch.tensor([[0.5, s3], [0.5, -s3], [0.0, 1.0]])
+    labels_l = np.array([0, 0, 1])
+    feat_u = torch.tensor([[s3, 0.5]])
+    assert prototype_pseudo_labels(feat_l, labels_l, feat_u, "cosine").tolist() == [0]
+    assert prototype_pseudo_labels(feat_l, labels_l, feat_u).tolist() == [0]  # the default
+    assert prototype_pseudo_labels(feat_l, labels_l, feat_u, "dot").tolist() == [1]
+
+
 def test_normalized_entropy_and_options():
     p = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
     assert uncertainty(p, "entropy").tolist() == pytest.approx([1.0, 0.0])

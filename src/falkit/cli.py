@@ -1,4 +1,4 @@
-"""The `falkit` command line: run | sweep | demo | show | partition | data | list."""
+"""The `falkit` command line: run | config | sweep | demo | show | partition | data | list ..."""
 
 from __future__ import annotations
 
@@ -148,6 +148,15 @@ def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
         names[rd.path] = config_mod.dumps(cfg)
         done += rd.inspect(cfg, overwrite) == "complete"
     return done
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    path, overrides = _split_config_arg(args)
+    cfg = _load_config(path, args.preset, overrides)
+    print(f"# falkit {__version__}: the resolved config (run directory {cfg.run_name()}); the "
+          "run's config.toml keeps only its own strategy's section")
+    print(config_mod.dumps_all(cfg), end="")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -300,8 +309,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("backbones", describe_backbones()),
         ("datasets", sources.describe()),
         ("partitions", [(n, d) for n, (_, d) in partition.PARTITIONERS.items()]),
-        ("presets", [("paper", "the papers' protocol (100 rounds x 5 epochs per cycle)"),
-                     ("quick", "the same protocol scaled to a 2-core CPU (see README)")]),
+        ("presets", [("paper", "the papers' protocol as their text states it (the defaults)"),
+                     ("quick", "the same protocol scaled to a 2-core CPU (see README)"),
+                     ("reference", "every choice of the authors' code (README Fidelity)")]),
     ]
     for title, items in sections:
         print(f"{title}:")
@@ -394,13 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("items", nargs="*", metavar="[CONFIG] [key=value ...]",
                         help="a TOML config file, then overrides such as partition.alpha=100")
-        sp.add_argument("--preset", choices=list(config_mod.PRESETS), help="paper or quick")
+        sp.add_argument("--preset", metavar="P[,P]",
+                        help=f"one of {', '.join(config_mod.PRESETS)}, or several joined by "
+                        "commas (e.g. reference,quick)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("run", help="run (or resume) one experiment")
     with_config(sp)
     sp.add_argument("--overwrite", action="store_true", help="discard an existing run directory")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("config", help="print the fully resolved config as TOML (every "
+                        "section, every default); runs nothing")
+    with_config(sp)
+    sp.set_defaults(func=cmd_config)
 
     sp = sub.add_parser("sweep", help="run a grid of strategies x seeds x settings")
     with_config(sp)

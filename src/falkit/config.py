@@ -62,6 +62,9 @@ class FLConfig:
     fraction: float = 1.0  # participating clients per round
     reset: str = "random"  # random: fresh init every cycle | continue: warm start
     mu: float = 0.01  # FedProx
+    # FedAvg weights: labeled = each client's labeled count (FedAvg, FairFAL) | uniform
+    # (FAST's option: every participating client counts the same)
+    weighting: str = "labeled"
     # falkit.flower: a client that fails or times out mid-run; continue: the run goes on
     # with the clients that answer | stop: the run ends with an error (finished cycles kept)
     on_client_failure: str = "stop"
@@ -69,11 +72,17 @@ class FLConfig:
 
 @dataclass
 class LocalModelConfig:
-    mode: str = "scratch"  # scratch | last_round (strategies may fix their own)
+    # the local model of @L baselines and LoGo: last_round = the client's weights after its
+    # last local update of the cycle (the FairFAL authors' baseline code) | scratch = trained
+    # from scratch on its labels (LoGo's own paper); FairFAL always uses scratch, KAFAL and
+    # IFAL last_round
+    mode: str = "last_round"
     lr: float = 0.01
     epochs: int = 50
-    decay_epoch: int = 37  # lr x 0.1 from this epoch on (per epoch, not per batch)
-    stop_accuracy: float = 0.99  # stop early once training accuracy reaches this
+    decay_epoch: int = 37  # lr x 0.1 from this epoch (lr_step = batch: mini-batch) on
+    lr_step: str = "epoch"  # epoch | batch (the reference code's per-batch MultiStepLR)
+    stop_accuracy: float = 0.99  # stop early once the accuracy reaches this ...
+    stop_check: str = "train"  # ... running training accuracy | eval (the reference's pass)
 
 
 @dataclass
@@ -107,6 +116,9 @@ class FairFALConfig:
     delta: float = 0.75  # global model iff s_k > delta
     uncertainty: str = "entropy"  # entropy | margin | least_confidence
     embedding_probs: str = "paper"  # paper: global probs | code: global iff gamma_bar < 0.5
+    # prototype pseudo-labels: cosine = cos(z, mu_c) with normalised prototypes (the paper's
+    # text and the authors' code) | dot = <z, mu_c> with mu_c the plain mean of unit vectors
+    similarity: str = "cosine"
 
 
 @dataclass
@@ -144,6 +156,11 @@ class FASTConfig:
     bank: str = "shared"  # shared: every client's G_k^0 embeddings, redistributed | local
     initial: float = 0.01  # r0: initial labeled fraction of each client's pool
     budget: float = 0.05  # refinement budget b_k = budget x |pool_k| (0, 5, 40, 80 % study)
+    # proportional: b_k = budget x |pool_k| | even: budget x N split evenly over the clients
+    budget_split: str = "proportional"
+    # SGD steps per FL round: the paper's tau = 5; 0 = fl.local_epochs epochs (the
+    # reference code: 5 local epochs)
+    local_steps: int = 5
     k: int = 10  # kNN neighbours of the weak labels
     # entropy (paper) | norm (reference code) | least_confidence | smallest_margin
     # | largest_margin | random
@@ -205,6 +222,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budget.cycles": 5,
         "ifal.kd_epochs": 20,
     },
+    # every choice of the authors' code where it differs from the papers' text (README
+    # "Fidelity"); combine with quick as --preset reference,quick
+    "reference": {
+        "fairfal.embedding_probs": "code",
+        "local_model.mode": "last_round",
+        "local_model.lr_step": "batch",
+        "local_model.stop_check": "eval",
+        "ifal.w1": "reference",
+        "fast.scope": "pooled",
+        "fast.uncertainty": "norm",
+        "fast.local_steps": 0,
+    },
 }
 
 CHOICES = {
@@ -215,6 +244,11 @@ CHOICES = {
     "fl.on_client_failure": ("stop", "continue"),
     "fl.algorithm": ("fedavg", "fedprox", "scaffold", "fednova"),
     "local_model.mode": ("scratch", "last_round"),
+    "local_model.lr_step": ("epoch", "batch"),
+    "local_model.stop_check": ("train", "eval"),
+    "fl.weighting": ("labeled", "uniform"),
+    "fairfal.similarity": ("cosine", "dot"),
+    "fast.budget_split": ("proportional", "even"),
     "runtime.precision": ("fp32", "bf16"),
     "fairfal.selector": ("adaptive", "complement", "global", "local"),
     "fairfal.prototypes": ("global", "local"),
@@ -356,14 +390,12 @@ def load(path: str | Path | None = None, preset: str | None = None,
     # a preset named in the file is its base (the file's own values win over it); the
     # --preset argument is applied on top of the file, so it can scale any config down
     file_preset = file_values.pop("preset", None)
-    for name in (file_preset, preset):
-        if name and name not in PRESETS:
-            raise ConfigError(f"unknown preset '{name}' (valid: {', '.join(PRESETS)})")
-    if file_preset:
-        apply(cfg, PRESETS[file_preset])
+    file_presets, presets = preset_names(file_preset), preset_names(preset)
+    for name in file_presets:  # a preset named in the file is its base
+        apply(cfg, PRESETS[name])
     apply(cfg, file_values)
-    if preset:
-        apply(cfg, PRESETS[preset])
+    for name in presets:
+        apply(cfg, PRESETS[name])
     apply(cfg, dict(overrides or {}))
     validate(cfg)
     return cfg
@@ -419,6 +451,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("fast.initial", 0, 1, False, False),
     ("fast.budget", 0, 1, True, False),
     ("fast.k", 1, None, True, True),
+    ("fast.local_steps", 0, None, True, True),
     ("fast.encode_batch", 1, None, True, True),
 )
 
@@ -427,6 +460,21 @@ def _range_text(lo: float | None, hi: float | None, lo_in: bool, hi_in: bool) ->
     if hi is None:
         return f"{'>=' if lo_in else '>'} {lo:g}"
     return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def preset_names(text: str | None) -> list[str]:
+    """`quick`, `reference,quick`: presets applied left to right (a later one wins)."""
+    names = [n.strip() for n in str(text or "").split(",") if n.strip()]
+    for name in names:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset '{name}' (valid: {', '.join(PRESETS)}; combine "
+                              "them with a comma, e.g. reference,quick)")
+    return names
+
+
+def dumps_all(cfg: Config) -> str:
+    """TOML of the whole resolved config: every section (each strategy's too), every key."""
+    return _toml(to_dict(cfg))
 
 
 def validate(cfg: Config) -> None:
@@ -498,7 +546,10 @@ def _toml_value(v: Any) -> str:
 def dumps(cfg: Config) -> str:
     """TOML text of the resolved config (the run's own strategy section only); TOML has no
     null, so None is written as "none"."""
-    d = experiment_dict(cfg)
+    return _toml(experiment_dict(cfg))
+
+
+def _toml(d: dict[str, Any]) -> str:
     lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
     for section, values in d.items():
         if isinstance(values, dict):

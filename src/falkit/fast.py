@@ -135,6 +135,16 @@ def fraction_count(fraction: float, n: int) -> int:
     return min(n, math.ceil(round(fraction * n, 9)))
 
 
+def refinement_budgets(fraction: float, pools: list[int], split: str) -> list[int]:
+    """b_k per client: ceil(fraction · |pool_k|) (`proportional`), or ceil(fraction · N)
+    split evenly over the K clients, the first N mod K clients one more (`even`); never more
+    than a client's pool."""
+    if split == "proportional":
+        return [fraction_count(fraction, n) for n in pools]
+    total, K = fraction_count(fraction, sum(pools)), len(pools)
+    return [min(n, total // K + (1 if k < total % K else 0)) for k, n in enumerate(pools)]
+
+
 def class_balanced_pick(y: np.ndarray, candidates: np.ndarray, n: int, num_classes: int,
                         gen: np.random.Generator) -> np.ndarray:
     """n samples of `candidates` spread evenly over classes (the reference code's pooled
@@ -200,6 +210,7 @@ def two_passes(cfg: Config, data: FederatedData, z: np.ndarray,
     weak = np.full(len(y), -1, dtype=np.int64)
     queried: list[np.ndarray] = []
     if f.scope == "client":
+        budgets = refinement_budgets(f.budget, [len(p) for p in data.clients], f.budget_split)
         # FAST Alg. 1 line 1: G_k^0 = r0 of the client's pool, uniformly at random
         initial = [np.sort(rng(cfg.seed, "fast_initial", k).choice(
             pool, size=fraction_count(f.initial, len(pool)), replace=False))
@@ -214,7 +225,7 @@ def two_passes(cfg: Config, data: FederatedData, z: np.ndarray,
             weak[unl] = knn_weak_labels(z[unl], z[bank_idx], bank_y, f.k, C)  # Alg. 1 line 3
             s, _ = class_similarity(z[unl], z[bank_idx], bank_y, C)  # Eq. 7
             u = uncertainty(s, f.uncertainty, rng(cfg.seed, "fast_query", k))  # Eq. 8
-            b = fraction_count(f.budget, len(pool)) if f.refine else 0  # §6 step 5
+            b = budgets[k] if f.refine else 0  # §6 step 5
             pick = unl[top_uncertain(u, b)]
             oracle.label(k, pick)  # Alg. 1 refinement pass: human labels for the top-b_k
             queried.append(pick)
@@ -347,6 +358,7 @@ def _run(cfg: Config, rd: RunDir, rep: Reporter, ds: ImageDataset, data: Federat
               zip(human, data.clients, strict=True)] if cfg.fast.weak_labels else human)
     train_y = np.where(train_y < 0, 0, train_y)  # samples in no pool: never indexed
     engine = _engine(cfg, data, z_train, z.get("test"), train_y, linear)
+    engine.local_steps = cfg.fast.local_steps or None  # tau SGD steps, or fl.local_epochs
     acc, per_class, rounds, traffic = _train(cfg, engine, pools, rep, times)
 
     C = data.num_classes

@@ -1,5 +1,6 @@
 """FairFAL (Zong & Huang, "Federated Active Learning Under Extreme Non-IID and Global Class
-Imbalance"), exactly as ALGORITHMS.md §5 specifies; equation numbers refer to the paper.
+Imbalance"), exactly as ALGORITHMS.md §5 specifies; equation numbers refer to the paper
+(γ_k Eq. 4, d_k Eq. 5, s_k with γ̄ Eq. 6, the model rule Eq. 7).
 
 Phase A (every client, `client_stats`): the class-balanced labeled set B_k, the global
 model's imbalance γ_k (the only value that leaves the client) and the global/local
@@ -40,7 +41,7 @@ def balanced_rows(labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
 
 
 def imbalance_ratio(pi_g: torch.Tensor, present: np.ndarray) -> float:
-    """γ_k = min_{c ∈ C_k⁺} π̂_g,c / max_{c ∈ C_k⁺} π̂_g,c; 1.0 with one class (FairFAL Eq. 5)."""
+    """γ_k = min_{c ∈ C_k⁺} π̂_g,c / max_{c ∈ C_k⁺} π̂_g,c; 1.0 with one class (FairFAL Eq. 4)."""
     if len(present) <= 1:
         return 1.0
     v = pi_g[torch.as_tensor(present)]
@@ -49,7 +50,7 @@ def imbalance_ratio(pi_g: torch.Tensor, present: np.ndarray) -> float:
 
 def discrepancy(pi_g: torch.Tensor, pi_l: torch.Tensor) -> float:
     """d_k = (1/C) Σ_c |π̂_g,c − π̂_l,c| / (π̂_g,c + π̂_l,c) over all C classes, a term with a
-    zero denominator counting 0 (FairFAL Eq. 6)."""
+    zero denominator counting 0 (FairFAL Eq. 5)."""
     num = (pi_g - pi_l).abs().double()
     den = (pi_g + pi_l).double()
     terms = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
@@ -57,7 +58,7 @@ def discrepancy(pi_g: torch.Tensor, pi_l: torch.Tensor) -> float:
 
 
 def uncertainty(probs: torch.Tensor, kind: str) -> torch.Tensor:
-    """Higher = more uncertain. entropy: H(p)/log C (normalised, FairFAL Eq. 12)."""
+    """Higher = more uncertain. entropy: H(p)/log C (FairFAL's normalised entropy of stage 1)."""
     if kind == "entropy":
         return entropy(probs) / math.log(probs.shape[1])
     if kind == "margin":
@@ -66,13 +67,18 @@ def uncertainty(probs: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def prototype_pseudo_labels(feat_l: torch.Tensor, labels_l: np.ndarray,
-                            feat_u: torch.Tensor) -> np.ndarray:
-    """ŷ(x) = argmax_{c ∈ C_k⁺} ⟨z(x), μ_c⟩ with z = f/‖f‖ and μ_c the mean z of the labeled
-    samples of class c; classes without local labels cannot be pseudo-labels (Eq. 9–10)."""
+                            feat_u: torch.Tensor, similarity: str = "cosine") -> np.ndarray:
+    """ŷ(x) = argmax_{c ∈ C_k⁺} cos(z(x), μ_c) with z = f/‖f‖ and μ_c the mean z of the
+    labeled samples of class c, re-normalised (the paper calls the score cosine similarity
+    and the authors' code normalises the prototypes); `similarity = "dot"` keeps the plain
+    mean, ⟨z, μ_c⟩, which favours classes with few labels. Classes without local labels
+    cannot be pseudo-labels (FairFAL's prototype-guided pseudo-labeling)."""
     z_l = torch.nn.functional.normalize(feat_l.double(), dim=1)
     z_u = torch.nn.functional.normalize(feat_u.double(), dim=1)
     present = np.unique(labels_l)
     protos = torch.stack([z_l[torch.as_tensor(labels_l == c)].mean(0) for c in present])
+    if similarity == "cosine":
+        protos = torch.nn.functional.normalize(protos, dim=1)
     return present[(z_u @ protos.T).argmax(1).numpy()]
 
 
@@ -86,12 +92,14 @@ class FairFAL(Strategy):
     def __init__(self, at: str | None = None, *, selector: str = "adaptive",
                  classwise: bool = True, prototypes: str = "global", kappa: float = 4.0,
                  delta: float = 0.75, uncertainty: str = "entropy",
-                 embedding_probs: str = "paper", **options: object):
+                 embedding_probs: str = "paper", similarity: str = "cosine",
+                 **options: object):
         super().__init__(at, **options)
         self.mode = selector  # the model-choice rule (config fairfal.selector)
         self.classwise, self.prototypes = classwise, prototypes
         self.kappa, self.delta = float(kappa), float(delta)
         self.uncertainty_kind, self.embedding_probs = uncertainty, embedding_probs
+        self.similarity = similarity
         self.gamma_bar: float | None = None
 
     @property
@@ -113,7 +121,7 @@ class FairFAL(Strategy):
 
     def server_reduce(self, stats: list[dict[str, float]]) -> dict[str, float]:
         if self.gamma_bar is None:
-            self.gamma_bar = float(np.mean([s["gamma"] for s in stats]))  # FairFAL Eq. 7
+            self.gamma_bar = float(np.mean([s["gamma"] for s in stats]))  # γ̄ of FairFAL Eq. 6
         return {"gamma_bar": self.gamma_bar}
 
     def state_dict(self) -> dict[str, object]:
@@ -125,7 +133,7 @@ class FairFAL(Strategy):
 
     # -- phase B: query ---------------------------------------------------------------------
     def choose_model(self, s_k: float) -> str:
-        adaptive = "global" if s_k > self.delta else "local"  # FairFAL Eq. 8
+        adaptive = "global" if s_k > self.delta else "local"  # FairFAL Eq. 7
         if self.mode == "adaptive":
             return adaptive
         if self.mode == "complement":
@@ -138,7 +146,7 @@ class FairFAL(Strategy):
                                "then query with ctx.server set")
         gamma_bar = float(ctx.server["gamma_bar"])
         d_k = float(ctx.state["d"])
-        s_k = 1.0 - (d_k + gamma_bar) / 2.0
+        s_k = 1.0 - (d_k + gamma_bar) / 2.0  # FairFAL Eq. 6
         model = self.choose_model(s_k)
         unc = uncertainty(ctx.probs(model, "unlabeled"), self.uncertainty_kind)
         diag: dict[str, object] = {"gamma_k": ctx.state["gamma"], "gamma_bar": gamma_bar,
@@ -150,14 +158,15 @@ class FairFAL(Strategy):
         C = ctx.num_classes
         pseudo = prototype_pseudo_labels(ctx.features(self.prototypes, "labeled"),
                                          ctx.labeled_y,
-                                         ctx.features(self.prototypes, "unlabeled"))
+                                         ctx.features(self.prototypes, "unlabeled"),
+                                         self.similarity)
         sizes = np.bincount(pseudo, minlength=C)
         quotas = class_quotas(budget, sizes)
         diag["buckets"] = sizes.tolist()
         diag["quotas"] = quotas.tolist()
 
-        # stage 2 embeddings: global features, global probabilities (paper Eq. 14), or the
-        # reference code's choice of probabilities
+        # stage 2 embeddings: global features, global probabilities (the paper's text), or
+        # the reference code's choice of probabilities
         emb_model = "global"
         if self.embedding_probs == "code":
             emb_model = "global" if gamma_bar < 0.5 else "local"

@@ -61,7 +61,9 @@ class LoGo(Strategy):
     name = "logo"
     description = "LoGo: k-means on local-model embeddings, top global entropy per cluster"
     uses_selector = False  # a fixed design: local model clusters, global model picks
-    local_model_mode = "scratch"
+    # local_model.mode: scratch in LoGo's own paper, last_round in the FairFAL authors'
+    # comparison code (the default; README "Fidelity")
+    local_model_mode = None
 
     def __init__(self, at: str | None = None, *, n_init: int = 10, **options: object):
         super().__init__(at, **options)

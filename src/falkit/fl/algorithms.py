@@ -20,6 +20,12 @@ def state_bytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def client_weight(cfg: Any, labeled: int) -> float:
+    """A client's aggregation weight: its labeled count (FedAvg) or 1 (`fl.weighting =
+    "uniform"`, FAST's option)."""
+    return float(labeled) if cfg.fl.weighting == "labeled" else 1.0
+
+
 class TrainingDiverged(FalkitError):
     """Weights became NaN or infinite: the run stops instead of finishing with them."""
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from falkit.config import Config
-from falkit.fl.algorithms import Client, State, clone_state
+from falkit.fl.algorithms import Client, State, client_weight, clone_state
 from falkit.fl.algorithms import create as create_algorithm
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
@@ -103,6 +103,8 @@ class Engine:
             torch.set_num_threads(cfg.runtime.threads)
         self.num_classes = num_classes
         self.num_clients = num_clients  # K, for SCAFFOLD's partial-participation scaling
+        # SGD steps per local update instead of fl.local_epochs epochs (FAST's tau)
+        self.local_steps: int | None = None
         self.train_x = train.x.to(self.device)
         self.train_y = train.y.to(self.device)
         self.test_x = test.x.to(self.device)
@@ -226,6 +228,9 @@ class Engine:
                   lr_at_epoch: Callable[[int], float] | None = None,
                   stop_accuracy: float | None = None,
                   client: Client | None = None,
+                  lr_at_step: Callable[[int], float] | None = None,
+                  stop_on_eval: bool = False,
+                  max_steps: int | None = None,
                   progress: tuple[int, int] | None = None,
                   objective: Objective | None = None) -> tuple[int, float]:
         """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
@@ -236,19 +241,32 @@ class Engine:
         `progress` = (round index r, rounds R) of the FL round this update belongs to, None
         outside FL training. Models without the method train on plain cross-entropy.
         `objective(model, x, logits, y, gen)`, if given, replaces that cross-entropy (KAFAL's
-        KCFU: logit-adjusted CE plus distillation on unlabeled mixup)."""
+        KCFU: logit-adjusted CE plus distillation on unlabeled mixup).
+
+        The learning rate follows `lr_at_epoch(epoch)` or `lr_at_step(step)` (the reference
+        code's per-batch MultiStepLR); the early stop at `stop_accuracy` checks the running
+        training accuracy of the epoch, or (`stop_on_eval`) an eval-mode accuracy pass over
+        the samples after the epoch, as the reference code does. `max_steps` trains exactly
+        that many mini-batch steps instead of `epochs` epochs (reshuffling every pass)."""
         model.train()
         opt = self._optimizer(model, lr)
         model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
         ys = self.train_y if labels is None else labels
         idx_t = torch.as_tensor(idx, dtype=torch.int64)
         steps, acc = 0, 0.0
-        for epoch in range(epochs):
+        for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
+            if max_steps is not None and steps >= max_steps:
+                break
             if lr_at_epoch is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr_at_epoch(epoch)
             correct = seen = 0
             for bi in self._batches(idx_t, gen):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                if lr_at_step is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at_step(steps)
                 bi_d = bi.to(self.device)
                 xb = self._augment(self._inputs(self.train_x[bi_d]), gen)
                 yb = ys[bi_d]
@@ -271,9 +289,25 @@ class Engine:
                 correct += int((logits.argmax(1) == yb).sum())
                 seen += len(bi)
             acc = correct / max(seen, 1)
+            if stop_on_eval:
+                acc = self._accuracy(model, idx_t, ys)
             if stop_accuracy is not None and acc >= stop_accuracy:
                 break
         return steps, acc
+
+    @torch.no_grad()
+    def _accuracy(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor) -> float:
+        """Eval-mode accuracy of `model` on the train samples `idx` (no augmentation); the
+        model is back in train mode afterwards."""
+        model.eval()
+        correct = 0
+        for start in range(0, len(idx), self.cfg.runtime.eval_batch):
+            b = idx[start:start + self.cfg.runtime.eval_batch]
+            with self._autocast():
+                logits, _ = model(self._inputs(self.train_x[b.to(self.device)]))
+            correct += int((logits.argmax(1).cpu() == labels.cpu()[b]).sum())
+        model.train()
+        return correct / max(len(idx), 1)
 
     def fl_round(self, global_state: State, clients: list[int], pools: list[np.ndarray],
                  lr: float, seed: int, key: tuple[object, ...],
@@ -308,11 +342,12 @@ class Engine:
         """Client k's local update of one round, from the global weights: the FL algorithm's
         begin/end hooks around `local_sgd` over its labeled `pool`. `fl_round` runs it for
         every client in process; the Flower ClientApp runs it for its own site."""
-        client = Client(id=k, weight=float(len(pool)), lr=lr)
+        client = Client(id=k, weight=client_weight(self.cfg, len(pool)), lr=lr)
         model.load_state_dict(global_state)
         self.algorithm.begin_client(model, global_state, client)
         client.steps, _ = self.local_sgd(model, pool, self.cfg.fl.local_epochs, lr, gen,
-                                         client=client, progress=progress, objective=objective)
+                                         client=client, progress=progress, objective=objective,
+                                         max_steps=self.local_steps)
         client.state = {n: v.detach().clone() for n, v in model.state_dict().items()}
         self.algorithm.end_client(model, global_state, client)
         return client
@@ -320,22 +355,28 @@ class Engine:
     def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                       labels: torch.Tensor, seed: int) -> list[State]:
         """`scratch` local models, one per job (labeled indices, key): fresh init, trained
-        only on those labels, lr x 0.1 from `decay_epoch` (per epoch — the reference stepped
-        per batch, a bug), early stop at `stop_accuracy` training accuracy (ALGORITHMS.md
-        §3). Inits are drawn here, in order, because torch's init RNG is process-global."""
+        only on those labels, lr x 0.1 from `decay_epoch` (per epoch; `local_model.lr_step =
+        "batch"`: from that many mini-batches, the reference code's per-batch scheduler),
+        early stop at `stop_accuracy` (running training accuracy; `local_model.stop_check =
+        "eval"`: an eval-mode pass after each epoch, the reference's) (ALGORITHMS.md §3).
+        Inits are drawn here, in order, because torch's init RNG is process-global."""
         lm = self.cfg.local_model
         inits = [clone_state(self.new_model(torch_seed(seed, "local_init", *key)))
                  for _, key in jobs]
 
-        def lr_at(epoch: int) -> float:
-            return lm.lr * (0.1 if epoch >= lm.decay_epoch else 1.0)
+        def lr_at(epoch_or_step: int) -> float:  # local_model.lr_step: epoch | batch
+            return lm.lr * (0.1 if epoch_or_step >= lm.decay_epoch else 1.0)
+
+        per_batch = lm.lr_step == "batch"
 
         def train(model: nn.Module, i: int) -> State:
             idx, key = jobs[i]
             model.load_state_dict(inits[i])
             gen = torch_generator(seed, "local_train", *key)
-            self.local_sgd(model, idx, lm.epochs, lm.lr, gen, labels=labels, lr_at_epoch=lr_at,
-                           stop_accuracy=lm.stop_accuracy)
+            self.local_sgd(model, idx, lm.epochs, lm.lr, gen, labels=labels,
+                           lr_at_epoch=None if per_batch else lr_at,
+                           lr_at_step=lr_at if per_batch else None,
+                           stop_accuracy=lm.stop_accuracy, stop_on_eval=lm.stop_check == "eval")
             return clone_state(model)
 
         return self.map(train, list(range(len(jobs))))

@@ -30,7 +30,7 @@ from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import budgets_for
 from falkit.data.partition import write_partition_csv
-from falkit.fl.algorithms import Client, State, check_finite, state_bytes
+from falkit.fl.algorithms import Client, State, check_finite, client_weight, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.flower.common import (
     EVALUATE,
@@ -256,7 +256,8 @@ class FlowerServer:
             done = []
             for k, rep in replies.items():
                 metrics = dict(rep["metrics"])
-                client = Client(id=k, weight=float(metrics[NUM_EXAMPLES]), lr=lr,
+                client = Client(id=k, weight=client_weight(cfg, int(metrics[NUM_EXAMPLES])),
+                                lr=lr,
                                 state=record_state(rep["model"]))
                 ups = record_state(rep["uplink"]) if "uplink" in rep else {}
                 algo.from_uplink(client, ups, {n: float(v) for n, v in metrics.items()
