@@ -117,14 +117,28 @@ def test_a_killed_overwrite_is_undone_at_the_next_start(tmp_path, capsys):
     os.replace(rd.path, rd.aside)
     rd.path.mkdir()
     (rd.path / "status.json").write_text('{"complete": false, "cycles_done": 0, "cycles": 2}')
-    res = run(cfg)
-    assert res.skipped and snapshot(runs / "keep") == before and not rd.aside.exists()
+    new = config.load(None, overrides=config.parse_overrides(
+        [*SMALL, f"out_dir={runs}", "name=keep", "fl.rounds=30"]))
+    (rd.path / "config.toml").write_text(config.dumps(new))
+    # the first look at the run already sees the old one (no "different config" advice)
+    assert RunDir.of(cfg).inspect(cfg, overwrite=False) == "complete"
+    assert snapshot(runs / "keep") == before and not rd.aside.exists()
+    assert run(cfg).skipped
+
+
+def test_a_run_that_finished_no_cycle_is_replaced_without_overwrite(tmp_path, capsys):
+    argv = ["run", *SMALL, f"out_dir={tmp_path}", "name=q", "--quiet"]
+    fail(capsys, [*argv, "fl.rounds=2", "fl.lr=1e38"], "training diverged")
+    assert main([*argv, "fl.lr=0.05"]) == 0  # the advice "lower fl.lr" just works
+    assert read_status(tmp_path / "q")["complete"] is True
 
 
 @pytest.mark.parametrize("argv, words", [
     (["sweep", *SMALL, "--name", "../x"], ["--name must be a single folder name"]),
     (["sweep", *SMALL, "--seeds", "0,a"], ["--seeds must be comma-separated integers"]),
     (["sweep", *SMALL, "--strategies", "random,entrophy"], ["unknown strategy 'entrophy'"]),
+    (["sweep", *SMALL, "--seeds", ","], ["need at least one value"]),
+    (["fast", *SMALL, "fast.encoder=pixels", "model.backbone=cnn4"], ["cnn4 needs image_size"]),
     (["fast-compare", *SMALL, "--name", ".."], ["--name must be a single folder name"]),
     (["fast", *SMALL, "fast.encoder=torchscript:{tmp}/enc.pt"], ["not a TorchScript archive"]),
     (["fast", *SMALL, "fast.encoder=hf:{tmp}/no_model"], ["no model directory"]),
@@ -157,6 +171,8 @@ def test_report_out_must_be_a_folder_of_its_own(tmp_path, capsys):
 BAD_SETTINGS = [
     ("fl.lr=nan", "fl.lr must be a finite number"),
     ("fl.lr=inf", "fl.lr must be a finite number"),
+    ("fl.lr=1e300", "fl.lr must be at most 3.403e+38 in size (float32)"),
+    ("local_model.lr=1e39", "local_model.lr must be at most"),
     ("fl.lr=0", "fl.lr must be > 0"),
     ("fairfal.delta=nan", "fairfal.delta must be a finite number"),
     ("fairfal.delta=1.5", "fairfal.delta must be in [0, 1]"),
@@ -221,6 +237,13 @@ def _npz(path: Path, y_train, y_test, n_test: int | None = None, seed: int = 0) 
              y_test=np.asarray(y_test)[:n_test])
 
 
+def test_a_label_only_in_the_test_split_is_named(tmp_path, capsys):
+    _npz(tmp_path / "d.npz", np.arange(200) % 4, np.arange(40) % 5)
+    fail(capsys, ["run", *SMALL, f"data.dataset=npz:{tmp_path / 'd.npz'}",
+                  f"out_dir={tmp_path / 'r'}", "data.rho=none"],
+         "label 4 has test samples but no train sample")
+
+
 def test_a_stray_label_is_named(tmp_path, capsys):
     y = np.arange(200) % 4
     y[17] = 999
@@ -261,7 +284,10 @@ def test_data_changed_between_run_and_resume_is_refused(tmp_path, capsys):
     _npz(data, y, np.arange(80) % 4)  # same pixels, changed labels
     fail(capsys, argv, "different data")
     assert snapshot(tmp_path / "runs") == before
-    _npz(data, np.arange(400) % 4, np.arange(80) % 4)  # the data restored: it resumes
+    _npz(data, np.arange(400) % 4, np.arange(80) % 4)  # the data restored: it resumes ...
+    moved = tmp_path / "moved.npz"
+    os.replace(data, moved)  # ... from wherever the same bytes are now
+    argv[1] = f"data.dataset=npz:{moved}"
     assert main(argv) == 0
     assert read_status(tmp_path / "runs" / "r")["complete"] is True
 
@@ -281,8 +307,11 @@ def test_relative_absolute_moved_and_other_data_root_are_the_same_run(tmp_path, 
     assert main([*argv, "out_dir=moved"]) == 0
     assert "already complete" in capsys.readouterr().err
     assert (tmp_path / "moved" / "r" / "metrics.csv").read_text() == metrics
-    # a real difference names the key
-    fail(capsys, [*argv, "out_dir=moved", "fl.rounds=2"], "fl.rounds: 1 -> 2", "--overwrite")
+    # a real difference names the key, and says what --overwrite would cost
+    fail(capsys, [*argv, "out_dir=moved", "fl.rounds=2"], "fl.rounds: 1 -> 2",
+         "--overwrite would discard its 2 finished cycle(s)")
+    # where it computes is not identity: another thread count continues the same run
+    assert main([*argv, "out_dir=moved", "runtime.threads=1"]) == 0
 
 
 # -- tracebacks where one line belongs -----------------------------------------------------------
@@ -380,7 +409,7 @@ def test_disk_full_keeps_the_last_checkpoint_and_resumes_elsewhere(tmp_path, cap
     # room for one checkpoint (~330 KB), not for the temporary file of the next one
     _mount(full, "size=500k")
     try:
-        fail(capsys, [*argv, f"out_dir={full}"], "No space left on device")
+        fail(capsys, [*argv, f"out_dir={full}"], "No space left on device", str(full / "r"))
         done = read_status(full / "r").get("cycles_done", 0)
         metrics = read_metrics(full / "r")
         assert len(metrics) == done == 1

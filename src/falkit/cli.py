@@ -169,6 +169,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     strategies = ([s for s in args.strategies.split(",") if s] if args.strategies
                   else [base.strategy])
     seeds = _int_list(args.seeds, "--seeds") if args.seeds else [base.seed]
+    if not strategies or not seeds:
+        raise ConfigError("--strategies and --seeds need at least one value each")
     grid: list[tuple[str, list[str]]] = []
     for g in args.grid or []:
         if "=" not in g:

@@ -456,6 +456,9 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
 )
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _range_text(lo: float | None, hi: float | None, lo_in: bool, hi_in: bool) -> str:
     if hi is None:
         return f"{'>=' if lo_in else '>'} {lo:g}"
@@ -486,6 +489,9 @@ def validate(cfg: Config) -> None:
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # torch trains in float32
+            raise ConfigError(f"{key} must be at most {FLOAT32_MAX:.4g} in size (float32), "
+                              f"got {value:g}")
     for key, lo, hi, lo_in, hi_in in RANGES:
         v = flat[key]
         if v is None:

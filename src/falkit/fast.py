@@ -37,6 +37,7 @@ from falkit.fl.algorithms import check_finite, state_bytes
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.loop import Reporter
 from falkit.models import encoders
+from falkit.models.backbones import create as create_backbone
 from falkit.oracle import SimulatedOracle
 from falkit.results import read_metrics, write_atomic, write_csv, write_jsonl
 from falkit.rundir import RunDir, data_fingerprint
@@ -322,6 +323,9 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)
     data = build(cfg, ds)
     times["data"] = time.perf_counter() - t
+    if not linear:  # the backbone fits the images, before anything is written
+        create_backbone(cfg.model.backbone, num_classes=data.num_classes,
+                        in_channels=ds.in_channels, image_size=ds.image_size)
     fp = data_fingerprint(data.dataset, cfg.data.dataset)
     with rd.open(cfg, overwrite, fp, cycles=1) as state:
         if state == "complete":

@@ -41,8 +41,14 @@ from falkit.config import Config, check_name
 from falkit.errors import ConfigError, FalkitError
 from falkit.results import write_atomic
 
-# settings that say where a run lives or how it reacts to failures, not what it computes
-NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure")
+# settings that say where a run lives, where its data are read from, how it reacts to
+# failures or on what hardware it computes, not what it computes (the data themselves are
+# checked by their fingerprint; threads, workers and the device can change float rounding)
+NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
+                "runtime.threads", "runtime.workers", "runtime.eval_batch",
+                "runtime.tune_allocator")
+# a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
+_BY_PATH = ("npz:", "imagefolder:")
 # write_atomic's temporary files: ".<name>.<8 random characters of mkstemp>"
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 
@@ -71,6 +77,9 @@ def identity(cfg: Config) -> dict[str, Any]:
     d = config_mod._flatten(config_mod.experiment_dict(cfg))
     for key in NOT_IDENTITY:
         d.pop(key, None)
+    for kind in _BY_PATH:
+        if str(d.get("data.dataset", "")).startswith(kind):
+            d["data.dataset"] = kind
     return d
 
 
@@ -136,7 +145,14 @@ class RunDir:
 
     def inspect(self, cfg: Config, overwrite: bool) -> str:
         """'new' | 'resume' | 'complete', or a one-line error: the path is a file, a folder
-        falkit did not create, or a run of another config."""
+        falkit did not create, or a run of another config. An overwrite that was killed is
+        undone first (under the lock), so the answer is about the run the user left."""
+        if self.aside.exists() and self._lock_fd is None:
+            self._lock()
+            try:
+                self._recover()
+            finally:
+                self._unlock()
         p = self.path
         if p.exists() and not p.is_dir():
             raise ConfigError(f"run directory {p} is a file; choose another name= or out_dir=")
@@ -147,14 +163,19 @@ class RunDir:
                               "never deletes it: choose another name= or out_dir=")
         if overwrite:
             return "new"
+        if not self.status().get("cycles_done") and not (p / "checkpoint").exists():
+            return "new"  # no cycle finished (failed or killed in its first): nothing to lose
         saved = self.saved_config()
         if saved is None:
             return "new"  # killed between status.json and config.toml: nothing ran yet
         diff = config_diff(saved, cfg)
         if diff:
             shown = "; ".join(diff[:4]) + (f"; ... ({len(diff)} keys)" if len(diff) > 4 else "")
-            raise ConfigError(f"{p} holds a run with a different config ({shown}); pass "
-                              f"{self.flag} to discard it or choose another name=")
+            done = self.status().get("cycles_done", 0)
+            raise ConfigError(f"{p} holds a run with a different config ({shown}); choose "
+                              f"another name= (or out_dir=), or set those keys back to "
+                              f"continue it; {self.flag} would discard its {done} finished "
+                              "cycle(s)")
         return "complete" if self.status().get("complete") else "resume"
 
     # -- writing ------------------------------------------------------------------------
@@ -219,6 +240,10 @@ class RunDir:
             shutil.rmtree(self.aside, ignore_errors=True)
             return
         if self.path.exists():
+            if not is_run(self.path):
+                raise ConfigError(f"{self.path} is not a falkit run, and {self.aside} holds "
+                                  "the run an interrupted --overwrite moved aside: move one "
+                                  "of them away by hand")
             shutil.rmtree(self.path)
         os.replace(self.aside, self.path)
 

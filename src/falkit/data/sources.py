@@ -520,10 +520,13 @@ def _build(name: str, source: Path | str, x_train: np.ndarray, y_train: np.ndarr
         # C = the labels' own range: a label past a gap is a stray value, not 990 classes
         missing = np.setdiff1d(np.arange(top + 1), present)
         if len(missing):
-            stray = next((int(v) for v in np.unique(np.concatenate([y_train, y_test]))
-                          if v > missing[0]), top)
-            raise FalkitError(f"{src}: label {stray} follows a gap (no train sample of label "
-                              f"{int(missing[0])}); labels must be 0..C-1, every one with train "
+            m = int(missing[0])
+            if m in set(np.unique(y_test).tolist()):
+                why = f"label {m} has test samples but no train sample"
+            else:
+                stray = int(min(v for v in np.union1d(present, y_test) if v > m))
+                why = f"label {stray} follows a gap (no sample of label {m})"
+            raise FalkitError(f"{src}: {why}; labels must be 0..C-1, every one with train "
                               "samples (give a `classes` array to declare the classes)")
         classes = [str(i) for i in range(top + 1)]
     classes = [str(c) for c in classes]

@@ -146,7 +146,13 @@ class FlowerServer:
                                  "(the pools lived in that run's SuperNodes): set the run "
                                  "config overwrite=true or choose another name=")
         self._start()  # validates the federation before anything is written
-        with rd.open(cfg, self.opts.overwrite):
+        with rd.open(cfg, self.opts.overwrite) as state:
+            if state == "complete":  # finished by another ServerApp meanwhile
+                return out
+            if state == "resume":
+                raise FlowerRunError(f"{out} holds an unfinished run; Flower runs do not "
+                                     "resume: set the run config overwrite=true or choose "
+                                     "another name=")
             self._write_partition()
             try:
                 for cycle in range(cfg.budget.cycles):
