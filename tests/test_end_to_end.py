@@ -12,9 +12,11 @@ from falkit.loop import run
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["coreset@L", "badge@G"])
 def test_fmnist_lt_two_cycles(tmp_path, strategy):
+    # coreset@L with a scratch local model (the default, last_round, trains none; test_loop
+    # covers it)
     cfg = config.load("configs/fmnist_lt.toml", preset="quick", overrides={
         "strategy": strategy, "budget.cycles": "2", "fl.rounds": "2",
-        "local_model.epochs": "3", "out_dir": str(tmp_path)})
+        "local_model.mode": "scratch", "local_model.epochs": "3", "out_dir": str(tmp_path)})
     res = run(cfg)
     rows = res.metrics
     assert [r["labeled"] for r in rows] == [1020, 2040]  # 102 per client per cycle

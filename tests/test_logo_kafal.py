@@ -41,11 +41,11 @@ def tiny_ctx(p_global, p_local, f_local, labeled_y, num_classes, seed=0):
 
 # -- the shared contract -------------------------------------------------------------------
 
-@pytest.mark.parametrize("sid,mode", [("kafal", "last_round"), ("logo", "scratch")])
+@pytest.mark.parametrize("sid,mode", [("kafal", "last_round"), ("logo", None)])
 def test_class_attributes_and_local_model(sid, mode):
     s = create(sid)
     assert s.id == sid and not s.uses_selector and s.needs_local_model
-    assert s.local_model_mode == mode
+    assert s.local_model_mode == mode  # None: LoGo follows local_model.mode
     with pytest.raises(ConfigError, match="takes no @G"):
         create(f"{sid}@G")
     ctx, calls = make_ctx()
