@@ -61,6 +61,23 @@ def test_eval_stop_check_is_an_eval_mode_pass_over_the_samples():
     assert acc == pytest.approx(float((probs.argmax(1) == eng.train_y[idx]).float().mean()))
 
 
+def test_eval_pass_draws_the_training_augmentation_like_the_reference():
+    """The reference's early-stop pass iterates its training loader (random flips) with the
+    model in eval mode: the pass sees the flips drawn from the same generator."""
+    eng, _ = make_engine(hflip=True)
+    model = eng.new_model(0)
+    idx = torch.arange(40)
+    acc = eng._accuracy(model, idx, eng.train_y, torch.Generator().manual_seed(3))
+    assert model.training  # back in train mode
+    x = eng._inputs(eng.train_x[idx])
+    flipped = eng._augment(x, torch.Generator().manual_seed(3))
+    assert not torch.equal(flipped, x)  # some samples are flipped
+    model.eval()
+    with torch.no_grad():
+        want = float((model(flipped)[0].argmax(1) == eng.train_y[idx]).float().mean())
+    assert acc == pytest.approx(want)
+
+
 def test_local_steps_train_exactly_tau_steps():
     eng, _ = make_engine(hflip=False)
     steps, _ = eng.local_sgd(eng.new_model(0), np.arange(40), 5, 0.05,

@@ -246,7 +246,8 @@ class Engine:
         The learning rate follows `lr_at_epoch(epoch)` or `lr_at_step(step)` (the reference
         code's per-batch MultiStepLR); the early stop at `stop_accuracy` checks the running
         training accuracy of the epoch, or (`stop_on_eval`) an eval-mode accuracy pass over
-        the samples after the epoch, as the reference code does. `max_steps` trains exactly
+        the samples after the epoch with the training augmentation, as the reference code
+        does (it iterates its flipping training loader). `max_steps` trains exactly
         that many mini-batch steps instead of `epochs` epochs (reshuffling every pass)."""
         model.train()
         opt = self._optimizer(model, lr)
@@ -289,22 +290,28 @@ class Engine:
                 correct += int((logits.argmax(1) == yb).sum())
                 seen += len(bi)
             acc = correct / max(seen, 1)
-            if stop_on_eval:
-                acc = self._accuracy(model, idx_t, ys)
+            if stop_on_eval:  # the reference's pass draws the training augmentation
+                acc = self._accuracy(model, idx_t, ys, gen)
             if stop_accuracy is not None and acc >= stop_accuracy:
                 break
         return steps, acc
 
     @torch.no_grad()
-    def _accuracy(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor) -> float:
-        """Eval-mode accuracy of `model` on the train samples `idx` (no augmentation); the
-        model is back in train mode afterwards."""
+    def _accuracy(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor,
+                  gen: torch.Generator | None = None) -> float:
+        """Eval-mode accuracy of `model` on the train samples `idx`; the model is back in
+        train mode afterwards. With `gen` the inputs get the training augmentation (random
+        flip / crop drawn from `gen`): the reference code's early-stop pass iterates its
+        training loader, whose transform flips, with the model in eval mode."""
         model.eval()
         correct = 0
         for start in range(0, len(idx), self.cfg.runtime.eval_batch):
             b = idx[start:start + self.cfg.runtime.eval_batch]
+            xb = self._inputs(self.train_x[b.to(self.device)])
+            if gen is not None:
+                xb = self._augment(xb, gen)
             with self._autocast():
-                logits, _ = model(self._inputs(self.train_x[b.to(self.device)]))
+                logits, _ = model(xb)
             correct += int((logits.argmax(1).cpu() == labels.cpu()[b]).sum())
         model.train()
         return correct / max(len(idx), 1)
