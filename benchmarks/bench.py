@@ -12,7 +12,7 @@ largely cancels; every figure is the median of `--reps` repetitions):
 4. runs    — wall time and peak RSS of one `quick` FairFAL run; the paper protocol projected
              from the slice's measured per-round and per-query costs.
 
-    python benchmarks/bench.py [--reps 5] [--only slice,engine,query,runs] [--out FILE]
+    python benchmarks/bench.py [--reps 5] [--only slice,engine,batched,query,runs] [--out FILE]
 """
 
 from __future__ import annotations
@@ -178,12 +178,15 @@ def query_identity() -> dict:
 
 
 # -- 2. engine overhead -------------------------------------------------------------------------
-def _engine_and_pools(precision: str = "fp32", per_client: int = 300):
+def _engine_and_pools(precision: str = "fp32", per_client: int = 300, device: str = "cpu",
+                      batch_clients: str = "off", local_epochs: int = 1):
     from falkit.data.federation import build
     from falkit.fl.engine import Engine, ImageTensors
 
     cfg = config_mod.load(ROOT / "configs" / "fmnist_lt.toml", overrides={
-        "fl.local_epochs": "1", "runtime.precision": precision})
+        "fl.local_epochs": str(local_epochs), "runtime.precision": precision,
+        "runtime.device": device, "runtime.batch_clients": batch_clients,
+        "local_model.epochs": "5", "local_model.stop_accuracy": "1.0"})
     data = build(cfg)
     ds = data.dataset
     eng = Engine(cfg, ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
@@ -284,6 +287,52 @@ def bench_engine(reps: int) -> dict:
             "engine_gflops": flops_per_sample * e_sps / 1e9, "matmul_gflops_fp32": gf32,
             "matmul_gflops_bf16": gf16, "bf16_sps": median(f16), "fp32_sps_small": median(f32),
             "bf16_speedup": median(f16) / median(f32)}
+
+
+def bench_batched(reps: int, device: str = "cpu", per_client: int = 102) -> dict:
+    """Clients as one batched computation (runtime.batch_clients = on) vs one at a time, in
+    one run: an FL round of the paper's first cycle (10 clients x `per_client` labels, 5
+    local epochs) and the 10 clients' scratch local models (5 epochs, no early stop)."""
+    out: dict = {"device": device, "clients": 10, "per_client": per_client}
+    engines = {}
+    for mode in ("off", "on"):
+        cfg, eng, pools = _engine_and_pools(per_client=per_client, device=device,
+                                            batch_clients=mode, local_epochs=5)
+        engines[mode] = (cfg, eng, [p[:per_client] for p in pools])
+    cfg = engines["off"][0]
+    clients = list(range(10))
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def fl_round(mode: str, i: int) -> float:
+        _, eng, pools = engines[mode]
+        st = eng.init_state(0, 0)
+        sync()
+        t = time.perf_counter()
+        eng.fl_round(st, clients, pools, cfg.fl.lr, 0, (2, i))
+        sync()
+        return time.perf_counter() - t
+
+    def scratch(mode: str, i: int) -> float:
+        _, eng, pools = engines[mode]
+        jobs = [(p, (i, k)) for k, p in enumerate(pools)]
+        sync()
+        t = time.perf_counter()
+        eng.train_scratch(jobs, eng.train_y, seed=0)
+        sync()
+        return time.perf_counter() - t
+
+    for name, fn in (("round", fl_round), ("scratch", scratch)):
+        fn("off", -1), fn("on", -1)  # warm-up
+        ts: dict[str, list[float]] = {"off": [], "on": []}
+        for i in range(reps):
+            for mode in ("off", "on"):
+                ts[mode].append(fn(mode, i))
+        out[name] = {m: median(v) for m, v in ts.items()}
+        out[name]["speedup"] = out[name]["off"] / out[name]["on"]
+    return out
 
 
 def techniques(eng, batches: list, n: int, reps: int) -> dict[str, dict[str, float]]:
@@ -533,6 +582,18 @@ def write_results(res: dict, path: Path, command: str) -> None:
                         f"{100 * e['ratio']:.1f} %", e["ratio"] >= 0.9))
         targets.append(("bf16 FL training speed-up", ">= 1.8x", f"{e['bf16_speedup']:.2f}x",
                         e["bf16_speedup"] >= 1.8))
+    if "batched" in res:
+        b = res["batched"]
+        L += ["## 2b. Clients as one batched computation (`runtime.batch_clients`)", "",
+              f"{b['clients']} clients x {b['per_client']} labels (the paper protocol's first "
+              f"cycle), on {b['device']}, seconds (median), one run:", "",
+              "| work | one client at a time | batched (vmap) | speed-up |", "|---|---:|---:|---:|",
+              f"| FL round, 5 local epochs | {b['round']['off']:.2f} | {b['round']['on']:.2f} | "
+              f"{b['round']['speedup']:.2f}x |",
+              f"| 10 scratch local models, 5 epochs | {b['scratch']['off']:.2f} | "
+              f"{b['scratch']['on']:.2f} | {b['scratch']['speedup']:.2f}x |", "",
+              "`runtime.batch_clients = auto` batches on a GPU only; the GPU figures are "
+              "`benchmarks/gpu.py`'s.", ""]
     if "query" in res:
         threads = sorted({r.get("threads") for by_n in res["query"].values()
                           for r in by_n.values() if r.get("threads")})
@@ -646,8 +707,9 @@ def gaps(res: dict) -> list[str]:
         ]
     if e:
         out += [
-            f"* **bf16 >= 1.8x.** This CPU has no native bf16 (flags: {res['machine']['simd']}; "
-            f"no avx512_bf16/amx): a bf16 matmul runs at {e['matmul_gflops_bf16']:.2f} GFLOP/s "
+            f"* **bf16 >= 1.8x.** The engine section's CPU had no native bf16 (flags: "
+            f"{res.get('machines', {}).get('engine', res['machine'])['simd']}; no "
+            f"avx512_bf16/amx): a bf16 matmul runs at {e['matmul_gflops_bf16']:.2f} GFLOP/s "
             f"against {e['matmul_gflops_fp32']:.0f} fp32, and bf16 autocast makes FL training "
             f"{1 / e['bf16_speedup']:.0f}x slower. The target assumed AVX-512 BF16; on this "
             "machine keep `runtime.precision = \"fp32\"` (the bf16 projection is moot).",
@@ -721,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement")
     ap.add_argument("--ref-reps", type=int, default=None,
                     help="repetitions of the (slow) reference-style slice (default: --reps)")
-    ap.add_argument("--only", default="slice,identity,engine,query,runs")
+    ap.add_argument("--only", default="slice,identity,engine,batched,query,runs")
     ap.add_argument("--query-timeout", type=float, default=120.0)
     ap.add_argument("--query-strategies", default="",
                     help="re-measure only these strategies (comma-separated)")
@@ -733,11 +795,16 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
     # sections not re-run keep their last results
     res.update({k: v for k, v in previous.items() if k not in only and k != "machine"})
+    # the machine each section was measured on (kept sections keep theirs)
+    res["machines"] = {k: previous.get("machines", {}).get(k, previous.get("machine"))
+                       for k in res if k not in ("machine", "machines", "commands", "projection")
+                       and previous.get("machine")}
     res["commands"] = {k: v for k, v in previous.get("commands", {}).items() if k not in only}
     query_only = [q for q in args.query_strategies.split(",") if q]
     torch.manual_seed(0)
     steps = [("slice", lambda: bench_slice(args.reps, args.ref_reps or args.reps)),
              ("identity", query_identity), ("engine", lambda: bench_engine(args.reps)),
+             ("batched", lambda: bench_batched(args.reps)),
              ("runs", bench_runs), ("query", lambda: bench_query(args.query_timeout, query_only,
                                             previous.get("query")))]
     for name, fn in steps:
@@ -745,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} ...", file=sys.stderr)
             t = time.perf_counter()
             res[name] = fn()
+            res["machines"][name] = res["machine"]
             res.setdefault("commands", {})[name] = (
                 f"{time.strftime('%Y-%m-%d')} " + ("make bench" if not argv else
                                                    "python benchmarks/bench.py " + " ".join(argv)))

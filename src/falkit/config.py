@@ -102,6 +102,10 @@ class RuntimeConfig:
     tune_allocator: bool = True  # glibc: keep freed buffers (no per-step page faults)
     eval_batch: int = 128  # larger batches are slower on small CPUs (cache)
     eval_every: int = 0  # 0 = evaluate once per cycle; n = also every n rounds
+    # clients with equally many labels train as one batched computation (torch.func.vmap
+    # over stacked weights): auto = on a GPU only (on this CPU one at a time is faster,
+    # benchmarks/RESULTS.md) | on | off
+    batch_clients: str = "auto"
 
 
 @dataclass
@@ -250,6 +254,7 @@ CHOICES = {
     "fairfal.similarity": ("cosine", "dot"),
     "fast.budget_split": ("proportional", "even"),
     "runtime.precision": ("fp32", "bf16"),
+    "runtime.batch_clients": ("auto", "on", "off"),
     "fairfal.selector": ("adaptive", "complement", "global", "local"),
     "fairfal.prototypes": ("global", "local"),
     "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),

@@ -43,10 +43,11 @@ from falkit.results import write_atomic
 
 # settings that say where a run lives, where its data are read from, how it reacts to
 # failures or on what hardware it computes, not what it computes (the data themselves are
-# checked by their fingerprint; threads, workers and the device can change float rounding)
+# checked by their fingerprint; threads, workers, the device and batched clients can change
+# float rounding)
 NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
                 "runtime.threads", "runtime.workers", "runtime.eval_batch",
-                "runtime.tune_allocator")
+                "runtime.tune_allocator", "runtime.batch_clients")
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 # write_atomic's temporary files: ".<name>.<8 random characters of mkstemp>"

@@ -119,6 +119,15 @@ class FedAvg:
     def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
         """Called after local SGD with client.state, steps and lr filled in."""
 
+    # Clients trained as one batched computation (Engine, runtime.batch_clients): the same
+    # hooks over weights stacked along a leading client dimension, `clients` in that order.
+    def extra_loss_batched(self, params: State, clients: list[Client]) -> torch.Tensor | None:
+        """Each client's `extra_loss` as one tensor of shape (len(clients),)."""
+        return None
+
+    def correct_grads_batched(self, params: State, clients: list[Client]) -> None:
+        """`correct_grads` on the stacked parameters' gradients."""
+
     def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
         return weighted_average(clients, global_state)
 
@@ -176,6 +185,13 @@ class FedProx(FedAvg):
                    for n, p in model.named_parameters() if n in client.global_params)
         return 0.5 * self.mu * prox  # FedProx Eq. 2
 
+    def extra_loss_batched(self, params: State, clients: list[Client]) -> torch.Tensor | None:
+        if self.mu == 0:
+            return None
+        prox = sum(((p - clients[0].global_params[n]) ** 2).flatten(1).sum(1)
+                   for n, p in params.items() if n in clients[0].global_params)
+        return 0.5 * self.mu * prox  # FedProx Eq. 2, per client (one global model)
+
 
 class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al. 2020), option II: each step uses g − c_k + c on trainable
@@ -204,6 +220,16 @@ class Scaffold(FedAvg):
         for n, p in model.named_parameters():
             if p.grad is not None and n in delta:
                 p.grad.add_(delta[n])
+
+    def correct_grads_batched(self, params: State, clients: list[Client]) -> None:
+        stacked = clients[0].extras.get("delta_group")  # stacked once per group and round
+        if stacked is None:
+            stacked = {n: torch.stack([c.extras["delta"][n] for c in clients])
+                       for n in clients[0].extras["delta"]}
+            clients[0].extras["delta_group"] = stacked
+        for n, p in params.items():
+            if p.grad is not None and n in stacked:
+                p.grad.add_(stacked[n])
 
     def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
         assert client.state is not None

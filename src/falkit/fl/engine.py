@@ -252,7 +252,7 @@ class Engine:
         model.train()
         opt = self._optimizer(model, lr)
         model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
-        ys = self.train_y if labels is None else labels
+        ys = self.train_y if labels is None else labels.to(self.device)
         idx_t = torch.as_tensor(idx, dtype=torch.int64)
         steps, acc = 0, 0.0
         for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
@@ -337,7 +337,19 @@ class Engine:
                                      torch_generator(seed, "train", *key, k), progress=progress,
                                      objective=objectives(k) if objectives else None)
 
-        done = self.map(one, active)  # results in client order
+        if self.batches_clients(objectives is not None and any(
+                objectives(k) is not None for k in active)):
+            by_id: dict[int, Client] = {}
+            for group in _equal_pools(active, pools):
+                if len(group) == 1:
+                    by_id[group[0]] = one(self.model, group[0])
+                    continue
+                gens = [torch_generator(seed, "train", *key, k) for k in group]
+                for c in self.train_clients(global_state, group, pools, lr, gens):
+                    by_id[c.id] = c
+            done = [by_id[k] for k in active]  # client order: the same sums as one by one
+        else:
+            done = self.map(one, active)  # results in client order
         new_state = algo.aggregate(global_state, done, num_clients=self.num_clients)
         kept = {c.id: c.state for c in done if c.state is not None} if keep_states else {}
         return new_state, kept
@@ -359,6 +371,161 @@ class Engine:
         self.algorithm.end_client(model, global_state, client)
         return client
 
+    # -- clients as one batched computation (runtime.batch_clients) ------------------------
+    def batches_clients(self, custom_loss: bool = False) -> bool:
+        """Whether clients with equally many labels train as one batched computation: the
+        setting (auto = on a GPU), and only for plain cross-entropy — a strategy's own
+        training objective (KAFAL) or loss module (ll4al) trains one client at a time."""
+        mode = self.cfg.runtime.batch_clients
+        on = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        return on and not custom_loss and not hasattr(self.model, "extra_loss")
+
+    def train_clients(self, global_state: State, ks: list[int], pools: list[np.ndarray],
+                      lr: float, gens: list[torch.Generator]) -> list[Client]:
+        """`train_client` for clients whose pools are equally large, as one computation:
+        the same begin/end hooks, the algorithm's batched loss and gradient hooks, and
+        each client's own random stream, so the result equals one client at a time up to
+        float rounding (tests/test_batched.py)."""
+        algo = self.algorithm
+        self.model.load_state_dict(global_state)  # begin_client reads names off the model
+        clients = []
+        for k in ks:
+            client = Client(id=k, weight=client_weight(self.cfg, len(pools[k])), lr=lr)
+            algo.begin_client(self.model, global_state, client)
+            clients.append(client)
+        states, steps, _ = self.sgd_group(
+            [global_state] * len(ks), [pools[k] for k in ks], gens, self.cfg.fl.local_epochs,
+            lr, clients=clients, max_steps=self.local_steps)
+        for client, state, n in zip(clients, states, steps, strict=True):
+            client.state, client.steps = state, n
+            client.extras.pop("delta_group", None)
+            algo.end_client(self.model, global_state, client)
+        return clients
+
+    def sgd_group(self, inits: Sequence[State], idxs: Sequence[np.ndarray],
+                  gens: Sequence[torch.Generator], epochs: int, lr: float, *,
+                  labels: torch.Tensor | None = None,
+                  lr_at_epoch: Callable[[int], float] | None = None,
+                  lr_at_step: Callable[[int], float] | None = None,
+                  stop_accuracy: float | None = None, stop_on_eval: bool = False,
+                  clients: list[Client] | None = None, max_steps: int | None = None
+                  ) -> tuple[list[State], list[int], list[float]]:
+        """`local_sgd` for G models at once, each from its own `inits[g]` on its own equally
+        large sample set `idxs[g]` with its own generator: the weights are stacked along a
+        leading model dimension and one step is `torch.func.vmap` of the model's forward
+        (BatchNorm's running statistics stacked the same way) and one backward of the summed
+        losses (each model's gradient is its own loss's). SGD with momentum and weight decay
+        is elementwise, so one optimizer over the stacked weights steps every model as its
+        own would. A model that reaches `stop_accuracy` leaves the group at the end of that
+        epoch. Returns each model's state, steps and last epoch's accuracy."""
+        from torch.func import functional_call, vmap
+
+        n_models = len(inits)
+        sizes = {len(i) for i in idxs}
+        if len(sizes) != 1:
+            raise ValueError(f"sgd_group needs equally large sample sets, got sizes {sizes}")
+        model = self.model
+        model.train()
+        ys_all = self.train_y if labels is None else labels.to(self.device)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        keys = list(model.state_dict())  # state-dict order, as clone_state gives it
+
+        def stack(rows: list[int], src: Sequence[State]) -> tuple[State, State]:
+            params = {n: torch.stack([src[r][n].detach() for r in rows]).requires_grad_()
+                      for n in names}
+            buffers = {n: torch.stack([src[r][n].detach() for r in rows])
+                       for n in keys if n not in params}
+            return params, buffers
+
+        def step_loss(weights: State, x: torch.Tensor, y: torch.Tensor):
+            logits, _ = functional_call(model, weights, (x,))
+            return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
+
+        batched = vmap(step_loss)
+        live = list(range(n_models))  # models still training, in order
+        params, buffers = stack(live, inits)
+        opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=self.cfg.fl.momentum,
+                              weight_decay=self.cfg.fl.weight_decay)
+        idx_ts = [torch.as_tensor(i, dtype=torch.int64) for i in idxs]
+        out: list[State | None] = [None] * n_models
+        steps, accs = [0] * n_models, [0.0] * n_models
+        done_steps = 0
+
+        def finish(rows: list[int]) -> None:
+            for pos, g in enumerate(live):
+                if g in rows:
+                    out[g] = {n: (params[n] if n in params else buffers[n])[pos].detach().clone()
+                              for n in keys}
+                    steps[g] = done_steps
+
+        for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
+            if max_steps is not None and done_steps >= max_steps:
+                break
+            if lr_at_epoch is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at_epoch(epoch)
+            correct = torch.zeros(len(live), dtype=torch.int64, device=self.device)
+            seen = 0
+            iters = [self._batches(idx_ts[g], gens[g]) for g in live]
+            for bis in zip(*iters, strict=True):
+                if max_steps is not None and done_steps >= max_steps:
+                    break
+                if lr_at_step is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at_step(done_steps)
+                bis_d = [bi.to(self.device) for bi in bis]
+                xb = torch.stack([self._augment(self._inputs(self.train_x[bi]), gens[g])
+                                  for g, bi in zip(live, bis_d, strict=True)])
+                yb = torch.stack([ys_all[bi] for bi in bis_d])
+                with self._autocast():
+                    losses, hits = batched({**params, **buffers}, xb, yb)
+                    total = losses.sum()
+                    if clients is not None:
+                        extra = self.algorithm.extra_loss_batched(
+                            params, [clients[g] for g in live])
+                        if extra is not None:
+                            total = total + extra.sum()
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if clients is not None:
+                    self.algorithm.correct_grads_batched(params, [clients[g] for g in live])
+                opt.step()
+                done_steps += 1
+                correct += hits
+                seen += len(bis[0])
+            epoch_acc = (correct.double() / max(seen, 1)).tolist()
+            if stop_on_eval:  # each model's own eval pass, with its own generator
+                epoch_acc = []
+                for pos, g in enumerate(live):
+                    model.load_state_dict({n: (params[n] if n in params else buffers[n])[pos]
+                                           for n in keys})
+                    epoch_acc.append(self._accuracy(model, idx_ts[g], ys_all, gens[g]))
+            for pos, g in enumerate(live):
+                accs[g] = epoch_acc[pos]
+            if stop_accuracy is None:
+                continue
+            stopped = [g for pos, g in enumerate(live) if epoch_acc[pos] >= stop_accuracy]
+            if not stopped:
+                continue
+            finish(stopped)
+            keep = [pos for pos, g in enumerate(live) if g not in stopped]
+            live = [live[pos] for pos in keep]
+            if not live:
+                break
+            # the group shrinks: the remaining weights and momentum buffers, sliced
+            momenta = [opt.state[p].get("momentum_buffer") for p in params.values()]
+            params = {n: p.detach()[keep].clone().requires_grad_() for n, p in params.items()}
+            buffers = {n: b[keep].clone() for n, b in buffers.items()}
+            lr_now = opt.param_groups[0]["lr"]
+            opt = torch.optim.SGD(list(params.values()), lr=lr_now,
+                                  momentum=self.cfg.fl.momentum,
+                                  weight_decay=self.cfg.fl.weight_decay)
+            for p, m in zip(params.values(), momenta, strict=True):
+                if m is not None:
+                    opt.state[p]["momentum_buffer"] = m[keep].clone()
+        finish(list(live))
+        return [o for o in out if o is not None], steps, accs
+
     def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                       labels: torch.Tensor, seed: int) -> list[State]:
         """`scratch` local models, one per job (labeled indices, key): fresh init, trained
@@ -375,6 +542,18 @@ class Engine:
             return lm.lr * (0.1 if epoch_or_step >= lm.decay_epoch else 1.0)
 
         per_batch = lm.lr_step == "batch"
+        if self.batches_clients() and len(jobs) > 1:
+            out: list[State | None] = [None] * len(jobs)
+            for group in _equal_pools(list(range(len(jobs))), [idx for idx, _ in jobs]):
+                states, _, _ = self.sgd_group(
+                    [inits[i] for i in group], [jobs[i][0] for i in group],
+                    [torch_generator(seed, "local_train", *jobs[i][1]) for i in group],
+                    lm.epochs, lm.lr, labels=labels, lr_at_epoch=None if per_batch else lr_at,
+                    lr_at_step=lr_at if per_batch else None, stop_accuracy=lm.stop_accuracy,
+                    stop_on_eval=lm.stop_check == "eval")
+                for i, state in zip(group, states, strict=True):
+                    out[i] = state
+            return [o for o in out if o is not None]
 
         def train(model: nn.Module, i: int) -> State:
             idx, key = jobs[i]
@@ -512,3 +691,12 @@ class Engine:
         per_class = np.array([float(correct[y == c].mean()) if (y == c).any() else np.nan
                               for c in range(self.num_classes)])
         return float(correct.mean()), per_class
+
+
+def _equal_pools(ids: list[int], pools: Sequence[np.ndarray]) -> list[list[int]]:
+    """`ids` grouped by the size of their pool (first-seen order): equally large pools have
+    the same mini-batch shapes, so their SGD runs in lockstep."""
+    groups: dict[int, list[int]] = {}
+    for k in ids:
+        groups.setdefault(len(pools[k]), []).append(k)
+    return list(groups.values())
