@@ -10,9 +10,9 @@ from tests.test_engine import make_engine
 from falkit.fl.engine import _equal_pools
 
 
-def double_engine(batch: str, **over):
-    eng, _ = make_engine(**{"runtime.batch_clients": batch, "runtime.channels_last": "false",
-                            **over})
+def double_engine(batch: str, crop_pad: int = 0, **over):
+    eng, _ = make_engine(crop_pad, **{"runtime.batch_clients": batch,
+                                      "runtime.channels_last": "false", **over})
     eng._scale, eng._shift = eng._scale.double(), eng._shift.double()
     make = eng.new_model
     eng.new_model = lambda init_seed: make(init_seed).double()
@@ -108,3 +108,15 @@ def test_auto_batches_on_a_gpu_only_and_never_a_custom_loss():
     assert eng.batches_clients() and not eng.batches_clients(custom_loss=True)
     eng.model.extra_loss = lambda *a: 0.0  # ll4al's loss-prediction module
     assert not eng.batches_clients()
+
+
+def test_batched_round_with_crops_and_channels_last():
+    """Each client's crop offsets and flips come from its own stream, gathered for the whole
+    group in one go; channels-last batches split into clients."""
+    over = {"fl.batch_size": "4", "runtime.channels_last": "true"}
+    one, many = double_engine("off", 2, **over), double_engine("on", 2, **over)
+    s1, k1 = rounds(one, EVEN, [0, 1, 2, 3], n_rounds=1)
+    s2, k2 = rounds(many, EVEN, [0, 1, 2, 3], n_rounds=1)
+    assert_states_equal(s1, s2)
+    for k in range(4):
+        assert_states_equal(k1[k], k2[k])

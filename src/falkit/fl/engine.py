@@ -180,20 +180,34 @@ class Engine:
         return x.contiguous(memory_format=self.memory_format)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self._augment_parts(x, [gen])
+
+    def _augment_parts(self, x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
+        """Random crop (pad, then a window) and flip of a batch made of len(gens) equal
+        parts, part g drawing from gens[g] (crop offsets, then flips: each generator sees
+        the draws one part alone would), applied to the whole batch in one go."""
+        n = x.shape[0] // len(gens)
+        dys, dxs, flips = [], [], []
+        for gen in gens:  # the draws of each part, in _augment's order
+            if self.crop_pad:
+                dys.append(torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen))
+                dxs.append(torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen))
+            if self.hflip:
+                flips.append(torch.rand(n, generator=gen) < 0.5)
         n = x.shape[0]
         if self.crop_pad:
             p = self.crop_pad
             padded = F.pad(x, (p, p, p, p))
             h, w = x.shape[2], x.shape[3]
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
+            dy = torch.cat(dys).to(x.device)
+            dx = torch.cat(dxs).to(x.device)
             rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
             cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
             idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
             idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
             x = padded[idx_n, idx_c, rows, cols]
         if self.hflip:
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device).view(n, 1, 1, 1)
+            flip = torch.cat(flips).to(x.device).view(n, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x.contiguous(memory_format=self.memory_format)
 
@@ -473,10 +487,11 @@ class Engine:
                 if lr_at_step is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr_at_step(done_steps)
-                bis_d = [bi.to(self.device) for bi in bis]
-                xb = torch.stack([self._augment(self._inputs(self.train_x[bi]), gens[g])
-                                  for g, bi in zip(live, bis_d, strict=True)])
-                yb = torch.stack([ys_all[bi] for bi in bis_d])
+                bi_d = torch.cat(bis).to(self.device)  # one gather for the whole group
+                xb = self._augment_parts(self._inputs(self.train_x[bi_d]),
+                                         [gens[g] for g in live])
+                xb = xb.view(len(live), -1, *xb.shape[1:])
+                yb = ys_all[bi_d].view(len(live), -1)
                 with self._autocast():
                     losses, hits = batched({**params, **buffers}, xb, yb)
                     total = losses.sum()
