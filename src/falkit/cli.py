@@ -162,6 +162,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from falkit.results import csv_text, write_atomic
 
+    n_jobs = _jobs_arg(args.jobs)
     path, overrides = _split_config_arg(args)
     base = _load_config(path, args.preset, overrides)  # validates the base first
     out = Path(base.out_dir).expanduser() / config_mod.check_name(args.name or "sweep",
@@ -188,6 +189,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 jobs.append((config_mod.load(path, args.preset, extra), dict(zip(
                     [k for k, _ in grid], values, strict=True))))
     done = _check_jobs([c for c, _ in jobs])
+    plan = _parallel_plan([c for c, _ in jobs], n_jobs) if n_jobs > 1 else None
+    if plan is not None:
+        return _sweep_parallel(jobs, out, done, *plan)
     print(f"sweep: {len(jobs)} runs ({done} already complete)", file=sys.stderr)
     long_rows = []
     for i, (cfg, settings) in enumerate(jobs):
@@ -199,6 +203,142 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     write_atomic(out / "sweep.csv", csv_text(long_rows))
     print(f"sweep results: {out / 'sweep.csv'}")
     return 0
+
+
+def _jobs_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--jobs must be an integer >= 1 (runs at once), got {text!r}")
+    return n
+
+
+def _parallel_plan(cfgs: list[config_mod.Config],
+                   n_jobs: int) -> tuple[int, list[int], list[int], list[int]] | None:
+    """How a sweep runs with --jobs N > 1: (processes, each job's first job with the same
+    run directory, the jobs to run, each job's intra-op threads), or None when every run is
+    complete (the sweep only reads them, as with --jobs 1). Jobs with one run directory (the
+    same run) run once; finished runs are only read. With runtime.threads = 0 a job gets
+    the CPUs divided by the processes (at least one), so that the processes do not
+    oversubscribe the CPU. The worker sets that thread count itself and the job's config
+    stays as it is (runtime.threads is in the run name's hash: another value would be
+    another run directory); the thread count is no part of a run's identity
+    (rundir.NOT_IDENTITY), so a run resumes with any --jobs."""
+    from falkit.parallel import cpu_count
+    from falkit.rundir import RunDir
+
+    first: dict[Path, int] = {}
+    firsts = [first.setdefault(RunDir.of(cfg).path, i) for i, cfg in enumerate(cfgs)]
+    left = [i for i in first.values() if RunDir.of(cfgs[i]).inspect(cfgs[i], False)
+            != "complete"]
+    if not left:
+        return None
+    n = min(n_jobs, len(left))
+    threads = [0 if cfg.runtime.threads or n == 1 else max(1, cpu_count() // n)
+               for cfg in cfgs]
+    return n, firsts, left, threads
+
+
+def _sweep_job(cfg: config_mod.Config, run_dir: str,
+               threads: int) -> tuple[list[dict[str, Any]], bool, int | None]:
+    """One run of `falkit sweep --jobs N`, in a spawned process of its own (falkit.parallel):
+    its metrics rows, whether it was complete already, the cycle it resumed at (None: it
+    started afresh). Silent: the parent reports."""
+    import os
+
+    _setup_output()
+    if threads:  # before numpy and torch are imported: their thread pools read these
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+    from falkit.rundir import RunDir
+
+    if str(RunDir.of(cfg).path) != run_dir:  # the config did not arrive as it was sent
+        raise FalkitError(f"the worker's run directory {RunDir.of(cfg).path} is not the "
+                          f"sweep's {run_dir}")
+    from falkit.loop import run
+
+    if cfg.strategy == "fast":
+        from falkit.fast import run
+    result = run(cfg)
+    return result.metrics, result.skipped, getattr(result, "resumed_from", None)
+
+
+def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: Path,
+                    done: int, n: int, firsts: list[int], left: list[int],
+                    threads: list[int]) -> int:
+    """`falkit sweep --jobs N`: the runs in N processes at once, one line per run as it
+    starts and ends; a failed run does not stop the others; sweep.csv in job order, with
+    the rows a --jobs 1 sweep writes."""
+    from falkit.parallel import Outcome, run_jobs
+    from falkit.results import csv_text, read_metrics, write_atomic
+    from falkit.rundir import RunDir
+
+    total = len(jobs)
+    paths = [RunDir.of(cfg).path for cfg, _ in jobs]
+    each = sorted({threads[i] for i in left if threads[i]})
+    per_job = (f", {'/'.join(map(str, each))} CPU thread(s) each (runtime.threads=0)"
+               if each else "")
+    print(f"sweep: {total} runs ({done} already complete), {n} at once{per_job}",
+          file=sys.stderr)
+    by_job: dict[int, Outcome] = {}
+    for i in sorted(set(firsts) - set(left)):  # finished: read, as run() does when it skips
+        by_job[i] = Outcome(True, (read_metrics(paths[i]), True, None))
+        print(f"[{i + 1}/{total}] already complete {paths[i].name}", file=sys.stderr)
+
+    def started(k: int) -> None:
+        i = left[k]
+        print(f"[{i + 1}/{total}] start {paths[i].name}", file=sys.stderr, flush=True)
+
+    def finished(k: int, o: Outcome) -> None:
+        i = left[k]
+        name = paths[i].name
+        if not o.ok:
+            line = f"failed {name} ({o.seconds:.1f} s): {o.error}"
+        elif o.value[1]:
+            line = f"already complete {name}"
+        else:
+            last = o.value[0][-1] if o.value[0] else {}
+            acc = (f": accuracy {100 * last['accuracy']:.2f}% at "
+                   f"{last.get('labeled_pct', float('nan')):.1f}% labeled"
+                   if isinstance(last.get("accuracy"), float) else "")
+            resumed = f" (resumed at cycle {o.value[2] + 1})" if o.value[2] else ""
+            line = f"done {name} in {o.seconds:.1f} s{resumed}{acc}"
+        print(f"[{i + 1}/{total}] {line}", file=sys.stderr, flush=True)
+
+    outcomes = run_jobs(_sweep_job, [(jobs[i][0], str(paths[i]), threads[i]) for i in left],
+                        n, on_start=started, on_finish=finished)
+    by_job.update(zip(left, outcomes, strict=True))
+    long_rows, ok = [], 0
+    for i, (cfg, settings) in enumerate(jobs):
+        o = by_job[firsts[i]]
+        if not o.ok:
+            continue
+        ok += 1
+        # a repeated job reads the run's metrics.csv, as --jobs 1 does when it skips it
+        metrics = o.value[0] if firsts[i] == i else read_metrics(paths[i])
+        for row in metrics:
+            long_rows.append({"run": cfg.run_name(), "strategy": cfg.strategy, "seed": cfg.seed,
+                              **settings, **row})
+    failed = [(paths[i].name, by_job[i]) for i in left if not by_job[i].ok]
+    if long_rows:
+        write_atomic(out / "sweep.csv", csv_text(long_rows))
+    if not failed:
+        print(f"sweep results: {out / 'sweep.csv'}")
+        return 0
+    kept = (f"sweep.csv holds the {ok} of {total} runs that finished" if long_rows
+            else "sweep.csv was not written")
+    print(f"falkit: error: {len(failed)} of {len(set(firsts))} runs failed ({kept}; run the "
+          "same command again to retry them, finished runs are skipped):", file=sys.stderr)
+    for name, o in failed:
+        print(f"  {name}: {o.error}", file=sys.stderr)
+    if long_rows:
+        print(f"sweep results (partial, {ok} of {total} runs): {out / 'sweep.csv'}")
+    return 2 if all(o.code == 2 for _, o in failed) else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -428,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                     help="a setting to vary, e.g. partition.alpha=0.1,100 (repeatable)")
     sp.add_argument("--name", help="sweep name (default: sweep)")
+    sp.add_argument("--jobs", default="1", metavar="N",
+                    help="runs at once, each in a process of its own (default 1); with "
+                    "runtime.threads=0 each gets the CPUs / N intra-op threads")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("demo", help="the quick FMNIST-LT demo of `make demo`")
@@ -499,10 +642,15 @@ def _one_line_warning(message: Warning | str, category: type[Warning], *args: An
     return f"falkit: warning: {message}\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _setup_output() -> None:
+    """Log lines and one-line warnings on stderr (the CLI, and each worker of a sweep)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.formatwarning = _one_line_warning
     warnings.simplefilter("once", UserWarning)  # a command may load the same runs twice
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_output()
     parser = build_parser()
     # options may come after key=value overrides: collect the stray positionals
     args, extra = parser.parse_known_args(argv)
