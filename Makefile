@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast bench data lint clean
+.PHONY: demo test test-fast bench bench-gpu data lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ test: data
 # BENCH_ARGS="--only engine,query --reps 3" runs a part (other sections keep their results).
 bench: data
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# The GPU check (issue 14): every strategy, FL algorithm and FAST for two quick cycles on
+# CUDA, then the paper protocol timed; < 10 min on one H100; writes benchmarks/GPU_RESULTS.md.
+# Needs no venv and no install: any python with a CUDA build of torch (GPU_PYTHON), numpy,
+# scipy and scikit-learn, and Fashion-MNIST ($$FALKIT_DATA). GPU_ARGS="--cpu-too" etc.
+GPU_PYTHON ?= python3
+bench-gpu:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu.py $(GPU_ARGS)
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"

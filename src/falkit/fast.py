@@ -289,7 +289,8 @@ def embeddings(cfg: Config, ds: ImageDataset, splits: tuple[str, ...] = ("train"
     """The encoder's embeddings of the full splits of `ds` (before the long tail, so every
     seed and setting reuses one cache entry); whether all came from the cache."""
     if enc is None:
-        enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
+        enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch,
+                              device=cfg.runtime.device)
     enc.fit(ds.x_train)  # pca: fitted on the train split; others: nothing
     out, hits = {}, []
     for split in splits:
@@ -317,7 +318,8 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     times = {"data": 0.0, "encode": 0.0, "query": 0.0, "local_model": 0.0, "train": 0.0,
              "eval": 0.0}
     # every encoder error (missing model, file, package; unknown kind) before any write
-    enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
+    enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch,
+                          device=cfg.runtime.device)  # runs on the run's device
 
     t = time.perf_counter()
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)

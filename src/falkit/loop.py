@@ -242,9 +242,11 @@ def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int
     y = data.dataset.y_train
     K = len(data.clients)
     t = time.perf_counter()
-    # only st.labeled[k] is read from these labels: the ones the oracle revealed
+    # only st.labeled[k] is read from these labels: the ones the oracle revealed; handed over
+    # on the engine's device (its training indexes them there)
     models, distill_info = client_models(cfg, strategy, engine, cycle, dict(enumerate(st.labeled)),
-                                         torch.as_tensor(y), st.global_state, st.last_round)
+                                         torch.as_tensor(y, device=engine.device),
+                                         st.global_state, st.last_round)
     times["local_model"] += time.perf_counter() - t
     global_outputs = global_outputs_fn(engine, st.global_state)
     contexts = []
@@ -401,6 +403,17 @@ def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
                  f'"cycles": {cfg.budget.cycles}}}\n')
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def _resume(rd: RunDir, cfg: Config, oracle: SimulatedOracle, strategy: Strategy,
             engine: Engine) -> tuple[_State | None, int]:
     ck = load_checkpoint(rd)
@@ -409,11 +422,14 @@ def _resume(rd: RunDir, cfg: Config, oracle: SimulatedOracle, strategy: Strategy
     if ck.get("engine") == "flower":
         raise FalkitError(f"{rd.path} holds a Flower run; Flower runs do not resume in "
                           f"process: pass {rd.flag} or choose another name=")
-    st = _State(labeled=ck["labeled"], global_state=ck["global_state"],
-                last_round=ck["last_round"], metrics=ck["metrics"], queries=ck["queries"],
-                rounds=ck.get("rounds", []))
+    # the checkpoint's tensors (read onto the CPU) go to this run's device: the device is not
+    # part of a run's identity, so a run may resume on another one
+    dev = engine.device
+    st = _State(labeled=ck["labeled"], global_state=to_device(ck["global_state"], dev),
+                last_round=to_device(ck["last_round"], dev), metrics=ck["metrics"],
+                queries=ck["queries"], rounds=ck.get("rounds", []))
     strategy.load_state_dict(ck.get("strategy", {}))
-    engine.algorithm.load_state_dict(ck.get("fl_algorithm", {}))
+    engine.algorithm.load_state_dict(to_device(ck.get("fl_algorithm", {}), dev))
     oracle.restore(np.concatenate(st.labeled))
     _write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

@@ -305,7 +305,9 @@ def load_checkpoint(run: RunDir) -> Any:
     if not path.is_file():
         return None
     try:
-        ck = torch.load(path, weights_only=False)
+        # onto the CPU: a run may resume on another device than it was saved from (a CUDA
+        # checkpoint on a machine without CUDA); the loop moves the tensors to its device
+        ck = torch.load(path, weights_only=False, map_location="cpu")
         if not isinstance(ck, dict) or "cycle" not in ck:
             raise ValueError("not a falkit checkpoint")
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ...

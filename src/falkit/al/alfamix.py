@@ -19,6 +19,7 @@ import torch
 from sklearn.cluster import KMeans
 
 from falkit.al.base import QueryContext, Strategy, register
+from falkit.al.primitives import as_numpy
 
 ALPHA_CAPS = (0.2, 0.4, 0.6, 0.8, 1.0)  # reference: alpha_cap += 0.2 while alpha_cap < 1
 KMEANS_N_INIT = 1  # sklearn's "auto" for k-means++ init: one seeding run
@@ -28,12 +29,14 @@ _CHUNK = 8192  # rows of the pool per batched step (bounds memory at 8192 × D p
 def class_anchors(z_l: torch.Tensor, y_l: np.ndarray | torch.Tensor,
                   num_classes: int) -> torch.Tensor:
     """ALFA-Mix anchors (C × D): μ_i = mean labeled feature of class i, or the mean of all
-    labeled features when class i has no labeled point (reference `find_candidate_set`)."""
-    y = torch.as_tensor(np.asarray(y_l), dtype=torch.long)
+    labeled features when class i has no labeled point (reference `find_candidate_set`).
+    On the device of `z_l`."""
     z = z_l.float()
+    y = (y_l.to(z.device, torch.long) if isinstance(y_l, torch.Tensor)
+         else torch.as_tensor(np.asarray(y_l), dtype=torch.long, device=z.device))
     overall = z.mean(0)
     counts = torch.bincount(y, minlength=num_classes)[:num_classes].float()
-    sums = torch.zeros(num_classes, z.shape[1]).index_add_(0, y, z)
+    sums = torch.zeros(num_classes, z.shape[1], device=z.device).index_add_(0, y, z)
     means = sums / counts.clamp_min(1.0).unsqueeze(1)
     return torch.where((counts > 0).unsqueeze(1), means, overall)
 
@@ -44,7 +47,7 @@ def ce_feature_grad(z: torch.Tensor, pred: torch.Tensor, w: torch.Tensor,
     form of what the reference gets from autograd. (The reference differentiates the batch
     *mean*, scaling g by 1/N; α only depends on g / ‖g‖, so the scale is irrelevant.)"""
     coef = torch.softmax(z @ w.T + b, dim=1)
-    coef[torch.arange(len(z)), pred] -= 1.0
+    coef[torch.arange(len(z), device=z.device), pred] -= 1.0
     return coef @ w
 
 
@@ -56,16 +59,19 @@ def alfamix_candidates(z_u: torch.Tensor, pred: torch.Tensor, anchors: torch.Ten
     α = (ε ‖μ_i − z‖ / ‖g‖) · g / (μ_i − z + 1e-8) elementwise, no clamping;
     mix = (1 − α) z + α μ_i; candidate iff argmax(mix Wᵀ + b) ≠ ŷ for some i.
     `pred` is ŷ (the query model's argmax), `eps` = cap / √D. Batched over the pool.
-    A row with g = 0 (a saturated softmax) gets α = 0 instead of 0/0, so it never flips."""
-    z_u, anchors, w, b = z_u.float(), anchors.float(), w.float(), b.float()
-    pred = torch.as_tensor(pred, dtype=torch.long)
-    mask = torch.zeros(len(z_u), dtype=torch.bool)
+    A row with g = 0 (a saturated softmax) gets α = 0 instead of 0/0, so it never flips.
+    Computed on the device of `z_u` (the other inputs are brought there)."""
+    z_u = z_u.float()
+    dev = z_u.device
+    anchors, w, b = anchors.to(dev).float(), w.to(dev).float(), b.to(dev).float()
+    pred = torch.as_tensor(pred, dtype=torch.long, device=dev)
+    mask = torch.zeros(len(z_u), dtype=torch.bool, device=dev)
     for lo in range(0, len(z_u), _CHUNK):
         z, y = z_u[lo:lo + _CHUNK], pred[lo:lo + _CHUNK]
         g = ce_feature_grad(z, y, w, b)
         g_norm = g.norm(dim=1, keepdim=True)
         g_unit = torch.where(g_norm > 0, g / g_norm.clamp_min(1e-30), torch.zeros_like(g))
-        flip = torch.zeros(len(z), dtype=torch.bool)
+        flip = torch.zeros(len(z), dtype=torch.bool, device=dev)
         for mu in anchors:  # C iterations; each one batched over every row of the chunk
             diff = mu - z
             alpha = eps * diff.norm(dim=1, keepdim=True) * g_unit / (diff + 1e-8)
@@ -100,10 +106,12 @@ class AlfaMix(Strategy):
         model = self.query_model
         z_u = ctx.features(model, "unlabeled").float()
         pred = ctx.probs(model, "unlabeled").argmax(1)
-        w, b = ctx.head(model)
+        # the query computes where the model outputs are; the head's weights (from the state
+        # dict, on the training device) are brought there
+        w, b = (t.to(z_u.device) for t in ctx.head(model))
         anchors = class_anchors(ctx.features(model, "labeled"), ctx.labeled_y, ctx.num_classes)
         d = z_u.shape[1]
-        candidate = torch.zeros(len(z_u), dtype=torch.bool)
+        candidate = torch.zeros(len(z_u), dtype=torch.bool, device=z_u.device)
         cap = 0.0
         # without labeled points there are no anchors: every pick is the random fill
         for cap in ALPHA_CAPS if len(ctx.labeled) else ():
@@ -111,12 +119,13 @@ class AlfaMix(Strategy):
             candidate |= alfamix_candidates(z_u, pred, anchors, w, b, cap / math.sqrt(d))
             if int(candidate.sum()) > budget:
                 break
-        cand = np.flatnonzero(candidate.numpy())
+        cand = np.flatnonzero(as_numpy(candidate))
         picks = np.zeros(0, dtype=np.int64)
         if len(cand):
             feats = torch.nn.functional.normalize(z_u[torch.as_tensor(cand)], dim=1)
             seed = int(ctx.rng.integers(2**31 - 1))
-            picks = cand[nearest_to_centres(feats.double().numpy(), min(budget, len(cand)), seed)]
+            picks = cand[nearest_to_centres(as_numpy(feats.double()), min(budget, len(cand)),
+                                            seed)]
         short = budget - len(picks)
         if short > 0:
             # uniform *without* replacement (the reference drew with replacement: duplicates)

@@ -18,6 +18,7 @@ import torch
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import (
+    as_numpy,
     class_quotas,
     entropy,
     grad_embeddings,
@@ -79,7 +80,7 @@ def prototype_pseudo_labels(feat_l: torch.Tensor, labels_l: np.ndarray,
     protos = torch.stack([z_l[torch.as_tensor(labels_l == c)].mean(0) for c in present])
     if similarity == "cosine":
         protos = torch.nn.functional.normalize(protos, dim=1)
-    return present[(z_u @ protos.T).argmax(1).numpy()]
+    return present[as_numpy((z_u @ protos.T).argmax(1))]
 
 
 @register
@@ -153,7 +154,7 @@ class FairFAL(Strategy):
                                    "d_k": d_k, "s_k": s_k, "model": model}
         self._diag = diag
         if not self.classwise:  # ablation: plain top-b uncertainty of the chosen model
-            return top_k(unc.numpy(), budget)
+            return top_k(unc, budget)
 
         C = ctx.num_classes
         pseudo = prototype_pseudo_labels(ctx.features(self.prototypes, "labeled"),
@@ -175,7 +176,7 @@ class FairFAL(Strategy):
         probs_u = ctx.probs(emb_model, "unlabeled")
         probs_l = ctx.probs(emb_model, "labeled")
         labels_l = torch.as_tensor(ctx.labeled_y)
-        unc_np = unc.numpy()
+        unc_np = as_numpy(unc)
         picks: list[np.ndarray] = []
         for c in range(C):
             q = int(quotas[c])

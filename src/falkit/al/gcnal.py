@@ -41,7 +41,7 @@ def gcn_adjacency(x: torch.Tensor) -> torch.Tensor:
     by its sum, + I. `x` holds one L2-normalized feature row per node. O(N²) memory: for tests
     and small graphs; the strategy applies the same operator implicitly (`_Adjacency`)."""
     x64 = x.to(torch.float64)
-    eye = torch.eye(len(x64), dtype=torch.float64)
+    eye = torch.eye(len(x64), dtype=torch.float64, device=x64.device)
     a = x64 @ x64.T - eye
     return a * _safe_inverse(a.sum(0)) + eye  # broadcasting scales column j by 1/s_j
 
@@ -62,8 +62,10 @@ class _Adjacency:
         return (self.x @ (self.x.T @ ms) - ms + m.to(torch.float64)).to(dtype)
 
 
-def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator) -> torch.Tensor:
-    return ((torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound).requires_grad_()
+def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+    """U(−bound, bound), drawn from `gen` (a CPU generator) and moved to `device`."""
+    return ((torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound).to(device).requires_grad_()
 
 
 def train_gcn_hidden(x: torch.Tensor, n_unlabeled: int, gen: torch.Generator,
@@ -76,30 +78,33 @@ def train_gcn_hidden(x: torch.Tensor, n_unlabeled: int, gen: torch.Generator,
     loss = −mean log s[L] − η · mean log(1 − s[U]) (reference `BCEAdjLoss`), Adam with weight
     decay on every parameter. All randomness (init, dropout masks) comes from `gen`, so the
     result is deterministic for a seed and independent of the global torch RNG (thread-safe).
+    The GCN trains on the device of `x`; the random numbers are drawn on the CPU (`gen`) and
+    moved there, so they are the same on every device.
     """
     n, d = x.shape
+    dev = x.device
     adj = _Adjacency(x)
     with torch.no_grad():
         ax = adj @ x.float()  # A X is fixed: (A X) W1 = A (X W1), computed once
     # reference GraphConvolution.reset_parameters: U(−1/√out, 1/√out) for weight and bias
-    w1 = _uniform((d, HIDDEN), HIDDEN ** -0.5, gen)
-    b1 = _uniform((HIDDEN,), HIDDEN ** -0.5, gen)
-    w2 = _uniform((HIDDEN, 1), 1.0, gen)
-    b2 = _uniform((1,), 1.0, gen)
+    w1 = _uniform((d, HIDDEN), HIDDEN ** -0.5, gen, dev)
+    b1 = _uniform((HIDDEN,), HIDDEN ** -0.5, gen, dev)
+    w2 = _uniform((HIDDEN, 1), 1.0, gen, dev)
+    b2 = _uniform((1,), 1.0, gen, dev)
     params = [w1, b1, w2, b2]
     # fused: one kernel per step instead of ~10 per parameter (the graphs are small; per-op
     # overhead, not arithmetic, dominates)
     opt = torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=_FUSED_ADAM)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=dev)
     with torch.enable_grad():
         for _ in range(steps):
             h = F.relu(ax @ w1 + b1)
             # dropout as an explicit mask drawn from `gen` (F.dropout would use global RNG)
-            keep = torch.rand(h.shape, generator=gen) >= DROPOUT
+            keep = (torch.rand(h.shape, generator=gen) >= DROPOUT).to(dev)
             h = h * keep / (1.0 - DROPOUT)
             o = (adj @ (h @ w2) + b2).squeeze(1)
             # log σ(o) and log(1 − σ(o)) = log σ(−o), stable where σ saturates
-            loss = torch.zeros(())
+            loss = torch.zeros((), device=dev)
             if n > n_unlabeled:
                 loss = loss - F.logsigmoid(o[n_unlabeled:]).mean()
             if n_unlabeled > 0:

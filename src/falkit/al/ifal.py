@@ -23,7 +23,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import top_k
+from falkit.al.primitives import as_numpy, top_k
 from falkit.errors import ConfigError
 
 W1_MODES = ("reference", "histogram")
@@ -42,10 +42,10 @@ def rknn_neighbours(feats_l: torch.Tensor, feats_u: torch.Tensor, k: int = 250,
     rows = torch.cat([fl, fu])
     nl, nu = len(fl), len(fu)
     kk = min(int(k), nu)
-    out = torch.empty((len(rows), kk), dtype=torch.int64)
+    out = torch.empty((len(rows), kk), dtype=torch.int64, device=rows.device)
     for s in range(0, len(rows), chunk):
         sim = rows[s:s + chunk] @ fu.T  # IFAL: S = [f(L); f(U)] f(U)ᵀ, ALGORITHMS.md §4
-        r = torch.arange(s, s + len(sim))
+        r = torch.arange(s, s + len(sim), device=rows.device)
         own = r >= nl  # unlabeled rows: row nl + i is the point i itself
         sim[(r[own] - s), r[own] - nl] = float("-inf")  # IFAL: self-matches removed
         vals, idx = sim.topk(kk, dim=1)  # IFAL: top-250 columns per row (all if fewer)
@@ -58,7 +58,8 @@ def rknn_distribution(neighbours: torch.Tensor, row_labels: torch.Tensor,
                       num_unlabeled: int, num_classes: int) -> torch.Tensor:
     """rkNN(u, c) = 1 + #rows with label c that list u, normalised over c (IFAL: rkNN,
     ALGORITHMS.md §4), as float64 n_U × C. One bincount over (column, row label) pairs."""
-    labels = torch.as_tensor(row_labels, dtype=torch.int64).view(-1, 1).expand_as(neighbours)
+    labels = torch.as_tensor(row_labels, dtype=torch.int64, device=neighbours.device)
+    labels = labels.view(-1, 1).expand_as(neighbours)
     valid = neighbours >= 0
     flat = neighbours[valid] * num_classes + labels[valid]
     counts = torch.bincount(flat, minlength=num_unlabeled * num_classes)
@@ -163,10 +164,10 @@ class IFAL(Strategy):
 
     def scores(self, ctx: QueryContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(U1, U2) per unlabeled point (float64)."""
-        y_l = torch.as_tensor(np.asarray(ctx.labeled_y), dtype=torch.int64)
         p_local = ctx.probs("local", "unlabeled")
+        y_l = torch.as_tensor(np.asarray(ctx.labeled_y), dtype=torch.int64, device=p_local.device)
         # IFAL: labels_M = true labels on L, argmax p_M on U
-        lab_g = torch.cat([y_l, ctx.probs("global", "unlabeled").argmax(1)])
+        lab_g = torch.cat([y_l, ctx.probs("global", "unlabeled").argmax(1).to(y_l.device)])
         lab_l = torch.cat([y_l, p_local.argmax(1)])
         (g1,) = self._rknn(ctx, "global", lab_g)  # IFAL: g1 = rkNN(global feats, global labels)
         l1, l2 = self._rknn(ctx, "local", lab_g, lab_l)  # IFAL: l1, l2 (local feats)
@@ -180,13 +181,13 @@ class IFAL(Strategy):
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         u1, u2 = self.scores(ctx)
-        u = (u1 * u2).numpy()  # IFAL: U = U1 · U2
+        u = as_numpy(u1 * u2)  # IFAL: U = U1 · U2
         # IFAL: k-means on the candidates' local features (L2-normalised, as the reference)
-        feats = F.normalize(ctx.features("local", "unlabeled").float(), dim=1).numpy()
+        feats = as_numpy(F.normalize(ctx.features("local", "unlabeled").float(), dim=1))
         seed = int(ctx.rng.integers(0, 2**31 - 1))  # sklearn's seed drawn from ctx.rng only
         picks = np.zeros(0, dtype=np.int64)
         diag: dict[str, object] = {"kmeans_seed": seed}
-        for stage, score in (("U", u), ("U1", u1.numpy())):  # IFAL: if short, U1 alone
+        for stage, score in (("U", u), ("U1", as_numpy(u1))):  # IFAL: if short, U1 alone
             th = otsu_threshold(score)  # IFAL: Otsu threshold on U
             cand = np.flatnonzero(score > th)
             diag[f"threshold_{stage}"] = th

@@ -51,15 +51,17 @@ def kafal_scores(p_global: torch.Tensor, p_local: torch.Tensor,
     undefined; then every class is kept with a flat prior (a = 0). With exactly one present
     class both distributions are the point mass on it, so every score is 0.
     """
-    counts_t = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    dev = p_global.device  # computed where the model outputs are
+    counts_t = (counts.to(dev, torch.float64) if isinstance(counts, torch.Tensor)
+                else torch.as_tensor(np.asarray(counts), dtype=torch.float64, device=dev))
     present = counts_t > 0
     if not bool(present.any()):
         present = torch.ones_like(present)
-        prior = torch.zeros(int(present.sum()), dtype=torch.float64)
+        prior = torch.zeros(int(present.sum()), dtype=torch.float64, device=dev)
     else:
         prior = torch.log(counts_t[present])
     z_g = torch.log(p_global.double().clamp_min(_EPS))[:, present] + prior
-    z_l = torch.log(p_local.double().clamp_min(_EPS))[:, present] + prior
+    z_l = torch.log(p_local.to(dev).double().clamp_min(_EPS))[:, present] + prior
     # log_softmax of finite inputs is finite, so both KL terms are finite (no 0·log 0 issue:
     # every adjusted probability is strictly positive)
     lq_g = torch.log_softmax(z_g, dim=1)
@@ -104,7 +106,7 @@ class KAFAL(Strategy):
                              minlength=ctx.num_classes)
         scores = kafal_scores(ctx.probs("global", "unlabeled"),
                               ctx.probs("local", "unlabeled"), counts)
-        picks = top_k(scores.numpy(), budget)
+        picks = top_k(scores, budget)
         self._diag = {
             "present_classes": int((counts > 0).sum()),
             "score_max": float(scores.max()) if len(scores) else 0.0,

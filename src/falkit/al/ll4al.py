@@ -20,10 +20,11 @@ Query side: every unlabeled sample of the client is scored by the predicted loss
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch import nn
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import top_k
+from falkit.al.primitives import as_numpy, top_k
 from falkit.models.lossnet import WithLossModule
 
 PREDICTED_LOSS = "predicted_loss"  # the QueryContext.state key the loop fills
@@ -61,7 +62,10 @@ class LL4AL(Strategy):
                                f"context has no state[{PREDICTED_LOSS!r}] (the loop provides "
                                "it when the run's model carries a loss-prediction module)")
         # l̂(x) for the whole unlabeled pool, one batched pass of the global model
-        scores = np.asarray(predict("global", ctx.unlabeled), dtype=np.float64)
+        scores = predict("global", ctx.unlabeled)
+        if isinstance(scores, torch.Tensor):  # from whichever device it was computed on
+            scores = as_numpy(scores)
+        scores = np.asarray(scores, dtype=np.float64)
         picks = top_k(scores, budget)  # top-b predicted loss (LL4AL §3.1); ties: smaller index
         self._diag = {"predicted_loss_mean_selected": round(float(scores[picks].mean()), 6)}
         return picks

@@ -18,14 +18,14 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import entropy
+from falkit.al.primitives import as_numpy, entropy
 
 
 def logo_embedding(feats_local: torch.Tensor, probs_local: torch.Tensor) -> np.ndarray:
     """e(x) = f_l(x) · (1 − max p_l(x)) (LoGo macro step), as float32 for KMeans (sklearn
     keeps float32 input in float32, half the cost of float64)."""
     scale = 1.0 - probs_local.float().max(1).values
-    return (feats_local.float() * scale.unsqueeze(1)).numpy().astype(np.float32, copy=False)
+    return as_numpy(feats_local.float() * scale.unsqueeze(1)).astype(np.float32, copy=False)
 
 
 def cluster_round_robin(labels: np.ndarray, uncertainty: np.ndarray, budget: int) -> np.ndarray:
@@ -75,7 +75,7 @@ class LoGo(Strategy):
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         emb = logo_embedding(ctx.features("local", "unlabeled"), ctx.probs("local", "unlabeled"))
-        unc = entropy(ctx.probs("global", "unlabeled")).numpy()
+        unc = as_numpy(entropy(ctx.probs("global", "unlabeled")))
         k = min(budget, len(emb))
         seed = int(ctx.rng.integers(0, 2**31 - 1))  # sklearn's seed drawn from ctx.rng only
         km = KMeans(n_clusters=k, init="k-means++", n_init=self.n_init, random_state=seed)

@@ -1,4 +1,7 @@
-"""Selection primitives: pure functions on arrays, unit-tested on inputs with known answers."""
+"""Selection primitives: pure functions on arrays, unit-tested on inputs with known answers.
+
+Tensor functions compute on the device of their inputs (every tensor they create is made
+there); positions and scores that selection needs as NumPy come back to the CPU."""
 
 from __future__ import annotations
 
@@ -6,8 +9,15 @@ import numpy as np
 import torch
 
 
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a NumPy array, from whichever device it is on."""
+    return t.detach().cpu().numpy()
+
+
 def top_k(scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """Positions of the k largest scores; ties go to the smaller position (ALGORITHMS.md §4)."""
+    if isinstance(scores, torch.Tensor):
+        scores = as_numpy(scores)
     s = np.asarray(scores, dtype=np.float64)
     order = np.lexsort((np.arange(len(s)), -s))  # primary: score desc, secondary: position
     return order[:k]
@@ -32,7 +42,7 @@ def grad_embedding_factors(features: torch.Tensor, probs: torch.Tensor,
     if hot is None:
         hot = probs.argmax(1)
     coef = -probs.clone()
-    coef[torch.arange(len(coef)), hot] += 1.0
+    coef[torch.arange(len(coef), device=coef.device), hot.to(coef.device)] += 1.0
     return coef, features
 
 
@@ -51,7 +61,7 @@ def _sq_dists(x: torch.Tensor, centers: torch.Tensor, chunk: int = 4096,
     most `chunk` centers and `max_block` distances (256 MiB of float64): a 100k pool with 5k
     labeled centers needed 3.7 GB in one block. Pools of up to max_block // chunk = 8192
     rows are one row block, as before."""
-    out = torch.full((len(x),), float("inf"), dtype=torch.float64)
+    out = torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
     if len(centers) == 0:
         return out
     x64 = x.to(torch.float64)
@@ -77,11 +87,12 @@ class RowDistances:
         self.x = x.to(torch.float64)
         n, d = self.x.shape
         self.rows = max(256, buffer_bytes // (8 * max(d, 1)))
-        self._buf = torch.empty(min(self.rows + 1, n), d, dtype=torch.float64)
+        self._buf = torch.empty(min(self.rows + 1, n), d, dtype=torch.float64,
+                                device=self.x.device)
 
     def to(self, i: int) -> torch.Tensor:
         x, n, c = self.x, len(self.x), self.x[i]
-        out = torch.empty(n, dtype=torch.float64)
+        out = torch.empty(n, dtype=torch.float64, device=x.device)
         r = 0
         while r < n:
             m = min(self.rows, n - r)
@@ -111,7 +122,7 @@ def kcenter_greedy(x: torch.Tensor, k: int, centers: torch.Tensor | None = None,
         start = 0 if first is None else int(first)
         chosen.append(start)
         dist = rows.to(start)
-    taken = torch.zeros(n, dtype=torch.bool)
+    taken = torch.zeros(n, dtype=torch.bool, device=dist.device)
     taken[chosen] = True
     while len(chosen) < k:
         d = dist.masked_fill(taken, -1.0)
@@ -163,16 +174,16 @@ def kmeanspp_seeding(x: torch.Tensor | RankOneRows, k: int,
     if k <= 0:
         return np.zeros(0, dtype=np.int64)
     if isinstance(x, RankOneRows):
-        first = int(top_k(x.sq_norms.numpy(), 1)[0])  # argmax ‖x‖² = argmax ‖x‖
+        first = int(top_k(x.sq_norms, 1)[0])  # argmax ‖x‖² = argmax ‖x‖
         dist_to = x.sq_dists_to
     else:
         rows = RowDistances(x)
-        first = int(top_k(rows.x.norm(dim=1).numpy(), 1)[0])
+        first = int(top_k(rows.x.norm(dim=1), 1)[0])
         dist_to = rows.to
     chosen = [first]
     taken = np.zeros(n, dtype=bool)
     taken[first] = True
-    dist = dist_to(first).numpy()
+    dist = as_numpy(dist_to(first))
     while len(chosen) < k:
         d = np.where(taken, 0.0, dist)
         total = d.sum()
@@ -184,7 +195,7 @@ def kmeanspp_seeding(x: torch.Tensor | RankOneRows, k: int,
         i = int(rng.choice(n, p=d / total))
         chosen.append(i)
         taken[i] = True
-        dist = np.minimum(dist, dist_to(i).numpy())
+        dist = np.minimum(dist, as_numpy(dist_to(i)))
     return np.asarray(chosen, dtype=np.int64)
 
 

@@ -24,7 +24,7 @@ class Entropy(Strategy):
     uses_selector = True
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        return top_k(entropy(ctx.probs(self.query_model)).numpy(), budget)
+        return top_k(entropy(ctx.probs(self.query_model)), budget)
 
 
 @register
@@ -34,7 +34,7 @@ class Margin(Strategy):
     uses_selector = True
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        return top_k(-margin(ctx.probs(self.query_model)).numpy(), budget)
+        return top_k(-margin(ctx.probs(self.query_model)), budget)
 
 
 @register
@@ -44,4 +44,4 @@ class LeastConfidence(Strategy):
     uses_selector = True
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        return top_k(-ctx.probs(self.query_model).max(1).values.numpy(), budget)
+        return top_k(-ctx.probs(self.query_model).max(1).values, budget)

@@ -275,7 +275,8 @@ class Engine:
             if lr_at_epoch is not None:
                 for group in opt.param_groups:
                     group["lr"] = lr_at_epoch(epoch)
-            correct = seen = 0
+            # counted on the device: no host sync per step
+            correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
             for bi in self._batches(idx_t, gen):
                 if max_steps is not None and steps >= max_steps:
                     break
@@ -301,9 +302,9 @@ class Engine:
                     self.algorithm.correct_grads(model, client)
                 opt.step()
                 steps += 1
-                correct += int((logits.argmax(1) == yb).sum())
+                correct += (logits.argmax(1) == yb).sum()
                 seen += len(bi)
-            acc = correct / max(seen, 1)
+            acc = int(correct) / max(seen, 1)
             if stop_on_eval:  # the reference's pass draws the training augmentation
                 acc = self._accuracy(model, idx_t, ys, gen)
             if stop_accuracy is not None and acc >= stop_accuracy:
@@ -326,7 +327,7 @@ class Engine:
                 xb = self._augment(xb, gen)
             with self._autocast():
                 logits, _ = model(xb)
-            correct += int((logits.argmax(1).cpu() == labels.cpu()[b]).sum())
+            correct += int((logits.argmax(1) == labels[b.to(labels.device)]).sum())
         model.train()
         return correct / max(len(idx), 1)
 

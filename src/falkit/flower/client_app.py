@@ -90,6 +90,7 @@ class Site:
                                           ds.std),
                              self.num_classes, num_clients=1,
                              wrap_model=getattr(self.strategy, "wrap_model", None))
+        self.device = self.engine.device  # where every received tensor goes
 
     def meta(self) -> dict[str, Any]:
         rec = self.context.state[META] if META in self.context.state else ConfigRecord()
@@ -138,13 +139,14 @@ def _models(site: Site, conf: dict[str, Any], global_state: State) -> tuple[dict
     meta, state = site.meta(), site.context.state
     if meta.get("models_cycle") == cycle:
         names = meta.get("models", [])
-        return ({n: record_state(state[MODEL + n]) for n in names},
+        return ({n: record_state(state[MODEL + n], site.device) for n in names},
                 meta.get("models_info", {}))
     last = {}
     if meta.get("last_round_cycle") == cycle - 1 and MODEL + "last_round" in state:
-        last = {k: record_state(state[MODEL + "last_round"])}
+        last = {k: record_state(state[MODEL + "last_round"], site.device)}
     models, info = client_models(site.cfg, site.strategy, site.engine, cycle, {k: site.labeled},
-                                 torch.as_tensor(site.known), global_state, last)
+                                 torch.as_tensor(site.known, device=site.device), global_state,
+                                 last)
     mine = {m: by_client[k] for m, by_client in models.items() if k in by_client}
     for n, s in mine.items():
         state[MODEL + n] = state_record(s)
@@ -167,7 +169,7 @@ def stats(msg: Message, context: Context) -> Message:
     site = Site(context)
     conf = _conf(msg)
     site.strategy.load_state_dict(conf["strategy"])
-    ctx = _context(site, conf, record_state(msg.content["global"]))
+    ctx = _context(site, conf, record_state(msg.content["global"], site.device))
     values = site.strategy.client_stats(ctx) or {}
     return _reply(msg, stats=MetricRecord({k: float(v) for k, v in values.items()}))
 
@@ -186,7 +188,7 @@ def select_(msg: Message, context: Context) -> Message:
         record = {"cycle": 0, "client": k, "strategy": "initial_random"}
         diag: dict[str, Any] = {}
     else:
-        ctx = _context(site, conf, record_state(msg.content["global"]))
+        ctx = _context(site, conf, record_state(msg.content["global"], site.device))
         if conf.get("two_phase"):
             # replay phase A on the same keyed RNG: the context reaches exactly the state the
             # in-process loop queries from (FairFAL's d_k, its B_k draws)
@@ -217,12 +219,14 @@ def train(msg: Message, context: Context) -> Message:
     cycle, r, k, lr = conf["cycle"], conf["round"], conf["client"], conf["lr"]
     engine, cfg = site.engine, site.cfg
     algo = engine.algorithm
-    global_state = record_state(msg.content["global"])
+    # the global weights, the FL algorithm's downlink (SCAFFOLD's c) and this client's memory
+    # (its c_k) on the engine's device, where the client trains
+    global_state = record_state(msg.content["global"], site.device)
     meta = site.meta()
     memory: State = {}
     if meta.get("fl_generation") == conf["generation"] and FL_MEMORY in context.state:
-        memory = record_state(context.state[FL_MEMORY])
-    algo.at_client(k, record_state(msg.content["downlink"]), memory)
+        memory = record_state(context.state[FL_MEMORY], site.device)
+    algo.at_client(k, record_state(msg.content["downlink"], site.device), memory)
     progress = tuple(conf["progress"]) if conf.get("progress") else None
     # a strategy's own training objective (kafal.kcfu), built from this site's data only;
     # `site.known` holds just the labels the oracle revealed here
@@ -251,12 +255,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Per-class correct and total counts of the global model on this client's test data."""
     site = Site(context)
-    state = record_state(msg.content["global"])
+    state = record_state(msg.content["global"], site.device)
     C = site.num_classes
     y = site.dataset.y_test[site.test]
     if len(site.test):
         probs, _ = site.engine.predict(state, site.test, split="test")
-        pred = probs.argmax(1).numpy()
+        pred = probs.argmax(1).cpu().numpy()
     else:
         pred = np.zeros(0, dtype=np.int64)
     correct = np.bincount(y[pred == y], minlength=C).tolist()

@@ -69,9 +69,11 @@ def state_record(state: State) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
 
 
-def record_state(record: ArrayRecord) -> State:
+def record_state(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
+    """The tensors of a received record, on `device` (the receiving engine's: a message
+    carries NumPy arrays, which always arrive on the CPU)."""
     # copy: the arrays decoded from a message are read-only
-    return {k: torch.from_numpy(np.array(v.numpy())) for k, v in record.items()}
+    return {k: torch.from_numpy(np.array(v.numpy())).to(device) for k, v in record.items()}
 
 
 def array_record(**arrays: np.ndarray) -> ArrayRecord:

@@ -262,10 +262,11 @@ class FlowerServer:
             done = []
             for k, rep in replies.items():
                 metrics = dict(rep["metrics"])
+                # on the server engine's device, where the global state and the algorithm's
+                # state (SCAFFOLD's c) live
                 client = Client(id=k, weight=client_weight(cfg, int(metrics[NUM_EXAMPLES])),
-                                lr=lr,
-                                state=record_state(rep["model"]))
-                ups = record_state(rep["uplink"]) if "uplink" in rep else {}
+                                lr=lr, state=record_state(rep["model"], engine.device))
+                ups = record_state(rep["uplink"], engine.device) if "uplink" in rep else {}
                 algo.from_uplink(client, ups, {n: float(v) for n, v in metrics.items()
                                                if n != NUM_EXAMPLES})
                 done.append(client)

@@ -21,6 +21,11 @@ transformers is the `[fm]` extra (open_clip and timm are installed by hand: they
 torchvision built for the installed torch); a missing library or checkpoint is a ConfigError
 that says what to install or where to put the file.
 
+Device: `create(spec, device=...)` (FAST passes `runtime.device`) runs the encoder there:
+its module and each batch of inputs are moved to the device, the embeddings come back to the
+CPU as float32 NumPy. The pca fit itself stays on the CPU (float64, the same on every
+machine); only its projection runs on the device.
+
 Cache: `embed()` stores one `.npy` per (dataset, split, images, encoder identity,
 preprocessing) under a key that hashes all of them — the image bytes themselves, the weights'
 path, size and modification time, the processor's settings — so a changed input never reuses
@@ -52,10 +57,12 @@ FM_HINT = "pip install 'falkit[fm]'"
 
 
 class Encoder:
-    """A frozen image encoder. `encode` takes uint8 N×C×H×W and returns float32 N×D."""
+    """A frozen image encoder. `encode` takes uint8 N×C×H×W (on the CPU) and returns float32
+    N×D (NumPy); it computes on `device`."""
 
     spec: str = ""
     batch_size: int = 64
+    device: torch.device = torch.device("cpu")
 
     def identity(self) -> dict[str, Any]:
         """What determines the weights (for the cache key)."""
@@ -93,7 +100,7 @@ class PixelEncoder(Encoder):
         return {"scale": "x/255", "layout": "flatten CHW"}
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(len(x), -1).to(torch.float32) / 255.0
+        return x.to(self.device).reshape(len(x), -1).to(torch.float32) / 255.0
 
 
 class PCAEncoder(Encoder):
@@ -151,14 +158,15 @@ class PCAEncoder(Encoder):
         sign = torch.sign(evecs.gather(0, evecs.abs().argmax(0, keepdim=True)))
         evecs = evecs * sign
         scale = 1.0 / torch.sqrt(evals.clamp_min(1e-12))
-        self.mean = mean.to(torch.float32)
-        self.components = (evecs * scale).to(torch.float32)
+        # fitted on the CPU (float64, machine-independent); projected on the device
+        self.mean = mean.to(torch.float32).to(self.device)
+        self.components = (evecs * scale).to(torch.float32).to(self.device)
         self._x_fit = None
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         self._ensure_fitted()
         assert self.mean is not None and self.components is not None
-        xf = x.reshape(len(x), -1).to(torch.float32) / 255.0
+        xf = x.to(self.device).reshape(len(x), -1).to(torch.float32) / 255.0
         return (xf - self.mean) @ self.components
 
 
@@ -271,7 +279,7 @@ class HFEncoder(Encoder):
             # key must name what produced the pixels
             self._processor = transformers.AutoImageProcessor.from_pretrained(
                 self.dir, local_files_only=True, backend="pil")
-        self._model = model.eval()
+        self._model = model.eval().to(self.device)
 
     @staticmethod
     def _model_class(transformers: Any, config: Any) -> Any:
@@ -298,7 +306,7 @@ class HFEncoder(Encoder):
         assert self._model is not None and self._processor is not None
         images = list(_rgb_uint8(x).permute(0, 2, 3, 1).contiguous().numpy())
         pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(next(self._model.parameters()).dtype)
+        pixels = pixels.to(self.device, next(self._model.parameters()).dtype)
         if hasattr(self._model, "get_image_features"):  # full CLIP / SigLIP: image tower
             out = self._model.get_image_features(pixel_values=pixels)
             return out if torch.is_tensor(out) else out.pooler_output
@@ -336,7 +344,7 @@ class _PilCheckpointEncoder(Encoder):
     def _load(self) -> None:
         if self._model is None:
             model, transform = self._build()
-            self._model, self._transform = model.eval(), transform
+            self._model, self._transform = model.eval().to(self.device), transform
 
     def preprocessing(self) -> dict[str, Any]:
         self._load()
@@ -345,7 +353,7 @@ class _PilCheckpointEncoder(Encoder):
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
         self._load()
         assert self._model is not None and self._transform is not None
-        return self._forward(_pil_batch(x, self._transform))
+        return self._forward(_pil_batch(x, self._transform).to(self.device))
 
 
 class OpenClipEncoder(_PilCheckpointEncoder):
@@ -391,6 +399,7 @@ class TorchScriptEncoder(Encoder):
         self.file = _checkpoint_file(self.spec, file)
         try:  # now, so that a wrong file is refused before a run writes anything
             self._model = torch.jit.load(str(self.file), map_location="cpu").eval()
+            self._on = torch.device("cpu")
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, ValueError, ...
             raise ConfigError(f"encoder {self.spec!r}: {self.file} is not a TorchScript "
                               f"archive ({type(e).__name__}); save one with "
@@ -403,7 +412,9 @@ class TorchScriptEncoder(Encoder):
         return {"input": "float x/255, N×3×H×W at the dataset's resolution, grey x3"}
 
     def encode_batch(self, x: torch.Tensor) -> torch.Tensor:
-        return self._model(_rgb_uint8(x).to(torch.float32) / 255.0)
+        if self._on != self.device:  # loaded onto the CPU; moved once, when first used
+            self._model, self._on = self._model.to(self.device), self.device
+        return self._model(_rgb_uint8(x).to(self.device).to(torch.float32) / 255.0)
 
 
 ENCODERS: dict[str, str] = {
@@ -420,8 +431,10 @@ def describe() -> list[tuple[str, str]]:
     return list(ENCODERS.items())
 
 
-def create(spec: str, batch_size: int = 64, seed: int = 0) -> Encoder:
-    """The encoder named by `spec` (see the module docstring). `seed` is the pca fit's."""
+def create(spec: str, batch_size: int = 64, seed: int = 0,
+           device: str | torch.device = "cpu") -> Encoder:
+    """The encoder named by `spec` (see the module docstring), computing on `device`.
+    `seed` is the pca fit's."""
     kind, _, rest = spec.partition(":")
     enc: Encoder
     if kind == "pixels" and not rest:
@@ -444,6 +457,7 @@ def create(spec: str, batch_size: int = 64, seed: int = 0) -> Encoder:
     if batch_size < 1:
         raise ConfigError(f"encoder batch size must be >= 1, got {batch_size}")
     enc.batch_size = batch_size
+    enc.device = torch.device(device)
     return enc
 
 
