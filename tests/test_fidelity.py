@@ -11,7 +11,7 @@ from falkit.al.base import create
 from falkit.cli import main
 from falkit.fast import refinement_budgets
 from falkit.fl.algorithms import client_weight
-from falkit.loop import _local_mode
+from falkit.loop import local_mode
 
 
 def _lrs_per_step(eng, monkeypatch):
@@ -110,11 +110,11 @@ def test_fast_budget_split_even_or_proportional():
 
 def test_logo_and_at_l_baselines_follow_local_model_mode():
     paper = config.load(None, overrides={"strategy": "entropy@L"})
-    assert _local_mode(paper, create("entropy@L")) == "last_round"  # the authors' code
+    assert local_mode(paper, create("entropy@L")) == "last_round"  # the authors' code
     logo = config.load(None, overrides={"strategy": "logo", "local_model.mode": "scratch"})
-    assert _local_mode(logo, create("logo")) == "scratch"  # LoGo's own paper
-    assert _local_mode(paper, create("logo")) == "last_round"
-    assert _local_mode(paper, create("fairfal")) == "scratch"  # FairFAL's own rule
+    assert local_mode(logo, create("logo")) == "scratch"  # LoGo's own paper
+    assert local_mode(paper, create("logo")) == "last_round"
+    assert local_mode(paper, create("fairfal")) == "scratch"  # FairFAL's own rule
 
 
 def test_reference_preset_turns_on_every_authors_code_choice():

@@ -207,7 +207,7 @@ class Config:
     def settings_hash(self) -> str:
         """6 hex digits over the experiment's settings (not name, out_dir, data_root,
         fl.on_client_failure, nor the option sections of strategies other than this run's)."""
-        d = _flatten(experiment_dict(self))
+        d = flatten(experiment_dict(self))
         for key in ("name", "out_dir", "data.data_root", "fl.on_client_failure"):
             d.pop(key)
         return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:6]
@@ -289,12 +289,13 @@ def strategy_options(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level of dotted keys: {"fl": {"lr": 0.1}} -> {"fl.lr": 0.1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -385,7 +386,7 @@ def load(path: str | Path | None = None, preset: str | None = None,
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            file_values = _flatten(tomllib.loads(p.read_text(encoding="utf-8")))
+            file_values = flatten(tomllib.loads(p.read_text(encoding="utf-8")))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
         except UnicodeDecodeError:
@@ -487,7 +488,7 @@ def dumps_all(cfg: Config) -> str:
 
 def validate(cfg: Config) -> None:
     """Reject what cannot run, one line each. Budget feasibility needs the data: see loop."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, valid in CHOICES.items():
         if flat[key] not in valid:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
@@ -571,5 +572,5 @@ def _toml(d: dict[str, Any]) -> str:
 
 def loads(text: str) -> Config:
     cfg = Config()
-    apply(cfg, _flatten(tomllib.loads(text)))
+    apply(cfg, flatten(tomllib.loads(text)))
     return cfg

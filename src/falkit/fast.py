@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from falkit import config as config_mod
+from falkit.al.primitives import top_k
 from falkit.config import Config
 from falkit.data.federation import FederatedData, build
 from falkit.data.partition import write_partition_csv
@@ -127,8 +128,7 @@ def uncertainty(s: np.ndarray, method: str = "entropy",
 
 def top_uncertain(scores: np.ndarray, b: int) -> np.ndarray:
     """Positions of the b highest scores; equal scores → smaller position first."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return np.sort(order[:max(0, min(b, len(order)))])
+    return np.sort(top_k(scores, max(0, min(b, len(scores)))))
 
 
 def fraction_count(fraction: float, n: int) -> int:

@@ -56,7 +56,7 @@ class RunResult:
 
 
 @dataclass
-class _State:
+class RunState:
     labeled: list[np.ndarray]
     global_state: State | None = None
     last_round: dict[int, State] = field(default_factory=dict)
@@ -120,14 +120,14 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
 
 
 def _initial_labels(cfg: Config, data: FederatedData, budgets: list[int],
-                    oracle: SimulatedOracle) -> _State:
+                    oracle: SimulatedOracle) -> RunState:
     """Cycle 0: b_k labels per client, uniformly at random from its pool (ALGORITHMS.md §1)."""
     labeled = []
     for k, pool in enumerate(data.clients):
         pick = rng(cfg.seed, "initial_labels", k).choice(pool, size=budgets[k], replace=False)
         oracle.label(k, pick)
         labeled.append(np.sort(pick))
-    st = _State(labeled=labeled)
+    st = RunState(labeled=labeled)
     st.queries = [{"cycle": 0, "client": k, "strategy": "initial_random",
                    "indices": lab.tolist(), "labels": data.dataset.y_train[lab].tolist()}
                   for k, lab in enumerate(labeled)]
@@ -135,7 +135,7 @@ def _initial_labels(cfg: Config, data: FederatedData, budgets: list[int],
 
 
 def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
-           strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: _State,
+           strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: RunState,
            rep: Reporter) -> dict[str, Any]:
     C = data.num_classes
     y = data.dataset.y_train
@@ -162,7 +162,7 @@ def _cycle(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
         global_state = engine.init_state(cfg.seed, cycle)
         engine.algorithm.reset()  # e.g. SCAFFOLD's control variates belong to the old model
     K = len(data.clients)
-    keep_last = strategy.needs_local_model and _local_mode(cfg, strategy) == "last_round"
+    keep_last = strategy.needs_local_model and local_mode(cfg, strategy) == "last_round"
     if keep_last:
         st.last_round = {}  # this cycle's: each client's model after its last local update
     comm = 0
@@ -230,12 +230,13 @@ def metrics_row(cfg: Config, cycle: int, labeled: int, num_train: int, acc: floa
     return row
 
 
-def _local_mode(cfg: Config, strategy: Strategy) -> str:
+def local_mode(cfg: Config, strategy: Strategy) -> str:
+    """The local model a strategy queries with: its own rule, else `local_model.mode`."""
     return strategy.local_model_mode or cfg.local_model.mode
 
 
 def _query_phase(cfg: Config, cycle: int, data: FederatedData, budgets: list[int],
-                 strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: _State,
+                 strategy: Strategy, engine: Engine, oracle: SimulatedOracle, st: RunState,
                  rep: Reporter, times: dict[str, float]) -> np.ndarray:
     """Every client queries with the previous cycle's global model (query before training)."""
     assert st.global_state is not None
@@ -288,7 +289,7 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
     "distilled": ...} by client, and the distillation diagnostics by client. Trained with
     keyed seeds, so any subset of clients, resumed or on another machine, gets the same
     models."""
-    mode = _local_mode(cfg, strategy)
+    mode = local_mode(cfg, strategy)
     ids = list(labeled)
     local_states: dict[int, State] = {}
     if strategy.needs_local_model:
@@ -368,7 +369,7 @@ def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k
 def select(strategy: Strategy, ctx: QueryContext, budget: int
            ) -> tuple[np.ndarray, dict[str, Any]]:
     """The client's query and the strategy's diagnostics of it."""
-    strategy._diag = {}
+    strategy.clear_diagnostics()
     picks = strategy.query(ctx, budget)
     return picks, dict(strategy.diagnostics())
 
@@ -381,7 +382,7 @@ def _loss_predictor(engine: Engine, weights):
     return predicted_loss
 
 
-def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strategy,
+def _checkpoint(out: Path, cycle: int, cfg: Config, st: RunState, strategy: Strategy,
                 engine: Engine) -> None:
     save_torch(out / "checkpoint" / "latest.pt", {
         "cycle": cycle, "labeled": st.labeled, "global_state": st.global_state,
@@ -389,10 +390,10 @@ def _checkpoint(out: Path, cycle: int, cfg: Config, st: _State, strategy: Strate
         "rounds": st.rounds, "strategy": strategy.state_dict(),
         "fl_algorithm": engine.algorithm.state_dict(),
     })
-    _write_results(out, cfg, st, cycle)
+    write_results(out, cfg, st, cycle)
 
 
-def _write_results(out: Path, cfg: Config, st: _State, cycle: int) -> None:
+def write_results(out: Path, cfg: Config, st: RunState, cycle: int) -> None:
     write_csv(out / "metrics.csv", st.metrics)
     write_jsonl(out / "queries.jsonl", st.queries)
     if st.rounds:
@@ -415,7 +416,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def _resume(rd: RunDir, cfg: Config, oracle: SimulatedOracle, strategy: Strategy,
-            engine: Engine) -> tuple[_State | None, int]:
+            engine: Engine) -> tuple[RunState | None, int]:
     ck = load_checkpoint(rd)
     if ck is None:
         return None, 0
@@ -425,11 +426,11 @@ def _resume(rd: RunDir, cfg: Config, oracle: SimulatedOracle, strategy: Strategy
     # the checkpoint's tensors (read onto the CPU) go to this run's device: the device is not
     # part of a run's identity, so a run may resume on another one
     dev = engine.device
-    st = _State(labeled=ck["labeled"], global_state=to_device(ck["global_state"], dev),
+    st = RunState(labeled=ck["labeled"], global_state=to_device(ck["global_state"], dev),
                 last_round=to_device(ck["last_round"], dev), metrics=ck["metrics"],
                 queries=ck["queries"], rounds=ck.get("rounds", []))
     strategy.load_state_dict(ck.get("strategy", {}))
     engine.algorithm.load_state_dict(to_device(ck.get("fl_algorithm", {}), dev))
     oracle.restore(np.concatenate(st.labeled))
-    _write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
+    write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

@@ -75,7 +75,7 @@ def check_out_dir(path: Path, what: str = "out_dir") -> None:
 
 
 def identity(cfg: Config) -> dict[str, Any]:
-    d = config_mod._flatten(config_mod.experiment_dict(cfg))
+    d = config_mod.flatten(config_mod.experiment_dict(cfg))
     for key in NOT_IDENTITY:
         d.pop(key, None)
     for kind in _BY_PATH:

@@ -16,10 +16,9 @@ import math
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import as_numpy
+from falkit.al.primitives import as_numpy, nearest_to_centres
 
 ALPHA_CAPS = (0.2, 0.4, 0.6, 0.8, 1.0)  # reference: alpha_cap += 0.2 while alpha_cap < 1
 KMEANS_N_INIT = 1  # sklearn's "auto" for k-means++ init: one seeding run
@@ -81,21 +80,6 @@ def alfamix_candidates(z_u: torch.Tensor, pred: torch.Tensor, anchors: torch.Ten
     return mask
 
 
-def nearest_to_centres(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """KMeans(k) on `x`, then for every non-empty cluster the member nearest its centre
-    (reference `AlphaMixSampling.sample`). Distinct by construction; fewer than k when a
-    cluster ends up empty (duplicate points)."""
-    km = KMeans(n_clusters=k, n_init=KMEANS_N_INIT, random_state=seed).fit(x)
-    labels = km.labels_
-    dist = ((x - km.cluster_centers_[labels]) ** 2).sum(1)
-    out = []
-    for c in range(k):  # a loop over clusters (≤ b), not over the pool
-        members = np.flatnonzero(labels == c)
-        if len(members):
-            out.append(int(members[np.argmin(dist[members])]))
-    return np.asarray(out, dtype=np.int64)
-
-
 @register
 class AlfaMix(Strategy):
     name = "alfamix"
@@ -125,7 +109,7 @@ class AlfaMix(Strategy):
             feats = torch.nn.functional.normalize(z_u[torch.as_tensor(cand)], dim=1)
             seed = int(ctx.rng.integers(2**31 - 1))
             picks = cand[nearest_to_centres(as_numpy(feats.double()), min(budget, len(cand)),
-                                            seed)]
+                                            seed, n_init=KMEANS_N_INIT)]
         short = budget - len(picks)
         if short > 0:
             # uniform *without* replacement (the reference drew with replacement: duplicates)

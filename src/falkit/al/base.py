@@ -130,8 +130,12 @@ class Strategy:
         """Restore what state_dict returned."""
 
     def diagnostics(self) -> dict[str, object]:
-        """Per-query diagnostics recorded in queries.jsonl (cleared by the loop)."""
+        """Per-query diagnostics recorded in queries.jsonl (cleared by `clear_diagnostics`)."""
         return getattr(self, "_diag", {})
+
+    def clear_diagnostics(self) -> None:
+        """Forget the last query's diagnostics (the loop calls it before every query)."""
+        self._diag: dict[str, object] = {}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

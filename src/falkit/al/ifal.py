@@ -14,16 +14,12 @@ centre.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from falkit.al.base import QueryContext, Strategy, register
-from falkit.al.primitives import as_numpy, top_k
+from falkit.al.primitives import as_numpy, nearest_to_centres, top_k
 from falkit.errors import ConfigError
 
 W1_MODES = ("reference", "histogram")
@@ -101,22 +97,6 @@ def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
     mu1 = (np.cumsum((counts * centres)[::-1]) / w1[::-1])[::-1]
     between = w0[:-1] * w1[1:] * (mu0[:-1] - mu1[1:]) ** 2  # Otsu: between-class variance
     return float(centres[int(np.argmax(between))])
-
-
-def nearest_to_centres(x: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
-    """KMeans(k) on x, then the member nearest its centre from every non-empty cluster (IFAL
-    selection, ALGORITHMS.md §4), in cluster order, ties by position. Fewer than k positions
-    come back when k-means leaves clusters empty (duplicate points)."""
-    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed)
-    with warnings.catch_warnings():
-        # duplicate points: sklearn warns about fewer distinct clusters; the caller's
-        # fallback handles the shortfall
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        labels = km.fit_predict(x)
-    dist = ((x - km.cluster_centers_[labels]) ** 2).sum(1)
-    order = np.lexsort((np.arange(len(x)), dist, labels))  # cluster, distance, position
-    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
-    return order[first]
 
 
 @register

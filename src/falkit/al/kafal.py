@@ -187,7 +187,7 @@ def kcfu_objectives(engine, global_state, labeled: Sequence[np.ndarray], labels:
             if teacher is None or len(unl) < 2:
                 return kcfu_loss(logits, yb, prior)
             pick = unl[torch.randint(len(unl), (len(yb),), generator=gen)].to(engine.device)
-            xu = engine._augment(engine._inputs(engine.train_x[pick]), gen)
+            xu = engine.train_batch(pick, gen)
             lam = beta22(gen, len(pick)).to(engine.device).view(-1, 1, 1, 1)  # one per sample
             perm = torch.randperm(len(pick), generator=gen).to(engine.device)
             mix = lam * xu + (1.0 - lam) * xu[perm]  # mixup of permuted unlabeled pairs

@@ -221,3 +221,24 @@ def class_quotas(budget: int, bucket_sizes: np.ndarray) -> np.ndarray:
             quotas[c] += 1
             leftover -= 1
     return quotas
+
+
+def nearest_to_centres(x: np.ndarray, k: int, seed: int, n_init: int = 1) -> np.ndarray:
+    """KMeans(k, k-means++, `n_init` runs, random_state `seed`) on x, then the member nearest
+    its centre from every non-empty cluster, in cluster order, ties by position (ALFA-Mix's
+    and IFAL's selection, ALGORITHMS.md §4). Fewer than k positions come back when k-means
+    leaves clusters empty (duplicate points); the caller fills the shortfall."""
+    import warnings
+
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    km = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed)
+    with warnings.catch_warnings():
+        # duplicate points: sklearn warns about fewer distinct clusters
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = km.fit_predict(x)
+    dist = ((x - km.cluster_centers_[labels]) ** 2).sum(1)
+    order = np.lexsort((np.arange(len(x)), dist, labels))  # cluster, distance, position
+    first = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    return order[first]

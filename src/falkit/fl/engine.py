@@ -179,6 +179,12 @@ class Engine:
         x = x_u8.to(torch.float32) * self._scale + self._shift
         return x.contiguous(memory_format=self.memory_format)
 
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The training inputs of the train samples `idx`, normalised and augmented (random
+        crop / flip from `gen`) on the engine's device: what local SGD feeds the model, for
+        strategies that build batches of their own (KAFAL's unlabeled mixup)."""
+        return self._augment(self._inputs(self.train_x[idx.to(self.device)]), gen)
+
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self._augment_parts(x, [gen])
 

@@ -48,7 +48,7 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
-from falkit.loop import _local_mode, _State, _write_results, metrics_row
+from falkit.loop import RunState, local_mode, metrics_row, write_results
 from falkit.results import save_torch, write_atomic
 from falkit.rundir import RunDir
 from falkit.seeding import rng
@@ -81,7 +81,7 @@ class FlowerServer:
         self.strategy: Strategy = create_strategy(cfg.strategy,
                                                   **config_mod.strategy_options(cfg))
         self.nodes: dict[int, int] = {}  # client k -> node id, alive clients only
-        self.st = _State(labeled=[])
+        self.st = RunState(labeled=[])
         self.labeled: dict[int, int] = {}  # client k -> labeled count
 
     # -- messaging ------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class FlowerServer:
             self.generation = cycle  # clients drop their algorithm memory (SCAFFOLD's c_k)
         K = cfg.partition.num_clients
         keep_last = (self.strategy.needs_local_model
-                     and _local_mode(cfg, self.strategy) == "last_round")
+                     and local_mode(cfg, self.strategy) == "last_round")
         comm = 0
         decay_after = int(fl.lr_decay_at * fl.rounds)
         for r in range(fl.rounds):
@@ -353,7 +353,7 @@ class FlowerServer:
             "metrics": st.metrics, "queries": st.queries, "rounds": st.rounds,
             "strategy": self.strategy.state_dict(),
             "fl_algorithm": self.engine.algorithm.state_dict(), "engine": "flower"})
-        _write_results(self.out, self.cfg, st, cycle)
+        write_results(self.out, self.cfg, st, cycle)
 
 
 class _NoAlgo:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from falkit import stats
-from falkit.config import STRATEGY_SECTIONS, Config, loads
+from falkit.config import STRATEGY_SECTIONS, Config, flatten, loads
 from falkit.errors import FalkitError
 from falkit.results import read_metrics, read_status
 
@@ -50,16 +50,6 @@ _NOT_SETTING = ("name", "out_dir", "seed", "strategy", "data.data_root", "runtim
                 "runtime.eval_every")
 _CORE = ("data.dataset", "partition.method", "partition.alpha", "partition.classes_per_client",
          "data.rho", "partition.num_clients")
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _fmt(v: Any) -> str:
@@ -103,7 +93,7 @@ class Run:
         return sum(1 for k in self.metrics[0] if k.startswith("acc_")) if self.metrics else 0
 
     def setting_key(self) -> tuple[tuple[str, str], ...]:
-        flat = _flatten(dataclasses.asdict(self.config))
+        flat = flatten(dataclasses.asdict(self.config))
         # a strategy's own options belong to the method (see `method`), not the setting
         return tuple(sorted((k, _fmt(v)) for k, v in flat.items() if k not in _NOT_SETTING
                             and k.split(".", 1)[0] not in STRATEGY_SECTIONS))
