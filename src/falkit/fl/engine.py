@@ -644,7 +644,31 @@ class Engine:
         return self.map(train, list(range(len(jobs))))
 
     # -- inference ------------------------------------------------------------------------
-    @torch.inference_mode()
+    def _map_batches(self, state: State, idx: torch.Tensor, x_all: torch.Tensor,
+                     head: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]
+                     ) -> list[tuple[torch.Tensor, ...]]:
+        """`head(model, inputs)` of the model with weights `state` (eval mode, no
+        augmentation) over the samples `idx` of `x_all` in batches of `runtime.eval_batch`,
+        each output float32 on the CPU; one job per worker (a contiguous run of batches, the
+        weights loaded once per job). Returns the outputs per batch, in order."""
+        bs = self.cfg.runtime.eval_batch
+        batches = [idx[b:b + bs] for b in range(0, len(idx), bs)]
+        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
+        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
+
+        @torch.inference_mode()
+        def infer(model: nn.Module, job: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+            model.load_state_dict(state)
+            model.eval()
+            out = []
+            for sel in job:
+                with self._autocast():
+                    res = head(model, self._inputs(x_all[sel.to(self.device)]))
+                out.append(tuple(r.float().cpu() for r in res))
+            return out
+
+        return [batch for job in self.map(infer, jobs) for batch in job]
+
     def predict(self, state: State, idx: np.ndarray | None = None, split: str = "train"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and penultimate features (float32, on CPU) for the samples
@@ -652,56 +676,26 @@ class Engine:
         x_all = self.train_x if split == "train" else self.test_x
         n = len(x_all) if idx is None else len(idx)
         idx_t = torch.arange(n) if idx is None else torch.as_tensor(idx, dtype=torch.int64)
-        bs = self.cfg.runtime.eval_batch
-        batches = [idx_t[b:b + bs] for b in range(0, n, bs)]
-        # one job per worker: a contiguous run of batches, the weights loaded once per job
-        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
-        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
 
-        @torch.inference_mode()
-        def infer(model: nn.Module, job: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            model.load_state_dict(state)
-            model.eval()
-            probs, feats = [], []
-            for sel in job:
-                with self._autocast():
-                    logits, f = model(self._inputs(x_all[sel.to(self.device)]))
-                probs.append(torch.softmax(logits.float(), 1).cpu())
-                feats.append(f.float().cpu())
-            return torch.cat(probs), torch.cat(feats)
+        def head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, f = model(x)
+            return torch.softmax(logits.float(), 1), f
 
-        outs = self.map(infer, jobs)
+        outs = self._map_batches(state, idx_t, x_all, head)
         if not outs:
             d = getattr(self.model, "feature_dim", 0)
             return torch.zeros(0, self.num_classes), torch.zeros(0, d)
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
-    @torch.inference_mode()
     def predict_loss(self, state: State, idx: np.ndarray) -> torch.Tensor:
         """The model's predicted loss (ll4al's loss-prediction module; float32, on CPU) for
         the train samples `idx`, batched like `predict`, without augmentation."""
         if not hasattr(self.model, "predicted_loss"):
             raise RuntimeError(f"backbone {self.cfg.model.backbone!r} carries no loss-prediction "
                                "module (only strategy ll4al adds one)")
-        idx_t = torch.as_tensor(idx, dtype=torch.int64)
-        bs = self.cfg.runtime.eval_batch
-        batches = [idx_t[b:b + bs] for b in range(0, len(idx_t), bs)]
-        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
-        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
-
-        @torch.inference_mode()
-        def infer(model: nn.Module, job: list[torch.Tensor]) -> torch.Tensor:
-            model.load_state_dict(state)
-            model.eval()
-            out = []
-            for sel in job:
-                with self._autocast():
-                    pred = model.predicted_loss(self._inputs(self.train_x[sel.to(self.device)]))
-                out.append(pred.float().cpu())
-            return torch.cat(out)
-
-        outs = self.map(infer, jobs)
-        return torch.cat(outs) if outs else torch.zeros(0)
+        outs = self._map_batches(state, torch.as_tensor(idx, dtype=torch.int64), self.train_x,
+                                 lambda model, x: (model.predicted_loss(x),))
+        return torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
 
     @torch.inference_mode()
     def evaluate(self, state: State) -> tuple[float, np.ndarray]:
