@@ -6,8 +6,9 @@ import operator
 import os
 
 from falkit.cli import main
+from falkit.config import identity
 from falkit.parallel import run_jobs
-from falkit.rundir import RunDir, identity
+from falkit.rundir import RunDir
 
 # digits, 2 cycles of a few rounds: ~2 s a run in process, ~5 s in a fresh process (torch)
 SMALL = ["data.dataset=digits", "data.rho=none", "partition.num_clients=3", "partition.alpha=1",
@@ -63,8 +64,8 @@ def test_jobs_2_writes_the_rows_of_jobs_1_and_resumes(capsys, tmp_path):
 
 def test_default_threads_split_the_cpus_and_keep_the_run(tmp_path):
     """runtime.threads = 0 gives each of N jobs CPUs / N threads, set by the worker: the
-    job's config is not changed (runtime.threads is in the run name's hash), so the run
-    directory is the one --jobs 1 uses, and resume ignores the thread count (identity)."""
+    job's config is not changed, the run directory is the one --jobs 1 uses, and neither the
+    run name nor resume depends on the thread count (identity)."""
     from falkit import config as config_mod
     from falkit.cli import _parallel_plan
 
@@ -79,7 +80,10 @@ def test_default_threads_split_the_cpus_and_keep_the_run(tmp_path):
     assert threads == [max(1, len(os.sched_getaffinity(0)) // 2)] * 3
     assert [c.runtime.threads for c in cfgs] == [0] * 3
     assert [RunDir.of(c).path for c in cfgs] == before
-    assert RunDir.of(load("runtime.threads=1")).path != before[0]  # why cfg stays as is
+    # hardware settings name no other run: the same experiment, the same directory
+    assert RunDir.of(load("runtime.threads=1")).path == before[0]
+    assert RunDir.of(load("runtime.batch_clients=on", "runtime.eval_batch=64")).path == before[0]
+    assert RunDir.of(load("seed=1")).path != before[0]
     assert "runtime.threads" not in identity(cfgs[0])
     assert _parallel_plan([load("runtime.threads=3", f"strategy={st}")  # set: kept
                            for st in ("random", "entropy@G")], 2)[3] == [0, 0]

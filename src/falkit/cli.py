@@ -223,9 +223,8 @@ def _parallel_plan(cfgs: list[config_mod.Config],
     same run) run once; finished runs are only read. With runtime.threads = 0 a job gets
     the CPUs divided by the processes (at least one), so that the processes do not
     oversubscribe the CPU. The worker sets that thread count itself and the job's config
-    stays as it is (runtime.threads is in the run name's hash: another value would be
-    another run directory); the thread count is no part of a run's identity
-    (rundir.NOT_IDENTITY), so a run resumes with any --jobs."""
+    stays as it is; the thread count is no part of a run's identity (config.NOT_IDENTITY)
+    nor of its name, so a run resumes with any --jobs."""
     from falkit.parallel import cpu_count
     from falkit.rundir import RunDir
 

@@ -205,12 +205,9 @@ class Config:
                 f"{self.settings_hash()}")
 
     def settings_hash(self) -> str:
-        """6 hex digits over the experiment's settings (not name, out_dir, data_root,
-        fl.on_client_failure, nor the option sections of strategies other than this run's)."""
-        d = flatten(experiment_dict(self))
-        for key in ("name", "out_dir", "data.data_root", "fl.on_client_failure"):
-            d.pop(key)
-        return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()[:6]
+        """6 hex digits over the run's identity (`identity`): the same experiment gets the
+        same directory on any machine, device or thread layout, so it resumes there."""
+        return hashlib.sha256(repr(sorted(identity(self).items())).encode()).hexdigest()[:6]
 
 
 # The `quick` preset: the FairFAL protocol scaled to a 2-core CPU (README "Presets").
@@ -280,6 +277,30 @@ def experiment_dict(cfg: Config) -> dict[str, Any]:
     """The config as a dict, without the option sections of other strategies."""
     own = cfg.strategy.partition("@")[0]
     return {k: v for k, v in to_dict(cfg).items() if k not in STRATEGY_SECTIONS or k == own}
+
+
+# settings that say where a run lives, where its data are read from, how it reacts to
+# failures or on what hardware it computes, not what it computes (the data themselves are
+# checked by their fingerprint, data.json; threads, workers, the device and batched clients
+# can change float rounding)
+NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
+                "runtime.threads", "runtime.workers", "runtime.eval_batch",
+                "runtime.tune_allocator", "runtime.batch_clients")
+# a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
+_BY_PATH = ("npz:", "imagefolder:")
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The settings that make a run this run (dotted keys): every setting but NOT_IDENTITY,
+    the option sections of other strategies, and the path of a dataset given by path. The
+    run name's hash and the check that a resumed run is the same run both use it."""
+    d = flatten(experiment_dict(cfg))
+    for key in NOT_IDENTITY:
+        d.pop(key, None)
+    for kind in _BY_PATH:
+        if str(d.get("data.dataset", "")).startswith(kind):
+            d["data.dataset"] = kind
+    return d
 
 
 def strategy_options(cfg: Config) -> dict[str, Any]:

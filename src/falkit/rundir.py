@@ -37,19 +37,10 @@ import numpy as np
 import torch
 
 from falkit import config as config_mod
-from falkit.config import Config, check_name
+from falkit.config import Config, check_name, identity
 from falkit.errors import ConfigError, FalkitError
 from falkit.results import write_atomic
 
-# settings that say where a run lives, where its data are read from, how it reacts to
-# failures or on what hardware it computes, not what it computes (the data themselves are
-# checked by their fingerprint; threads, workers, the device and batched clients can change
-# float rounding)
-NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
-                "runtime.threads", "runtime.workers", "runtime.eval_batch",
-                "runtime.tune_allocator", "runtime.batch_clients")
-# a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
-_BY_PATH = ("npz:", "imagefolder:")
 # write_atomic's temporary files: ".<name>.<8 random characters of mkstemp>"
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 
@@ -72,16 +63,6 @@ def check_out_dir(path: Path, what: str = "out_dir") -> None:
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
             raise ConfigError(f"{what}: {p} is a file, not a directory")
-
-
-def identity(cfg: Config) -> dict[str, Any]:
-    d = config_mod.flatten(config_mod.experiment_dict(cfg))
-    for key in NOT_IDENTITY:
-        d.pop(key, None)
-    for kind in _BY_PATH:
-        if str(d.get("data.dataset", "")).startswith(kind):
-            d["data.dataset"] = kind
-    return d
 
 
 def config_diff(old: Config, new: Config) -> list[str]:
