@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from falkit.al.base import QueryContext, create
+from falkit.errors import ConfigError
 
 C, D = 5, 8
 
@@ -75,7 +76,6 @@ def test_gcn_training_is_seeded_and_reduces_the_loss(gcnal):
 
 @pytest.mark.parametrize("budget", [7, 30])
 def test_gcnal_subsample_cap(monkeypatch, budget, gcnal):
-    monkeypatch.setattr(gcnal, "SUBSAMPLE_CAP", 20)
     seen = []
     real = gcnal.kcenter_greedy
 
@@ -85,7 +85,7 @@ def test_gcnal_subsample_cap(monkeypatch, budget, gcnal):
 
     monkeypatch.setattr(gcnal, "kcenter_greedy", spy)
     ctx, _ = make_ctx()
-    s = create("gcnal@G")
+    s = create("gcnal@G", subsample=20, steps=5)  # the [gcnal] section's options
     picks = s.query(ctx, budget)
     assert len(picks) == budget and len(np.unique(picks)) == budget
     size = max(20, budget)  # the graph holds the cap, raised to the budget when it is larger
@@ -168,3 +168,24 @@ def test_alfamix_selects_candidates_before_random_fill():
     picks = s.select(hand_ctx(), 2)  # b < #candidates: stop at the first cap, k-means picks
     assert set(picks.tolist()) <= {0, 1, 2, 3} and len(set(picks.tolist())) == 2
     assert s.diagnostics()["alpha_cap"] == 0.2
+
+
+def test_strategy_sections_reach_the_strategies():
+    """ll4al's, logo's and gcnal's options are config keys (issue 15), validated, and each
+    reaches its strategy's constructor."""
+    from falkit import config as config_mod
+
+    cfg = config_mod.load(overrides={"strategy": "gcnal@G", "gcnal.steps": "7",
+                                     "gcnal.eta": "0.5", "gcnal.subsample": "99"})
+    s = create(cfg.strategy, **config_mod.strategy_options(cfg))
+    assert (s.steps, s.eta, s.subsample) == (7, 0.5, 99)
+    cfg = config_mod.load(overrides={"strategy": "ll4al", "ll4al.hidden": "16",
+                                     "ll4al.margin": "0.5", "ll4al.weight": "2"})
+    s = create(cfg.strategy, **config_mod.strategy_options(cfg))
+    assert (s.hidden, s.margin, s.weight) == (16, 0.5, 2.0)
+    cfg = config_mod.load(overrides={"strategy": "logo", "logo.n_init": "3"})
+    assert create(cfg.strategy, **config_mod.strategy_options(cfg)).n_init == 3
+    for bad in ("gcnal.steps=0", "ll4al.detach_from=1.5", "logo.n_init=0", "gcnal.eta=nan"):
+        k, v = bad.split("=")
+        with pytest.raises(ConfigError, match=k.replace(".", r"\.")):
+            config_mod.load(overrides={k: v})

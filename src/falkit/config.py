@@ -147,6 +147,32 @@ class IFALConfig:
 
 
 @dataclass
+class LL4ALConfig:
+    """Learning Loss (ALGORITHMS.md §4 ll4al): defaults are LL4AL's §4.1 and Fig. 2."""
+
+    margin: float = 1.0  # xi of the margin ranking loss
+    weight: float = 1.0  # lambda: loss = CE + lambda x ranking loss
+    detach_from: float = 0.75  # the module's input is detached in rounds r + 1 > int(this x R)
+    hidden: int = 128  # width of each block of the loss-prediction module
+
+
+@dataclass
+class LoGoConfig:
+    """LoGo (ALGORITHMS.md §4 logo)."""
+
+    n_init: int = 10  # k-means restarts of the macro step
+
+
+@dataclass
+class GCNALConfig:
+    """CoreGCN (ALGORITHMS.md §4 gcnal): defaults are the reference code's."""
+
+    steps: int = 200  # full-batch Adam steps of the GCN
+    eta: float = 1.2  # weight of the unlabeled term of its loss (CoreGCN's lambda_loss)
+    subsample: int = 10_000  # unlabeled nodes in the graph (CoreGCN's SUBSET)
+
+
+@dataclass
 class FASTConfig:
     """FAST (ALGORITHMS.md §6): defaults are the paper's Algorithm 1; `scope = "pooled"` is
     the reference code's behaviour. Table II's components: ① linear probing is
@@ -192,6 +218,9 @@ class Config:
     kafal: KAFALConfig = field(default_factory=KAFALConfig)
     ifal: IFALConfig = field(default_factory=IFALConfig)
     fast: FASTConfig = field(default_factory=FASTConfig)
+    ll4al: LL4ALConfig = field(default_factory=LL4ALConfig)
+    logo: LoGoConfig = field(default_factory=LoGoConfig)
+    gcnal: GCNALConfig = field(default_factory=GCNALConfig)
 
     def run_name(self) -> str:
         """`name`, or a readable name plus a short hash of every setting that changes the
@@ -270,7 +299,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Config sections that hold one strategy's options: only the run's own strategy's section is
 # part of its saved config and settings hash, so adding a strategy renames no existing run.
-STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast")
+STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast", "ll4al", "logo", "gcnal")
 
 
 def experiment_dict(cfg: Config) -> dict[str, Any]:
@@ -475,6 +504,14 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("ifal.kd_patience", 1, None, True, True),
     ("ifal.kd_temperature", 0, None, False, True),
     ("ifal.kd_ce_weight", 0, 1, True, True),
+    ("ll4al.margin", 0, None, True, True),
+    ("ll4al.weight", 0, None, True, True),
+    ("ll4al.detach_from", 0, 1, True, True),
+    ("ll4al.hidden", 1, None, True, True),
+    ("logo.n_init", 1, None, True, True),
+    ("gcnal.steps", 1, None, True, True),
+    ("gcnal.eta", 0, None, True, True),
+    ("gcnal.subsample", 1, None, True, True),
     ("fast.initial", 0, 1, False, False),
     ("fast.budget", 0, 1, True, False),
     ("fast.k", 1, None, True, True),

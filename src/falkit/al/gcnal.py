@@ -69,7 +69,7 @@ def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator,
 
 
 def train_gcn_hidden(x: torch.Tensor, n_unlabeled: int, gen: torch.Generator,
-                     steps: int = STEPS) -> tuple[torch.Tensor, float]:
+                     steps: int = STEPS, eta: float = ETA) -> tuple[torch.Tensor, float]:
     """Train CoreGCN's GCN on nodes `x` (rows 0..n_unlabeled-1 unlabeled, the rest labeled;
     rows L2-normalized) and return its hidden features in eval mode (N × 128) and the final
     training loss.
@@ -108,7 +108,7 @@ def train_gcn_hidden(x: torch.Tensor, n_unlabeled: int, gen: torch.Generator,
             if n > n_unlabeled:
                 loss = loss - F.logsigmoid(o[n_unlabeled:]).mean()
             if n_unlabeled > 0:
-                loss = loss - ETA * F.logsigmoid(-o[:n_unlabeled]).mean()
+                loss = loss - eta * F.logsigmoid(-o[:n_unlabeled]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -123,19 +123,24 @@ class GCNAL(Strategy):
     description = "CoreGCN: k-center on hidden features of a labeled-vs-unlabeled GCN"
     uses_selector = True
 
+    def __init__(self, at: str | None = None, *, steps: int = STEPS, eta: float = ETA,
+                 subsample: int = SUBSAMPLE_CAP, **options: object):
+        super().__init__(at, **options)
+        self.steps, self.eta, self.subsample = int(steps), float(eta), int(subsample)
+
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         fu = ctx.features(self.query_model, "unlabeled")
         fl = ctx.features(self.query_model, "labeled")
         n_u = len(fu)
         # the cap never drops below the budget: selection happens only inside the subsample
-        size = min(n_u, max(SUBSAMPLE_CAP, budget))
+        size = min(n_u, max(self.subsample, budget))
         if size < n_u:
             sub = np.sort(ctx.rng.choice(n_u, size=size, replace=False))
         else:
             sub = np.arange(n_u)
         gen = torch.Generator().manual_seed(int(ctx.rng.integers(2**63 - 1)))
         x = F.normalize(torch.cat([fu[torch.as_tensor(sub)], fl]).float(), dim=1)
-        hidden, loss = train_gcn_hidden(x, size, gen)
+        hidden, loss = train_gcn_hidden(x, size, gen, self.steps, self.eta)
         picks = kcenter_greedy(hidden[:size], budget, centers=hidden[size:])
         self._diag = {"subsample": int(size), "gcn_loss": loss}
         return sub[picks]
