@@ -120,3 +120,17 @@ def test_batched_round_with_crops_and_channels_last():
     assert_states_equal(s1, s2)
     for k in range(4):
         assert_states_equal(k1[k], k2[k])
+
+
+def test_batched_weights_give_identical_picks():
+    """The weights a batched round produces query exactly as one client at a time's do."""
+    from falkit.al.primitives import entropy, top_k
+
+    one, many = double_engine("off"), double_engine("on")
+    s1, k1 = rounds(one, UNEVEN, [0, 1, 2, 3])
+    s2, k2 = rounds(many, UNEVEN, [0, 1, 2, 3])
+    pool = np.arange(40)
+    for a, b in [(s1, s2), *((k1[k], k2[k]) for k in range(4))]:
+        pa, _ = one.predict(a, pool)
+        pb, _ = many.predict(b, pool)
+        assert top_k(entropy(pa), 10).tolist() == top_k(entropy(pb), 10).tolist()
