@@ -137,7 +137,7 @@ def query_identity() -> dict:
 
     from falkit.al.base import create as create_strategy
     from falkit.data.federation import build, client_budgets
-    from falkit.fl.engine import Engine, ImageTensors
+    from falkit.fl.engine import Engine, ImageTensors, configure_process
     from falkit.loop import Reporter, _initial_labels, _query_phase
     from falkit.oracle import SimulatedOracle
 
@@ -150,6 +150,7 @@ def query_identity() -> dict:
             data.num_classes)
     one = copy.deepcopy(cfg)
     one.runtime.eval_batch = 1
+    configure_process(cfg)
     fast, slow = Engine(*args, num_clients=K), Engine(one, *args[1:], num_clients=K)
     budgets = client_budgets(cfg, data)
     st0 = _initial_labels(cfg, data, budgets, SimulatedOracle(ds.y_train))
@@ -181,7 +182,7 @@ def query_identity() -> dict:
 def _engine_and_pools(precision: str = "fp32", per_client: int = 300, device: str = "cpu",
                       batch_clients: str = "off", local_epochs: int = 1):
     from falkit.data.federation import build
-    from falkit.fl.engine import Engine, ImageTensors
+    from falkit.fl.engine import Engine, ImageTensors, configure_process
 
     cfg = config_mod.load(ROOT / "configs" / "fmnist_lt.toml", overrides={
         "fl.local_epochs": str(local_epochs), "runtime.precision": precision,
@@ -189,6 +190,7 @@ def _engine_and_pools(precision: str = "fp32", per_client: int = 300, device: st
         "local_model.epochs": "5", "local_model.stop_accuracy": "1.0"})
     data = build(cfg)
     ds = data.dataset
+    configure_process(cfg)
     eng = Engine(cfg, ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
                                    ds.hflip, ds.crop_pad),
                  ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),

@@ -332,13 +332,14 @@ def gpu_busy(args: argparse.Namespace, ds: Any, rounds: int = 3) -> dict[str, An
     from torch.profiler import ProfilerActivity, profile
 
     from falkit.data.federation import build, client_budgets
-    from falkit.fl.engine import Engine, ImageTensors
+    from falkit.fl.engine import Engine, ImageTensors, configure_process
     from falkit.loop import _initial_labels
     from falkit.oracle import SimulatedOracle
 
     cfg = _protocol(args, Path(tempfile.gettempdir()), "busy", args.device, {})
     data = build(cfg, ds)
     d = data.dataset
+    configure_process(cfg)
     eng = Engine(cfg, ImageTensors(d.x_train, torch.as_tensor(d.y_train), d.mean, d.std,
                                    d.hflip, d.crop_pad),
                  ImageTensors(d.x_test, torch.as_tensor(d.y_test), d.mean, d.std),

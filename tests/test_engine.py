@@ -73,3 +73,19 @@ def test_local_sgd_stops_early_once_training_accuracy_is_reached():
     steps, acc = eng.local_sgd(model, idx, 300, 0.05, torch.Generator().manual_seed(0),
                                stop_accuracy=0.99)
     assert acc >= 0.99 and steps < 300  # stopped before the epoch limit
+
+
+def test_the_engine_leaves_process_settings_to_the_entry_point():
+    """Building an Engine changes no process-wide setting; configure_process (called by
+    loop.run, fast.run and the Flower apps) applies runtime.threads."""
+    from falkit.fl.engine import configure_process
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        eng, _ = make_engine(**{"runtime.threads": str(want)})
+        assert torch.get_num_threads() == before
+        configure_process(eng.cfg)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

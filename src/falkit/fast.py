@@ -35,7 +35,7 @@ from falkit.data.partition import write_partition_csv
 from falkit.data.sources import ImageDataset, load
 from falkit.errors import ConfigError
 from falkit.fl.algorithms import check_finite, state_bytes
-from falkit.fl.engine import Engine, ImageTensors
+from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.loop import Reporter
 from falkit.models import encoders
 from falkit.models.backbones import create as create_backbone
@@ -314,6 +314,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     out = rd.path
     if rd.inspect(cfg, overwrite) == "complete":
         return FastResult(out, read_metrics(out), skipped=True)
+    configure_process(cfg)
     linear = cfg.model.backbone == "linear"  # Table II ① linear probing
     times = {"data": 0.0, "encode": 0.0, "query": 0.0, "local_model": 0.0, "train": 0.0,
              "eval": 0.0}

@@ -24,7 +24,7 @@ from falkit.data.partition import write_partition_csv
 from falkit.data.sources import ImageDataset
 from falkit.errors import FalkitError
 from falkit.fl.algorithms import State, check_finite, state_bytes
-from falkit.fl.engine import Engine, ImageTensors
+from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.oracle import SimulatedOracle
 from falkit.results import (
     read_metrics,
@@ -87,6 +87,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     # a strategy may wrap the run's backbone (ll4al: a loss-prediction module trained and
     # federated with it)
     wrap = getattr(strategy, "wrap_model", None)
+    configure_process(cfg)
     engine = engine_class(cfg,
                     ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
                                  ds.hflip, ds.crop_pad),

@@ -63,6 +63,17 @@ def tune_allocator() -> bool:
     return ok
 
 
+def configure_process(cfg: Config) -> None:
+    """The process-wide settings a run asks for: glibc's allocator tuning
+    (`runtime.tune_allocator`) and torch's intra-op thread count (`runtime.threads`, 0 =
+    torch's default). Called once by each entry point that starts a run (loop.run, fast.run,
+    the Flower apps), not by the Engine, which has no business changing the process."""
+    if cfg.runtime.tune_allocator:
+        tune_allocator()
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
+
+
 @dataclass
 class ImageTensors:
     """Images (uint8 N×C×H×W) and labels of one split, plus how to normalise and augment."""
@@ -96,11 +107,7 @@ class Engine:
         self.cfg = cfg
         # what a strategy adds around every backbone (ll4al: its loss-prediction module)
         self.wrap_model = wrap_model
-        if cfg.runtime.tune_allocator:
-            tune_allocator()
         self.device = torch.device(cfg.runtime.device)
-        if cfg.runtime.threads > 0:
-            torch.set_num_threads(cfg.runtime.threads)
         self.num_classes = num_classes
         self.num_clients = num_clients  # K, for SCAFFOLD's partial-participation scaling
         # SGD steps per local update instead of fl.local_epochs epochs (FAST's tau)

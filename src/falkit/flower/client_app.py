@@ -22,7 +22,7 @@ from falkit.al.base import create as create_strategy
 from falkit.data.federation import build
 from falkit.data.sources import ImageDataset, load
 from falkit.fl.algorithms import State
-from falkit.fl.engine import Engine, ImageTensors
+from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
     NUM_EXAMPLES,
     array_record,
@@ -83,6 +83,7 @@ class Site:
             self.known[self.labeled] = pools["labels"]
             self.oracle.restore(self.labeled)
         self.strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+        configure_process(cfg)
         self.engine = Engine(cfg,
                              ImageTensors(ds.x_train, torch.as_tensor(self.known), ds.mean,
                                           ds.std, ds.hflip, ds.crop_pad),

@@ -31,7 +31,7 @@ from falkit.config import Config
 from falkit.data.federation import budgets_for
 from falkit.data.partition import write_partition_csv
 from falkit.fl.algorithms import Client, State, check_finite, client_weight, state_bytes
-from falkit.fl.engine import Engine, ImageTensors
+from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
     EVALUATE,
     INFO,
@@ -199,6 +199,7 @@ class FlowerServer:
         # a model template: the same init and parameter names as the in-process engine
         tmpl = ImageTensors(torch.zeros(1, c, s, s, dtype=torch.uint8),
                             torch.zeros(1, dtype=torch.int64), (0.0,) * c, (1.0,) * c)
+        configure_process(cfg)
         self.engine = Engine(cfg, tmpl, tmpl, C, num_clients=len(self.nodes),
                              wrap_model=getattr(self.strategy, "wrap_model", None))
         self.model_like = self.engine.init_state(cfg.seed, 0)
