@@ -138,7 +138,7 @@ def query_identity() -> dict:
     from falkit.al.base import create as create_strategy
     from falkit.data.federation import build, client_budgets
     from falkit.fl.engine import Engine, ImageTensors, configure_process
-    from falkit.loop import Reporter, _initial_labels, _query_phase
+    from falkit.loop import Reporter, _query_phase, initial_labels
     from falkit.oracle import SimulatedOracle
 
     cfg = slice_config("/nonexistent")
@@ -153,7 +153,7 @@ def query_identity() -> dict:
     configure_process(cfg)
     fast, slow = Engine(*args, num_clients=K), Engine(one, *args[1:], num_clients=K)
     budgets = client_budgets(cfg, data)
-    st0 = _initial_labels(cfg, data, budgets, SimulatedOracle(ds.y_train))
+    st0 = initial_labels(cfg, data, budgets, SimulatedOracle(ds.y_train))
     state = fast.init_state(cfg.seed, 0)
     for r in range(3):
         state, _ = fast.fl_round(state, list(range(K)), st0.labeled, cfg.fl.lr, cfg.seed, (0, r))

@@ -333,7 +333,7 @@ def gpu_busy(args: argparse.Namespace, ds: Any, rounds: int = 3) -> dict[str, An
 
     from falkit.data.federation import build, client_budgets
     from falkit.fl.engine import Engine, ImageTensors, configure_process
-    from falkit.loop import _initial_labels
+    from falkit.loop import initial_labels
     from falkit.oracle import SimulatedOracle
 
     cfg = _protocol(args, Path(tempfile.gettempdir()), "busy", args.device, {})
@@ -344,7 +344,7 @@ def gpu_busy(args: argparse.Namespace, ds: Any, rounds: int = 3) -> dict[str, An
                                    d.hflip, d.crop_pad),
                  ImageTensors(d.x_test, torch.as_tensor(d.y_test), d.mean, d.std),
                  data.num_classes, num_clients=len(data.clients))
-    st = _initial_labels(cfg, data, client_budgets(cfg, data), SimulatedOracle(d.y_train))
+    st = initial_labels(cfg, data, client_budgets(cfg, data), SimulatedOracle(d.y_train))
     state = eng.init_state(cfg.seed, 0)
     K = len(data.clients)
     state, _ = eng.fl_round(state, list(range(K)), st.labeled, cfg.fl.lr, 0, (0, 0))  # warm

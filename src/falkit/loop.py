@@ -102,7 +102,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
         st, first = _resume(rd, cfg, oracle, strategy, engine)
         resumed = first if st is not None else None
         if st is None:
-            st = _initial_labels(cfg, data, budgets, oracle)
+            st = initial_labels(cfg, data, budgets, oracle)
             first = 0
         rep.start(out.name, cfg.budget.cycles, first)
         try:
@@ -120,7 +120,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     return RunResult(out, st.metrics, resumed_from=resumed)
 
 
-def _initial_labels(cfg: Config, data: FederatedData, budgets: list[int],
+def initial_labels(cfg: Config, data: FederatedData, budgets: list[int],
                     oracle: SimulatedOracle) -> RunState:
     """Cycle 0: b_k labels per client, uniformly at random from its pool (ALGORITHMS.md §1)."""
     labeled = []
