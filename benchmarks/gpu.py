@@ -217,7 +217,10 @@ def _flower(case: Case, args: argparse.Namespace, over: dict[str, str]) -> dict[
     return {"accuracy": float(rows[-1]["accuracy"]), "cycles": len(rows)}
 
 
-def smoke(args: argparse.Namespace, work: Path, datasets: dict[str, Any]) -> list[dict]:
+def smoke(args: argparse.Namespace, work: Path, datasets: dict[str, Any],
+          deadline: float = float("inf")) -> list[dict]:
+    """Every case, until `deadline` (time.monotonic()): the cases left then are recorded as
+    skipped, so the script keeps its time limit and says what it did not run."""
     groups = [g for g in args.cases.split(",") if g]
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else list_ids()
     out = []
@@ -225,6 +228,12 @@ def smoke(args: argparse.Namespace, work: Path, datasets: dict[str, Any]) -> lis
         t = time.perf_counter()
         rec: dict[str, Any] = {"id": case.id, "group": case.group, "preset": case.preset,
                                "overrides": case.overrides}
+        if time.monotonic() > deadline:
+            rec.update(status="skipped", error="the script's deadline (--deadline-s) passed",
+                       seconds=0.0)
+            out.append(rec)
+            print(f"  smoke skipped (deadline)  {case.id}", flush=True)
+            continue
         try:
             rec.update(run_case(case, args, work, datasets))
             rec["status"] = "ok"
@@ -386,6 +395,9 @@ def cpu_figures(args: argparse.Namespace, work: Path, ds: Any) -> dict[str, Any]
 def timing(args: argparse.Namespace, work: Path, ds: Any, deadline: float) -> dict[str, Any]:
     budget = max(0.0, min(args.budget_s, deadline - time.monotonic()))
     out: dict[str, Any] = {"budget_s": round(budget, 1)}
+    if budget < 30:  # not even the first cycle would fit: say so instead of overrunning
+        out["skipped"] = "the script's deadline (--deadline-s) left no time"
+        return out
     t0 = time.monotonic()
     out["fp32"] = time_protocol(args, work, ds, "fp32", {}, 0.55 * budget, deadline)
     left = budget - (time.monotonic() - t0)
@@ -400,7 +412,7 @@ def timing(args: argparse.Namespace, work: Path, ds: Any, deadline: float) -> di
             "accuracy_diff_pp": round(100 * (b[n - 1]["accuracy"] - a[n - 1]["accuracy"]), 2),
             "train_speedup": round(a[0]["train_s"] / b[0]["train_s"], 2)
             if b[0]["train_s"] else None}
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and time.monotonic() < deadline - 30:
         try:
             out["gpu_busy"] = gpu_busy(args, ds)
         except Exception as e:  # noqa: BLE001 - a figure, not a check: say why it is missing
@@ -484,6 +496,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"Budget {tm['budget_s']:.0f} s of wall-clock; cycles run one after "
                   "another (falkit resumes after each); phase times from metrics.csv; "
                   "samples/s = rounds x local epochs x labeled / training time.", ""]
+        if "skipped" in tm:
+            lines += [f"Skipped: {tm['skipped']}.", ""]
         if "error" in tm:
             lines += [f"**FAILED**: {tm['error']}", "", "```", tm.get("traceback", ""), "```"]
         for key in ("fp32", "bf16"):
@@ -591,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"falkit GPU check on {res['machine'].get('gpu', args.device)}, torch "
               f"{torch.__version__}; runs under {work}", flush=True)
         if "smoke" in parts:
-            res["smoke"] = smoke(args, work, datasets)
+            res["smoke"] = smoke(args, work, datasets, deadline - 30)
             failed |= any(r["status"] == "FAILED" for r in res["smoke"])
         if "timing" in parts:
             try:

@@ -106,6 +106,9 @@ def test_auto_batches_on_a_gpu_only_and_never_a_custom_loss():
     assert eng.cfg.runtime.batch_clients == "auto" and not eng.batches_clients()
     eng.cfg.runtime.batch_clients = "on"
     assert eng.batches_clients() and not eng.batches_clients(custom_loss=True)
+    eng.cfg.runtime.precision = "bf16"  # CPU autocast leaves vmapped convolutions in fp32
+    assert not eng.batches_clients()
+    eng.cfg.runtime.precision = "fp32"
     eng.model.extra_loss = lambda *a: 0.0  # ll4al's loss-prediction module
     assert not eng.batches_clients()
 

@@ -222,11 +222,12 @@ class Scaffold(FedAvg):
                 p.grad.add_(delta[n])
 
     def correct_grads_batched(self, params: State, clients: list[Client]) -> None:
-        stacked = clients[0].extras.get("delta_group")  # stacked once per group and round
-        if stacked is None:
+        ids = tuple(c.id for c in clients)  # stacked once per group and round
+        ids_cached, stacked = clients[0].extras.get("delta_group", ((), None))
+        if stacked is None or ids_cached != ids:
             stacked = {n: torch.stack([c.extras["delta"][n] for c in clients])
                        for n in clients[0].extras["delta"]}
-            clients[0].extras["delta_group"] = stacked
+            clients[0].extras["delta_group"] = (ids, stacked)
         for n, p in params.items():
             if p.grad is not None and n in stacked:
                 p.grad.add_(stacked[n])

@@ -193,36 +193,82 @@ class Engine:
         return self._augment(self._inputs(self.train_x[idx.to(self.device)]), gen)
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return self._augment_parts(x, [gen])
+        return self._apply_augment(x, *self._draw_augment(gen, x.shape[0]))
 
-    def _augment_parts(self, x: torch.Tensor, gens: Sequence[torch.Generator]) -> torch.Tensor:
-        """Random crop (pad, then a window) and flip of a batch made of len(gens) equal
-        parts, part g drawing from gens[g] (crop offsets, then flips: each generator sees
-        the draws one part alone would), applied to the whole batch in one go."""
-        n = x.shape[0] // len(gens)
-        dys, dxs, flips = [], [], []
-        for gen in gens:  # the draws of each part, in _augment's order
-            if self.crop_pad:
-                dys.append(torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen))
-                dxs.append(torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen))
-            if self.hflip:
-                flips.append(torch.rand(n, generator=gen) < 0.5)
-        n = x.shape[0]
+    def _draw_augment(self, gen: torch.Generator, n: int
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The random draws of augmenting n images, on the CPU from `gen`, in this order:
+        crop offsets dy, dx (when cropping), then flips (when flipping)."""
+        dy = dx = flip = None
         if self.crop_pad:
+            dy = torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen)
+            dx = torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen)
+        if self.hflip:
+            flip = torch.rand(n, generator=gen) < 0.5
+        return dy, dx, flip
+
+    def _apply_augment(self, x: torch.Tensor, dy: torch.Tensor | None,
+                       dx: torch.Tensor | None, flip: torch.Tensor | None) -> torch.Tensor:
+        """Random crop (pad, then the window at dy, dx) and flip of a batch, with the draws of
+        `_draw_augment` (moved to the batch's device here, if they are not there already)."""
+        n = x.shape[0]
+        if dy is not None and dx is not None:
             p = self.crop_pad
             padded = F.pad(x, (p, p, p, p))
             h, w = x.shape[2], x.shape[3]
-            dy = torch.cat(dys).to(x.device)
-            dx = torch.cat(dxs).to(x.device)
+            dy, dx = dy.to(x.device), dx.to(x.device)
             rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
             cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
             idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
             idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
             x = padded[idx_n, idx_c, rows, cols]
-        if self.hflip:
-            flip = torch.cat(flips).to(x.device).view(n, 1, 1, 1)
-            x = torch.where(flip, x.flip(3), x)
+        if flip is not None:
+            x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
         return x.contiguous(memory_format=self.memory_format)
+
+    def _epoch_batches(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None,
+                       up_front: bool = True):
+        """(indices on the device, augmented inputs) of each mini-batch of one epoch, at most
+        `limit`. `up_front`: the epoch's draws are made first and copied to the device once
+        (`_epoch_plan`); else each batch's draws are made as it comes. Same draws, same
+        order within `gen`, either way."""
+        if up_front:
+            spans, flat, draws = self._epoch_plan(idx, gen, limit)
+            for a, b in spans:
+                bi_d = flat[a:b]
+                yield bi_d, self._apply_augment(self._inputs(self.train_x[bi_d]), *(
+                    None if d is None else d[a:b] for d in draws))
+            return
+        for n, bi in enumerate(self._batches(idx, gen)):
+            if limit is not None and n >= limit:
+                break
+            bi_d = bi.to(self.device)
+            yield bi_d, self._augment(self._inputs(self.train_x[bi_d]), gen)
+
+    def _epoch_plan(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None = None
+                    ) -> tuple[list[tuple[int, int]], torch.Tensor, list[torch.Tensor | None]]:
+        """One epoch of local SGD drawn up front: the mini-batches of `_batches` (at most
+        `limit`) and each batch's augmentation draws, from `gen` in the order a step-by-step
+        loop draws them (the permutation, then each batch's crop offsets and flips), then
+        moved to the device in one copy each, so that the steps need no host sync. Returns
+        the batches' (start, end) in the flat order, the flat sample indices and the flat
+        draws (dy, dx, flip; None where unused), all on the device."""
+        spans: list[tuple[int, int]] = []
+        parts: list[torch.Tensor] = []
+        draws: list[list[torch.Tensor]] = [[], [], []]
+        pos = 0
+        for bi in self._batches(idx, gen):
+            if limit is not None and len(spans) >= limit:
+                break
+            for acc, d in zip(draws, self._draw_augment(gen, len(bi)), strict=True):
+                if d is not None:
+                    acc.append(d)
+            parts.append(bi)
+            spans.append((pos, pos + len(bi)))
+            pos += len(bi)
+        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return (spans, flat.to(self.device),
+                [torch.cat(d).to(self.device) if d else None for d in draws])
 
     def _batches(self, idx: torch.Tensor, gen: torch.Generator):
         """Shuffled mini-batches of one epoch. A trailing batch of one sample is dropped:
@@ -290,14 +336,14 @@ class Engine:
                     group["lr"] = lr_at_epoch(epoch)
             # counted on the device: no host sync per step
             correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
-            for bi in self._batches(idx_t, gen):
-                if max_steps is not None and steps >= max_steps:
-                    break
+            # an objective draws from `gen` inside each step (KAFAL's mixup): then every
+            # batch's draws must come just before its step, as they always did
+            for bi_d, xb in self._epoch_batches(
+                    idx_t, gen, None if max_steps is None else max_steps - steps,
+                    up_front=objective is None):
                 if lr_at_step is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr_at_step(steps)
-                bi_d = bi.to(self.device)
-                xb = self._augment(self._inputs(self.train_x[bi_d]), gen)
                 yb = ys[bi_d]
                 with self._autocast():
                     logits, _ = model(xb)
@@ -316,7 +362,7 @@ class Engine:
                 opt.step()
                 steps += 1
                 correct += (logits.argmax(1) == yb).sum()
-                seen += len(bi)
+                seen += len(yb)
             acc = int(correct) / max(seen, 1)
             if stop_on_eval:  # the reference's pass draws the training augmentation
                 acc = self._accuracy(model, idx_t, ys, gen)
@@ -403,17 +449,22 @@ class Engine:
     def batches_clients(self, custom_loss: bool = False) -> bool:
         """Whether clients with equally many labels train as one batched computation: the
         setting (auto = on a GPU), and only for plain cross-entropy — a strategy's own
-        training objective (KAFAL) or loss module (ll4al) trains one client at a time."""
+        training objective (KAFAL) or loss module (ll4al) trains one client at a time, and
+        so does bf16 on the CPU."""
         mode = self.cfg.runtime.batch_clients
         on = mode == "on" or (mode == "auto" and self.device.type == "cuda")
-        return on and not custom_loss and not hasattr(self.model, "extra_loss")
+        # under vmap a convolution reaches autocast as aten.convolution, which CPU autocast
+        # leaves in fp32 (CUDA's casts it): bf16 on the CPU trains one client at a time
+        bf16_cpu = self.cfg.runtime.precision == "bf16" and self.device.type != "cuda"
+        return on and not bf16_cpu and not custom_loss and not hasattr(self.model, "extra_loss")
 
     def train_clients(self, global_state: State, ks: list[int], pools: list[np.ndarray],
                       lr: float, gens: list[torch.Generator]) -> list[Client]:
         """`train_client` for clients whose pools are equally large, as one computation:
         the same begin/end hooks, the algorithm's batched loss and gradient hooks, and
         each client's own random stream, so the result equals one client at a time up to
-        float rounding (tests/test_batched.py)."""
+        float rounding (tests/test_batched.py). `end_client` gets the working model holding
+        the global weights (the client's are in client.state, which the algorithms read)."""
         algo = self.algorithm
         self.model.load_state_dict(global_state)  # begin_client reads names off the model
         clients = []
@@ -494,16 +545,21 @@ class Engine:
                     group["lr"] = lr_at_epoch(epoch)
             correct = torch.zeros(len(live), dtype=torch.int64, device=self.device)
             seen = 0
-            iters = [self._batches(idx_ts[g], gens[g]) for g in live]
-            for bis in zip(*iters, strict=True):
-                if max_steps is not None and done_steps >= max_steps:
-                    break
+            # each model's epoch drawn up front from its own generator (same draws, same
+            # order as one at a time), stacked: a step slices the group's batch, no host sync
+            limit = None if max_steps is None else max_steps - done_steps
+            plans = [self._epoch_plan(idx_ts[g], gens[g], limit) for g in live]
+            spans = plans[0][0]
+            flat = torch.stack([p[1] for p in plans])
+            draws = [None if plans[0][2][j] is None else torch.stack([p[2][j] for p in plans])
+                     for j in range(3)]
+            for a, b in spans:
                 if lr_at_step is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr_at_step(done_steps)
-                bi_d = torch.cat(bis).to(self.device)  # one gather for the whole group
-                xb = self._augment_parts(self._inputs(self.train_x[bi_d]),
-                                         [gens[g] for g in live])
+                bi_d = flat[:, a:b].reshape(-1)  # one gather for the whole group
+                xb = self._apply_augment(self._inputs(self.train_x[bi_d]), *(
+                    None if d is None else d[:, a:b].reshape(-1) for d in draws))
                 xb = xb.view(len(live), -1, *xb.shape[1:])
                 yb = ys_all[bi_d].view(len(live), -1)
                 with self._autocast():
@@ -521,7 +577,7 @@ class Engine:
                 opt.step()
                 done_steps += 1
                 correct += hits
-                seen += len(bis[0])
+                seen += b - a
             epoch_acc = (correct.double() / max(seen, 1)).tolist()
             if stop_on_eval:  # each model's own eval pass, with its own generator
                 epoch_acc = []
