@@ -44,8 +44,7 @@ from falkit.results import read_metrics, write_atomic, write_csv, write_jsonl
 from falkit.rundir import RunDir, data_fingerprint
 from falkit.seeding import rng
 
-UNCERTAINTIES = ("entropy", "norm", "least_confidence", "smallest_margin", "largest_margin",
-                 "random")
+UNCERTAINTIES = config_mod.CHOICES["fast.uncertainty"]  # one list: the config's choices
 MIB = 2 ** 20
 
 
