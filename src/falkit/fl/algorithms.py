@@ -204,8 +204,11 @@ class Scaffold(FedAvg):
         super().__init__(**options)
         self.c: dict[str, torch.Tensor] = {}
         self.c_k: dict[int, dict[str, torch.Tensor]] = {}
+        # this round's c − c_k stacked per batched group (correct_grads_batched)
+        self._stacked: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
 
     def begin_round(self, global_state: State, param_names: list[str]) -> None:
+        self._stacked = {}
         if not self.c:  # control variates start at zero
             self.c = {n: torch.zeros_like(global_state[n]) for n in param_names}
 
@@ -223,11 +226,11 @@ class Scaffold(FedAvg):
 
     def correct_grads_batched(self, params: State, clients: list[Client]) -> None:
         ids = tuple(c.id for c in clients)  # stacked once per group and round
-        ids_cached, stacked = clients[0].extras.get("delta_group", ((), None))
-        if stacked is None or ids_cached != ids:
+        stacked = self._stacked.get(ids)
+        if stacked is None:
             stacked = {n: torch.stack([c.extras["delta"][n] for c in clients])
                        for n in clients[0].extras["delta"]}
-            clients[0].extras["delta_group"] = (ids, stacked)
+            self._stacked[ids] = stacked
         for n, p in params.items():
             if p.grad is not None and n in stacked:
                 p.grad.add_(stacked[n])

@@ -243,7 +243,7 @@ class Engine:
             if limit is not None and n >= limit:
                 break
             bi_d = bi.to(self.device)
-            yield bi_d, self._augment(self._inputs(self.train_x[bi_d]), gen)
+            yield bi_d, self.train_batch(bi_d, gen)
 
     def _epoch_plan(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None = None
                     ) -> tuple[list[tuple[int, int]], torch.Tensor, list[torch.Tensor | None]]:
@@ -411,8 +411,7 @@ class Engine:
                                      torch_generator(seed, "train", *key, k), progress=progress,
                                      objective=objectives(k) if objectives else None)
 
-        if self.batches_clients(objectives is not None and any(
-                objectives(k) is not None for k in active)):
+        if self.batches_clients(custom_loss=objectives is not None):
             by_id: dict[int, Client] = {}
             for group in _equal_pools(active, pools):
                 if len(group) == 1:
@@ -477,7 +476,6 @@ class Engine:
             lr, clients=clients, max_steps=self.local_steps)
         for client, state, n in zip(clients, states, steps, strict=True):
             client.state, client.steps = state, n
-            client.extras.pop("delta_group", None)
             algo.end_client(self.model, global_state, client)
         return clients
 
@@ -509,20 +507,16 @@ class Engine:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         keys = list(model.state_dict())  # state-dict order, as clone_state gives it
 
-        def stack(rows: list[int], src: Sequence[State]) -> tuple[State, State]:
-            params = {n: torch.stack([src[r][n].detach() for r in rows]).requires_grad_()
-                      for n in names}
-            buffers = {n: torch.stack([src[r][n].detach() for r in rows])
-                       for n in keys if n not in params}
-            return params, buffers
-
         def step_loss(weights: State, x: torch.Tensor, y: torch.Tensor):
             logits, _ = functional_call(model, weights, (x,))
             return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
 
         batched = vmap(step_loss)
         live = list(range(n_models))  # models still training, in order
-        params, buffers = stack(live, inits)
+        params = {n: torch.stack([st[n].detach() for st in inits]).requires_grad_()
+                  for n in names}
+        buffers = {n: torch.stack([st[n].detach() for st in inits])
+                   for n in keys if n not in params}
         opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=self.cfg.fl.momentum,
                               weight_decay=self.cfg.fl.weight_decay)
         idx_ts = [torch.as_tensor(i, dtype=torch.int64) for i in idxs]
@@ -682,7 +676,7 @@ class Engine:
                 total, n = 0.0, 0
                 for bi in self._batches(idx_t, gen):
                     bi_d = bi.to(self.device)
-                    xb = self._augment(self._inputs(self.train_x[bi_d]), gen)
+                    xb = self.train_batch(bi_d, gen)
                     with torch.no_grad(), self._autocast():
                         t_logits, _ = frozen(xb)
                     with self._autocast():
