@@ -131,47 +131,43 @@ def bench_slice(reps: int, ref_reps: int) -> dict:
 
 def query_identity() -> dict:
     """The same global and local weights, the same FairFAL query step (falkit's own
-    `_query_phase`), forward passes in batches of `runtime.eval_batch` = 128 or one sample
+    `driver.query`), forward passes in batches of `runtime.eval_batch` = 128 or one sample
     at a time (the reference's query loaders): are the picks identical?"""
     import copy
 
     from falkit.al.base import create as create_strategy
-    from falkit.data.federation import build, client_budgets
-    from falkit.fl.engine import Engine, ImageTensors, configure_process
-    from falkit.loop import Reporter, _query_phase, initial_labels
-    from falkit.oracle import SimulatedOracle
+    from falkit.data.federation import build
+    from falkit.driver import Reporter, query
+    from falkit.fl.engine import configure_process
+    from falkit.inprocess import InProcessFederation
+    from falkit.loop import engine_for
 
     cfg = slice_config("/nonexistent")
     data = build(cfg)
     ds, K = data.dataset, len(data.clients)
-    args = (cfg, ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
-                              ds.hflip, ds.crop_pad),
-            ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
-            data.num_classes)
     one = copy.deepcopy(cfg)
     one.runtime.eval_batch = 1
     configure_process(cfg)
-    fast, slow = Engine(*args, num_clients=K), Engine(one, *args[1:], num_clients=K)
-    budgets = client_budgets(cfg, data)
-    st0 = initial_labels(cfg, data, budgets, SimulatedOracle(ds.y_train))
+    fast = engine_for(cfg, ds, data.num_classes, K)
+    slow = engine_for(one, ds, data.num_classes, K)
+    labeled = InProcessFederation(cfg, create_strategy("fairfal"), data, fast)
+    labeled.initial_labels()
     state = fast.init_state(cfg.seed, 0)
     for r in range(3):
-        state, _ = fast.fl_round(state, list(range(K)), st0.labeled, cfg.fl.lr, cfg.seed, (0, r))
-    st0.global_state = state
-    local_models = fast.train_scratch([(st0.labeled[k], (1, k)) for k in range(K)],
+        state, _ = fast.fl_round(state, list(range(K)), labeled.labeled, cfg.fl.lr, cfg.seed,
+                                 (0, r))
+    local_models = fast.train_scratch([(lab, (1, k)) for k, lab in enumerate(labeled.labeled)],
                                       torch.as_tensor(ds.y_train), cfg.seed)
     picks, times = {}, {}
     for name, eng in (("batch128", fast), ("batch1", slow)):
         eng.train_scratch = lambda jobs, labels, seed: local_models  # the same local models
-        st, oracle = copy.deepcopy(st0), SimulatedOracle(ds.y_train)
-        for k, lab in enumerate(st.labeled):
-            oracle.label(k, lab)
         strategy = create_strategy("fairfal", **config_mod.strategy_options(cfg))
+        fed = InProcessFederation(cfg, strategy, data, eng)
+        fed.initial_labels()  # the same initial labels (keyed draws)
         t = time.perf_counter()
-        _query_phase(cfg, 1, data, budgets, strategy, eng, oracle, st, Reporter(),
-                     {"local_model": 0.0})
+        q = query(cfg, 1, strategy, fed, state, Reporter())
         times[name] = time.perf_counter() - t
-        picks[name] = [set(q["indices"]) for q in st.queries if q["cycle"] == 1]
+        picks[name] = [set(r["indices"]) for r in q.records]
     pairs = list(zip(picks["batch128"], picks["batch1"], strict=True))
     return {"identical_clients": sum(a == b for a, b in pairs), "clients": K,
             "overlap": sum(len(a & b) for a, b in pairs),
@@ -182,7 +178,8 @@ def query_identity() -> dict:
 def _engine_and_pools(precision: str = "fp32", per_client: int = 300, device: str = "cpu",
                       batch_clients: str = "off", local_epochs: int = 1):
     from falkit.data.federation import build
-    from falkit.fl.engine import Engine, ImageTensors, configure_process
+    from falkit.fl.engine import configure_process
+    from falkit.loop import engine_for
 
     cfg = config_mod.load(ROOT / "configs" / "fmnist_lt.toml", overrides={
         "fl.local_epochs": str(local_epochs), "runtime.precision": precision,
@@ -191,10 +188,7 @@ def _engine_and_pools(precision: str = "fp32", per_client: int = 300, device: st
     data = build(cfg)
     ds = data.dataset
     configure_process(cfg)
-    eng = Engine(cfg, ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std,
-                                   ds.hflip, ds.crop_pad),
-                 ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
-                 data.num_classes, num_clients=len(data.clients))
+    eng = engine_for(cfg, ds, data.num_classes, len(data.clients))
     pools = [p[:per_client] for p in data.clients]
     return cfg, eng, pools
 

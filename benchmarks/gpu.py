@@ -340,20 +340,18 @@ def gpu_busy(args: argparse.Namespace, ds: Any, rounds: int = 3) -> dict[str, An
     of the rounds; one stream, so kernels do not overlap)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from falkit.data.federation import build, client_budgets
-    from falkit.fl.engine import Engine, ImageTensors, configure_process
-    from falkit.loop import initial_labels
-    from falkit.oracle import SimulatedOracle
+    from falkit.al.base import create as create_strategy
+    from falkit.data.federation import build
+    from falkit.fl.engine import configure_process
+    from falkit.inprocess import InProcessFederation
+    from falkit.loop import engine_for
 
     cfg = _protocol(args, Path(tempfile.gettempdir()), "busy", args.device, {})
     data = build(cfg, ds)
-    d = data.dataset
     configure_process(cfg)
-    eng = Engine(cfg, ImageTensors(d.x_train, torch.as_tensor(d.y_train), d.mean, d.std,
-                                   d.hflip, d.crop_pad),
-                 ImageTensors(d.x_test, torch.as_tensor(d.y_test), d.mean, d.std),
-                 data.num_classes, num_clients=len(data.clients))
-    st = initial_labels(cfg, data, client_budgets(cfg, data), SimulatedOracle(d.y_train))
+    eng = engine_for(cfg, data.dataset, data.num_classes, len(data.clients))
+    st = InProcessFederation(cfg, create_strategy("random"), data, eng)
+    st.initial_labels()
     state = eng.init_state(cfg.seed, 0)
     K = len(data.clients)
     state, _ = eng.fl_round(state, list(range(K)), st.labeled, cfg.fl.lr, 0, (0, 0))  # warm

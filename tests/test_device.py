@@ -156,12 +156,12 @@ def test_fl_algorithms_keep_their_state_on_the_weights_device(name):
 def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
     """runtime.device is not part of a run's identity: a run saved on one device resumes on
     another, its weights, last-round models and FL-algorithm state moved to the new one."""
-    from types import SimpleNamespace
-
     from tests.test_loop import small_cfg
 
     from falkit.al.base import create as create_strategy
-    from falkit.loop import _resume, run
+    from falkit.driver import _resume
+    from falkit.inprocess import InProcessFederation
+    from falkit.loop import run
     from falkit.oracle import SimulatedOracle
     from falkit.rundir import RunDir
 
@@ -169,16 +169,16 @@ def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
                                                         "budget.cycles": "3"})
     res = run(cfg, stop_after=0)
     assert len(res.metrics) == 1
-    engine = SimpleNamespace(device=torch.device("cuda", 0),
-                             algorithm=create_algorithm("scaffold"))
-    oracle = SimulatedOracle(np.zeros(100_000, dtype=np.int64))
+    fed = InProcessFederation.__new__(InProcessFederation)  # only what resuming touches
+    fed.device, fed.algorithm = torch.device("cuda", 0), create_algorithm("scaffold")
+    fed.oracle = SimulatedOracle(np.zeros(100_000, dtype=np.int64))
     with FakeCuda():
-        st, first = _resume(RunDir.of(cfg), cfg, oracle, create_strategy("entropy@L"), engine)
+        st, first = _resume(RunDir.of(cfg), cfg, create_strategy("entropy@L"), fed)
     assert first == 1
-    tensors = [*st.global_state.values(), *engine.algorithm.c.values()]
-    tensors += [v for s in st.last_round.values() for v in s.values()]
-    tensors += [v for c_k in engine.algorithm.c_k.values() for v in c_k.values()]
-    assert st.last_round and engine.algorithm.c_k and len(tensors) > 30
+    tensors = [*st.global_state.values(), *fed.algorithm.c.values()]
+    tensors += [v for s in fed.last_round.values() for v in s.values()]
+    tensors += [v for c_k in fed.algorithm.c_k.values() for v in c_k.values()]
+    assert fed.last_round and fed.algorithm.c_k and len(tensors) > 30
     assert all(isinstance(t, Elsewhere) for t in tensors)
 
 

@@ -11,7 +11,7 @@ from falkit.al.base import create
 from falkit.cli import main
 from falkit.fast import refinement_budgets
 from falkit.fl.algorithms import client_weight
-from falkit.loop import local_mode
+from falkit.client import local_mode
 
 
 def _lrs_per_step(eng, monkeypatch):

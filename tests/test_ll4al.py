@@ -17,7 +17,8 @@ from falkit.al.base import STRATEGIES, QueryContext, create, list_ids
 from falkit.errors import ConfigError
 from falkit.fl.algorithms import state_bytes
 from falkit.fl.engine import Engine, ImageTensors
-from falkit.loop import _loss_predictor, run
+from falkit.client import loss_predictor
+from falkit.loop import run
 from falkit.models.backbones import BACKBONES, Backbone
 from falkit.models.backbones import create as create_backbone
 from falkit.models.lossnet import LossNet, WithLossModule, loss_pred_loss
@@ -223,7 +224,7 @@ def test_query_is_top_b_predicted_loss_batched(monkeypatch):
     ctx = QueryContext(client_id=0, cycle=1, labeled=np.array([0, 2]), labeled_y=np.zeros(2),
                        unlabeled=unlabeled, num_classes=4, rng=np.random.default_rng(0),
                        infer=None, weights={"global": state}.__getitem__)
-    ctx.state["predicted_loss"] = _loss_predictor(eng, ctx.weights)
+    ctx.state["predicted_loss"] = loss_predictor(eng, ctx.weights)
     picks = create("ll4al").query(ctx, 4)
     order = np.lexsort((np.arange(len(unlabeled)), -expected.double().numpy()))
     assert picks.tolist() == unlabeled[order[:4]].tolist()

@@ -33,10 +33,10 @@ from falkit.config import Config
 from falkit.data.federation import FederatedData, build
 from falkit.data.partition import write_partition_csv
 from falkit.data.sources import ImageDataset, load
+from falkit.driver import Reporter
 from falkit.errors import ConfigError
 from falkit.fl.algorithms import check_finite, state_bytes
 from falkit.fl.engine import Engine, ImageTensors, configure_process
-from falkit.loop import Reporter
 from falkit.models import encoders
 from falkit.models.backbones import create as create_backbone
 from falkit.oracle import SimulatedOracle

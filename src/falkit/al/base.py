@@ -115,6 +115,11 @@ class Strategy:
                                f"({len(np.unique(pos))} distinct) for a budget of {want}")
         return ctx.unlabeled[pos]
 
+    @property
+    def two_phase(self) -> bool:
+        """Whether the strategy queries in two phases (it overrides `client_stats`)."""
+        return type(self).client_stats is not Strategy.client_stats
+
     # Optional two-phase hook for strategies with a server statistic (FairFAL's γ).
     def client_stats(self, ctx: QueryContext) -> dict[str, float] | None:
         return None

@@ -1,15 +1,26 @@
 """The ClientApp: one falkit client on a Flower SuperNode (DESIGN.md §8).
 
-Every message rebuilds the site (its data, engine and oracle: a ClientApp process may serve
-a single message) and reads the client's pools from `context.state`; the labels it knows are
-the ones its oracle revealed. Data: a partition of the configured dataset (simulation: node
-config `partition-id`, `num-partitions`), or a site's own data (`data-root=DIR`, optionally
-`dataset=NAME`, any format falkit reads: its whole train split is the pool, its test split
-the evaluation data, its labels the simulated oracle).
+A site (its data, engine, strategy and simulated oracle) is built at the first message of a
+run and kept in the ClientApp process for the next ones (`_SITES`, keyed by run and node;
+simulated partitions of one config share one copy of the data). The source of truth for the
+client's pools is the node's `context.state` (Flower keeps it between messages of a run) and,
+for resuming, the files the client writes on its own disk: `<out_dir>/<name>/clients/client_<k>/`
+(or `state-dir=DIR` in the node config: `DIR/<name>/client_<k>/`) — `pools.npz` (every labeled
+index, its label, the cycle it was labeled in) after every query, and `cycle_<c>.pt` (the
+last-round model and the FL algorithm's memory) after each cycle's last evaluation. Nothing of
+these leaves the site. The labels it knows are the ones its oracle revealed.
+
+Data: a partition of the configured dataset (simulation: node config `partition-id`,
+`num-partitions`), or a site's own data (`data-root=DIR`, optionally `dataset=NAME`, any
+format falkit reads: its whole train split is the pool, its test split the evaluation data,
+its labels the simulated oracle).
 """
 
 from __future__ import annotations
 
+import io
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,11 +29,20 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from falkit import config as config_mod
+from falkit.al.base import QueryContext
 from falkit.al.base import create as create_strategy
-from falkit.data.federation import build
+from falkit.client import (
+    client_models,
+    global_outputs_fn,
+    initial_picks,
+    query_context,
+    select,
+    train_hooks,
+)
+from falkit.data.federation import FederatedData, build
 from falkit.data.sources import ImageDataset, load
 from falkit.fl.algorithms import State
-from falkit.fl.engine import Engine, ImageTensors, configure_process
+from falkit.fl.engine import configure_process
 from falkit.flower.common import (
     NUM_EXAMPLES,
     array_record,
@@ -33,9 +53,11 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
-from falkit.loop import client_models, global_outputs_fn, query_context, select
+from falkit.loop import engine_for
 from falkit.oracle import SimulatedOracle
-from falkit.seeding import rng, torch_generator
+from falkit.results import save_torch, write_atomic
+from falkit.rundir import RunDir
+from falkit.seeding import torch_generator
 
 app = ClientApp()
 
@@ -43,14 +65,25 @@ POOLS, META = "falkit.pools", "falkit.meta"  # context.state: labeled indices/la
 MODEL = "falkit.model."  # + name: client models kept between messages
 FL_MEMORY = "falkit.fl_memory"  # the FL algorithm's client memory (SCAFFOLD's c_k)
 
+_SITES: OrderedDict[tuple[int, int], Site] = OrderedDict()  # (run id, node id) -> site
+_DATA: OrderedDict[str, FederatedData] = OrderedDict()  # a config's federated data
+_KEEP = 16  # sites (and datasets) one ClientApp process keeps
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _KEEP:
+        cache.popitem(last=False)
+
 
 class Site:
-    """One client's data, engine, oracle and pools for the message at hand."""
+    """One client's data, engine, strategy and oracle, kept across the messages of a run;
+    `sync` reads its pools from the node's state at every message."""
 
     def __init__(self, context: Context):
         self.cfg, self.opts = load_config(dict(context.run_config))
         cfg, node = self.cfg, context.node_config
-        self.context = context
         self.partition_id = int(node.get("partition-id", -1))
         if "data-root" in node:  # a real site: its own data, all of it
             ds = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]))
@@ -58,7 +91,11 @@ class Site:
             self.num_train = len(ds.y_train)
             self.test = np.arange(len(ds.y_test), dtype=np.int64)
         else:  # simulation: this partition of the configured dataset
-            data = build(cfg)
+            key = config_mod.dumps(cfg)  # the whole config: data, seed, partition
+            data = _DATA.get(key)
+            if data is None:
+                data = build(cfg)
+                _remember(_DATA, key, data)
             K = len(data.clients)
             n = int(node.get("num-partitions", K))
             if n != K or not 0 <= self.partition_id < K:
@@ -75,23 +112,39 @@ class Site:
             self.test = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
         self.dataset: ImageDataset = ds
         self.num_classes = len(ds.classes)
-        self.oracle = SimulatedOracle(ds.y_train)  # ground truth answers, audited
-        pools = record_arrays(context.state[POOLS]) if POOLS in context.state else {}
-        self.labeled = pools.get("labeled", np.zeros(0, dtype=np.int64)).astype(np.int64)
-        self.known = np.full(len(ds.y_train), -1, dtype=np.int64)  # labels the oracle revealed
-        if len(self.labeled):
-            self.known[self.labeled] = pools["labels"]
-            self.oracle.restore(self.labeled)
         self.strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
         configure_process(cfg)
-        self.engine = Engine(cfg,
-                             ImageTensors(ds.x_train, torch.as_tensor(self.known), ds.mean,
-                                          ds.std, ds.hflip, ds.crop_pad),
-                             ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean,
-                                          ds.std),
-                             self.num_classes, num_clients=1,
-                             wrap_model=getattr(self.strategy, "wrap_model", None))
+        self.engine = engine_for(cfg, ds, self.num_classes, 1,
+                                 wrap_model=getattr(self.strategy, "wrap_model", None),
+                                 train_y=torch.full((len(ds.y_train),), -1, dtype=torch.int64))
         self.device = self.engine.device  # where every received tensor goes
+        self.state_dir = Path(node["state-dir"]) if "state-dir" in node else None
+        self.labeled = np.zeros(0, dtype=np.int64)
+        self._reset_labels()
+        self.phase_a: tuple[int, QueryContext] | None = None  # this cycle's, for select
+
+    def _reset_labels(self) -> None:
+        self.known = np.full(len(self.dataset.y_train), -1, dtype=np.int64)  # oracle's answers
+        self.oracle = SimulatedOracle(self.dataset.y_train)  # ground truth answers, audited
+        self.engine.train_y.fill_(-1)
+
+    def sync(self, context: Context) -> Site:
+        """Take the pools of the node's state (a new process, a restore, or no change)."""
+        self.context = context
+        pools = record_arrays(context.state[POOLS]) if POOLS in context.state else {}
+        labeled = pools.get("labeled", np.zeros(0, dtype=np.int64)).astype(np.int64)
+        if not np.array_equal(labeled, self.labeled):
+            self._reset_labels()
+            self.labeled = labeled
+            if len(labeled):
+                self.reveal(labeled, pools["labels"].astype(np.int64))
+                self.oracle.restore(labeled)
+        return self
+
+    def reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
+        self.known[idx] = labels
+        self.engine.train_y[torch.as_tensor(idx, device=self.device)] = torch.as_tensor(
+            labels, device=self.device)
 
     def meta(self) -> dict[str, Any]:
         rec = self.context.state[META] if META in self.context.state else ConfigRecord()
@@ -109,6 +162,52 @@ class Site:
     def diagnostics(self, **values: Any) -> dict[str, ConfigRecord]:
         return {"diagnostics": json_config(**values)} if self.opts.simulation_metrics else {}
 
+    # -- the site's own files, for resuming ----------------------------------------------
+    def folder(self, k: int) -> Path:
+        name = RunDir.of(self.cfg).path.name
+        if self.state_dir is not None:
+            return self.state_dir / name / f"client_{k}"
+        return RunDir.of(self.cfg).path / "clients" / f"client_{k}"
+
+    def save_labels(self, k: int, cycle: int, picks: np.ndarray) -> None:
+        """pools.npz: every labeled index, its label and the cycle it was labeled in."""
+        path = self.folder(k) / "pools.npz"
+        idx, lab, cyc = picks, self.known[picks], np.full(len(picks), cycle, dtype=np.int64)
+        if cycle > 0 and path.is_file():
+            old = dict(np.load(path))
+            keep = old["cycles"] < cycle  # a query of this cycle made before a resume goes
+            idx = np.concatenate([old["indices"][keep], idx])
+            lab = np.concatenate([old["labels"][keep], lab])
+            cyc = np.concatenate([old["cycles"][keep], cyc])
+        buf = io.BytesIO()
+        np.savez(buf, indices=idx, labels=lab, cycles=cyc)
+        write_atomic(path, buf.getvalue())
+
+    def save_cycle(self, k: int, cycle: int) -> None:
+        """cycle_<c>.pt: what the next cycle needs of this one (last-round model, FL
+        memory); the files of older cycles but the one before are removed."""
+        state, meta = self.context.state, self.meta()
+        blob: dict[str, Any] = {"meta": {m: meta[m] for m in ("fl_generation",
+                                                               "last_round_cycle") if m in meta}}
+        for key in (MODEL + "last_round", FL_MEMORY):
+            if key in state:
+                blob[key] = record_state(state[key])
+        folder = self.folder(k)
+        save_torch(folder / f"cycle_{cycle}.pt", blob)
+        for old in folder.glob("cycle_*.pt"):
+            c = old.stem.split("_")[-1]
+            if c.isdigit() and int(c) < cycle - 1:
+                old.unlink(missing_ok=True)
+
+
+def site_of(context: Context) -> Site:
+    key = (int(context.run_id), int(context.node_id))
+    site = _SITES.get(key)
+    if site is None:
+        site = Site(context)
+        _remember(_SITES, key, site)
+    return site.sync(context)
+
 
 def _conf(msg: Message) -> dict[str, Any]:
     rec = msg.content["config"]
@@ -122,7 +221,7 @@ def _reply(msg: Message, **records: Any) -> Message:
 @app.query("info")
 def info(msg: Message, context: Context) -> Message:
     """Pool size, data shape and test count; class counts only as simulation metrics."""
-    site = Site(context)
+    site = site_of(context)
     ds = site.dataset
     values = {"partition-id": site.partition_id, "pool": len(site.pool),
               "num-train": site.num_train, "num-classes": site.num_classes,
@@ -146,8 +245,7 @@ def _models(site: Site, conf: dict[str, Any], global_state: State) -> tuple[dict
     if meta.get("last_round_cycle") == cycle - 1 and MODEL + "last_round" in state:
         last = {k: record_state(state[MODEL + "last_round"], site.device)}
     models, info = client_models(site.cfg, site.strategy, site.engine, cycle, {k: site.labeled},
-                                 torch.as_tensor(site.known, device=site.device), global_state,
-                                 last)
+                                 site.engine.train_y, global_state, last)
     mine = {m: by_client[k] for m, by_client in models.items() if k in by_client}
     for n, s in mine.items():
         state[MODEL + n] = state_record(s)
@@ -155,7 +253,7 @@ def _models(site: Site, conf: dict[str, Any], global_state: State) -> tuple[dict
     return mine, info.get(k, {})
 
 
-def _context(site: Site, conf: dict[str, Any], global_state: State):
+def _context(site: Site, conf: dict[str, Any], global_state: State) -> QueryContext:
     models, info = _models(site, conf, global_state)
     unl = np.setdiff1d(site.pool, site.labeled, assume_unique=True)
     return query_context(site.cfg, site.strategy, site.engine, conf["cycle"], conf["client"],
@@ -166,12 +264,14 @@ def _context(site: Site, conf: dict[str, Any], global_state: State):
 
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Phase A of a two-phase strategy: only its declared scalars leave (FairFAL: γ_k)."""
-    site = Site(context)
+    """Phase A of a two-phase strategy: only its declared scalars leave (FairFAL: γ_k). The
+    context (with what phase A left in it) is kept for `query.select`."""
+    site = site_of(context)
     conf = _conf(msg)
     site.strategy.load_state_dict(conf["strategy"])
     ctx = _context(site, conf, record_state(msg.content["global"], site.device))
     values = site.strategy.client_stats(ctx) or {}
+    site.phase_a = (conf["cycle"], ctx)
     return _reply(msg, stats=MetricRecord({k: float(v) for k, v in values.items()}))
 
 
@@ -179,31 +279,38 @@ def stats(msg: Message, context: Context) -> Message:
 def select_(msg: Message, context: Context) -> Message:
     """Cycle 0: the initial random labels; later: the strategy's query. The oracle answers
     here; the server learns the counts (and, as simulation metrics, the record)."""
-    site = Site(context)
+    site = site_of(context)
     conf = _conf(msg)
     cycle, k, budget = conf["cycle"], conf["client"], conf["budget"]
     y = site.dataset.y_train
     if cycle == 0:  # b_k labels uniformly at random from the pool (ALGORITHMS.md §1)
-        picks = np.sort(rng(site.cfg.seed, "initial_labels", k).choice(
-            site.pool, size=budget, replace=False))
+        picks = initial_picks(site.cfg, k, site.pool, budget)
         record = {"cycle": 0, "client": k, "strategy": "initial_random"}
         diag: dict[str, Any] = {}
     else:
-        ctx = _context(site, conf, record_state(msg.content["global"], site.device))
         if conf.get("two_phase"):
-            # replay phase A on the same keyed RNG: the context reaches exactly the state the
-            # in-process loop queries from (FairFAL's d_k, its B_k draws)
-            site.strategy.load_state_dict(conf["strategy"])
-            site.strategy.client_stats(ctx)
+            kept = site.phase_a
+            if kept is not None and kept[0] == cycle:
+                ctx = kept[1]
+            else:  # a new ClientApp process: replay phase A on the same keyed RNG, so the
+                # context reaches exactly the state phase A left (FairFAL's d_k, its B_k)
+                site.strategy.load_state_dict(conf["strategy"])
+                ctx = _context(site, conf, record_state(msg.content["global"], site.device))
+                site.strategy.client_stats(ctx)
             site.strategy.load_state_dict(conf["strategy_after"])
             ctx.server = dict(conf["server"])
+        else:
+            site.strategy.load_state_dict(conf["strategy"])
+            ctx = _context(site, conf, record_state(msg.content["global"], site.device))
+        site.phase_a = None
         picks, diag = select(site.strategy, ctx, budget)
         record = {"cycle": cycle, "client": k, "strategy": site.strategy.id}
     labels = site.oracle.label(k, picks)
     site.labeled = np.union1d(site.labeled, picks).astype(np.int64)
-    site.known[picks] = labels
+    site.reveal(picks, labels)
     site.oracle.audit(min(budget * (cycle + 1), len(site.pool)))
     site.save_pools()
+    site.save_labels(k, cycle, np.asarray(picks, dtype=np.int64))
     record.update({"indices": np.asarray(picks).tolist(), "labels": labels.tolist()})
     record.update(diag)
     queried = np.bincount(y[picks], minlength=site.num_classes).tolist()
@@ -211,11 +318,42 @@ def select_(msg: Message, context: Context) -> Message:
                   **site.diagnostics(record=record, **{"queried-classes": queried}))
 
 
+@app.query("restore")
+def restore(msg: Message, context: Context) -> Message:
+    """Resume: the pools as they were after cycle `cycle` (and that cycle's last-round model
+    and FL memory), from this site's own files."""
+    site = site_of(context)
+    conf = _conf(msg)
+    cycle, k = conf["cycle"], conf["client"]
+    folder = site.folder(k)
+    try:
+        saved = dict(np.load(folder / "pools.npz"))
+        blob = torch.load(folder / f"cycle_{cycle}.pt", map_location="cpu", weights_only=False)
+    except OSError as e:
+        raise RuntimeError(f"client {k} cannot resume after cycle {cycle + 1}: {e}") from None
+    keep = saved["cycles"] <= cycle
+    order = np.argsort(saved["indices"][keep], kind="stable")
+    state = context.state
+    for key in (POOLS, META, FL_MEMORY, MODEL + "last_round", MODEL + "local",
+                MODEL + "distilled"):
+        if key in state:
+            del state[key]
+    state[POOLS] = array_record(labeled=saved["indices"][keep][order],
+                                labels=saved["labels"][keep][order])
+    for key in (MODEL + "last_round", FL_MEMORY):
+        if key in blob:
+            state[key] = state_record(blob[key])
+    state[META] = json_config(**blob["meta"])
+    site.sync(context)
+    site.phase_a = None
+    return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": 0}))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local update from the global weights with the run's FL algorithm:
     `Engine.train_client`, as `Engine.fl_round` runs it for each client in process."""
-    site = Site(context)
+    site = site_of(context)
     conf = _conf(msg)
     cycle, r, k, lr = conf["cycle"], conf["round"], conf["client"], conf["lr"]
     engine, cfg = site.engine, site.cfg
@@ -231,9 +369,9 @@ def train(msg: Message, context: Context) -> Message:
     progress = tuple(conf["progress"]) if conf.get("progress") else None
     # a strategy's own training objective (kafal.kcfu), built from this site's data only;
     # `site.known` holds just the labels the oracle revealed here
-    objectives = (site.strategy.local_objectives(engine, global_state, [site.labeled],
-                                                 site.known, [site.pool], r)
-                  if hasattr(site.strategy, "local_objectives") else None)
+    hooks = train_hooks(site.strategy, engine, global_state, r, cfg.fl.rounds, [site.labeled],
+                        site.known, [site.pool])
+    objectives = hooks.get("objectives")
     client = engine.train_client(engine.model, global_state, k, site.labeled, lr,
                                  torch_generator(cfg.seed, "train", cycle, r, k),
                                  progress=progress,
@@ -254,8 +392,10 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-class correct and total counts of the global model on this client's test data."""
-    site = Site(context)
+    """Per-class correct and total counts of the global model on this client's test data;
+    after a cycle's last evaluation, the site saves what resuming after it needs."""
+    site = site_of(context)
+    conf = _conf(msg)
     state = record_state(msg.content["global"], site.device)
     C = site.num_classes
     y = site.dataset.y_test[site.test]
@@ -266,5 +406,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         pred = np.zeros(0, dtype=np.int64)
     correct = np.bincount(y[pred == y], minlength=C).tolist()
     total = np.bincount(y, minlength=C).tolist()
+    if conf.get("final"):
+        site.save_cycle(conf["client"], conf["cycle"])
     return _reply(msg, eval=MetricRecord({"correct": correct, "total": total}))
-

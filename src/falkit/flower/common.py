@@ -5,8 +5,8 @@ A client sends the server only
 * `train`: its weights (the global model's keys and shapes), the FL algorithm's declared
   uplink (SCAFFOLD: c_k⁺ − c_k per parameter; FedNova: the scalar a_k) and its labeled count;
 * `query.stats`: the scalars its strategy declares in `server_stats` (FairFAL: γ_k);
-* `query.info`, `query.select`, `evaluate`: counts (pool size, data shape, labeled count,
-  per-class correct/total on its test data).
+* `query.info`, `query.select`, `query.restore`, `evaluate`: counts (pool size, data shape,
+  labeled count, per-class correct/total on its test data).
 With `simulation-metrics = true` a `diagnostics` record may add what needs the true labels
 (selected indices and labels, strategy diagnostics, class histograms); `audit` rejects
 anything else.
@@ -28,7 +28,7 @@ from falkit.config import Config
 from falkit.fl.algorithms import FedAvg, State
 
 TRAIN, EVALUATE = "train", "evaluate"
-INFO, STATS, SELECT = "query.info", "query.stats", "query.select"
+INFO, STATS, SELECT, RESTORE = "query.info", "query.stats", "query.select", "query.restore"
 
 INFO_KEYS = ("partition-id", "pool", "num-train", "num-classes", "in-channels", "image-size",
              "test")
@@ -103,7 +103,8 @@ def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
     if algorithm.uplink_arrays:
         train["uplink"] = ("*params",)
     out = {INFO: {"info": INFO_KEYS}, STATS: {"stats": stats},
-           SELECT: {"query": SELECT_KEYS}, TRAIN: train, EVALUATE: {"eval": EVAL_KEYS}}
+           SELECT: {"query": SELECT_KEYS}, RESTORE: {"query": SELECT_KEYS}, TRAIN: train,
+           EVALUATE: {"eval": EVAL_KEYS}}
     if simulation_metrics:
         out[INFO]["diagnostics"] = ("class-counts", "classes")
         out[SELECT]["diagnostics"] = ("record", "queried-classes")

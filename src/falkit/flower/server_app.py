@@ -1,19 +1,20 @@
-"""The ServerApp: falkit's FAL cycle (`falkit.loop`) over Flower messages (DESIGN.md §8).
+"""The ServerApp: falkit's FAL cycle (`falkit.driver`) over Flower messages (DESIGN.md §8).
 
-Per run: `query.info` (pool sizes, data shape) → budgets; per cycle: the query phase
-(`query.stats` → `server_reduce` for strategies with a server statistic, then
-`query.select`; cycle 0 draws the initial random labels), `fl.rounds` rounds of `train`
-aggregated by the run's FL algorithm (falkit.fl.algorithms: FedAvg, FedProx, SCAFFOLD,
-FedNova), and `evaluate` (per-class counts summed over the clients' test data). Replies are
-audited against the declared payloads and processed in client order (clients are numbered by
-their `partition-id`); a client that fails or times out stops the run or is dropped, as
-`fl.on_client_failure` says. Results go to the same run directory `falkit run` writes, one
-cycle at a time; Flower runs do not resume (the pools lived in that run's SuperNodes).
+`FlowerFederation` is the driver's federation on a Flower `Grid`. Per run: `query.info` (pool
+sizes, data shape) → budgets; per cycle: the query phase (`query.stats` → `server_reduce` for
+strategies with a server statistic, then `query.select`; cycle 0 draws the initial random
+labels), `fl.rounds` rounds of `train` aggregated by the run's FL algorithm
+(falkit.fl.algorithms: FedAvg, FedProx, SCAFFOLD, FedNova), and `evaluate` (per-class counts
+summed over the clients' test data). Replies are audited against the declared payloads and
+processed in client order (clients are numbered by their `partition-id`); a client that fails
+or times out stops the run or is dropped, as `fl.on_client_failure` says. Results go to the
+same run directory `falkit run` writes, one cycle at a time. A stopped run resumes from its
+checkpoint: `query.restore` asks every client to take back its pools (and its last-round
+model and FL memory) as they were after that cycle, from the files it keeps on its own disk.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,13 +30,15 @@ from falkit.al.base import Strategy
 from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import budgets_for
-from falkit.data.partition import write_partition_csv
-from falkit.fl.algorithms import Client, State, check_finite, client_weight, state_bytes
+from falkit.driver import Queried, Reporter
+from falkit.driver import run as drive
+from falkit.fl.algorithms import Client, State, check_finite, client_weight
 from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
     EVALUATE,
     INFO,
     NUM_EXAMPLES,
+    RESTORE,
     SELECT,
     STATS,
     TRAIN,
@@ -48,10 +51,7 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
-from falkit.loop import RunState, local_mode, metrics_row, write_results
-from falkit.results import save_torch, write_atomic
 from falkit.rundir import RunDir
-from falkit.seeding import rng
 
 log = logging.getLogger("falkit.flower")
 
@@ -67,28 +67,52 @@ def main(grid: Grid, context: Context) -> None:
     run_server(grid, context)
 
 
-def run_server(grid: Grid, context: Context) -> Path:
-    """Run the experiment of the App's run config on the nodes of `grid`; the run dir."""
+class LogReporter(Reporter):
+    """The run's progress as log lines (a Flower run has no terminal of its own)."""
+
+    def start(self, run_name: str, cycles: int, first_cycle: int) -> None:
+        self.cycles = cycles
+        log.info("run %s: cycles %d..%d of %d", run_name, first_cycle + 1, cycles, cycles)
+
+    def cycle_done(self, row: dict[str, Any]) -> None:
+        log.info("cycle %d/%d: accuracy %.4f, %.2f %% labeled", row["cycle"] + 1, self.cycles,
+                 row["accuracy"], row["labeled_pct"])
+
+
+def run_server(grid: Grid, context: Context, stop_after: int | None = None) -> Path:
+    """Run (or resume) the experiment of the App's run config on the nodes of `grid`; the
+    run dir. `stop_after` ends after that cycle as if the server had been stopped (tests)."""
     cfg, opts = load_config(dict(context.run_config))
-    return FlowerServer(grid, cfg, opts).run()
+    rd = RunDir.of(cfg, flag="the run config overwrite=true")
+    if rd.inspect(cfg, opts.overwrite) == "complete":
+        log.info("%s is complete; nothing to run", rd.path)
+        return rd.path
+    strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    fed = FlowerFederation(grid, cfg, opts, strategy, rd.path)
+    fed.start()  # validates the federation before anything is written
+    drive(cfg, strategy, fed, rd, reporter=LogReporter(), overwrite=opts.overwrite,
+          stop_after=stop_after)
+    return rd.path
 
 
-class FlowerServer:
-    def __init__(self, grid: Grid, cfg: Config, opts: Options):
-        self.grid, self.cfg, self.opts = grid, cfg, opts
-        self.rundir = RunDir.of(cfg, flag="the run config overwrite=true")
-        self.out = self.rundir.path
-        self.strategy: Strategy = create_strategy(cfg.strategy,
-                                                  **config_mod.strategy_options(cfg))
+class FlowerFederation:
+    """The driver's federation on a Flower Grid: every client is a SuperNode's ClientApp."""
+
+    transport = "flower"
+
+    def __init__(self, grid: Grid, cfg: Config, opts: Options, strategy: Strategy, out: Path):
+        self.grid, self.cfg, self.opts, self.strategy, self.out = grid, cfg, opts, strategy, out
         self.nodes: dict[int, int] = {}  # client k -> node id, alive clients only
-        self.st = RunState(labeled=[])
         self.labeled: dict[int, int] = {}  # client k -> labeled count
+        self.generation = 0  # clients drop their FL memory (SCAFFOLD's c_k) when it changes
+        self._before: dict[str, Any] | None = None  # the strategy's state before phase A
 
     # -- messaging ------------------------------------------------------------------------
-    def _round(self, message_type: str, contents: dict[int, RecordDict], what: str
-               ) -> dict[int, RecordDict]:
+    def _round(self, message_type: str, contents: dict[int, RecordDict], what: str,
+               must: bool = False) -> dict[int, RecordDict]:
         """Send each client k its content; the replies by k, in client order. A client that
-        errs or does not answer within round-timeout is handled by fl.on_client_failure."""
+        errs or does not answer within round-timeout is handled by fl.on_client_failure
+        (`must`: the run stops)."""
         msgs = [Message(content, self.nodes[k], message_type, group_id=what)
                 for k, content in contents.items()]
         by_node = {self.nodes[k]: k for k in contents}
@@ -108,14 +132,15 @@ class FlowerServer:
             if k not in out and k not in failed:
                 failed[k] = f"no reply within {self.opts.round_timeout:g} s"
         for k, why in sorted(failed.items()):
-            self._fail(k, what, why)
+            self._fail(k, what, why, must)
         return {k: out[k] for k in sorted(out)}
 
-    def _fail(self, k: int, what: str, why: str) -> None:
+    def _fail(self, k: int, what: str, why: str, must: bool = False) -> None:
         msg = f"client {k} (node {self.nodes.get(k)}) failed in {what}: {why}"
-        if self.cfg.fl.on_client_failure != "continue" or not hasattr(self, "budgets"):
-            raise FlowerRunError(f"{msg}; the run stops (fl.on_client_failure = stop; the "
-                                 f"cycles already finished are in {self.out})")
+        if must or self.cfg.fl.on_client_failure != "continue" or not hasattr(self, "budgets"):
+            raise FlowerRunError(f"{msg}; the run stops (fl.on_client_failure = "
+                                 f"{self.cfg.fl.on_client_failure}; the cycles already "
+                                 f"finished are in {self.out})")
         log.warning("%s; going on without it (fl.on_client_failure = continue)", msg)
         self.nodes.pop(k, None)
         self.labeled.pop(k, None)
@@ -134,44 +159,10 @@ class FlowerServer:
                                      f"{want} are needed")
             time.sleep(1.0)
 
-    # -- the run --------------------------------------------------------------------------
-    def run(self) -> Path:
-        cfg, out, rd = self.cfg, self.out, self.rundir
-        state = rd.inspect(cfg, self.opts.overwrite)
-        if state == "complete":
-            log.info("%s is complete; nothing to run", out)
-            return out
-        if state == "resume":
-            raise FlowerRunError(f"{out} holds an unfinished run; Flower runs do not resume "
-                                 "(the pools lived in that run's SuperNodes): set the run "
-                                 "config overwrite=true or choose another name=")
-        self._start()  # validates the federation before anything is written
-        with rd.open(cfg, self.opts.overwrite) as state:
-            if state == "complete":  # finished by another ServerApp meanwhile
-                return out
-            if state == "resume":
-                raise FlowerRunError(f"{out} holds an unfinished run; Flower runs do not "
-                                     "resume: set the run config overwrite=true or choose "
-                                     "another name=")
-            self._write_partition()
-            try:
-                for cycle in range(cfg.budget.cycles):
-                    row = self._cycle(cycle)
-                    self.st.metrics.append(row)
-                    self._checkpoint(cycle)
-                    rd.commit()
-                    log.info("cycle %d/%d: accuracy %.4f, %d clients", cycle + 1,
-                             cfg.budget.cycles, row["accuracy"], len(self.nodes))
-            except Exception as e:
-                done = len(self.st.metrics)
-                if done:  # a run that finished no cycle is put back as it was (rundir)
-                    write_atomic(out / "status.json",
-                                 f'{{"complete": false, "cycles_done": {done}, "cycles": '
-                                 f'{cfg.budget.cycles}, "error": {json.dumps(str(e))}}}\n')
-                raise
-        return out
-
-    def _start(self) -> None:
+    # -- the federation -------------------------------------------------------------------
+    def start(self) -> None:
+        """Wait for the SuperNodes, learn their pools and data shape (`query.info`), and
+        build the server's model template and FL algorithm."""
         cfg = self.cfg
         K = cfg.partition.num_clients
         nodes = self._wait_for_nodes(K)
@@ -184,6 +175,7 @@ class FlowerServer:
         order = sorted(info, key=lambda k: (int(info[k]["info"]["partition-id"]), self.nodes[k]))
         order = order[:K]
         self.nodes = {i: self.nodes[k] for i, k in enumerate(order)}
+        self.num_clients = K
         infos = [dict(info[k]["info"]) for k in order]
         shape = {(i["num-classes"], i["in-channels"], i["image-size"]) for i in infos}
         if len(shape) != 1:
@@ -202,6 +194,7 @@ class FlowerServer:
         configure_process(cfg)
         self.engine = Engine(cfg, tmpl, tmpl, C, num_clients=len(self.nodes),
                              wrap_model=getattr(self.strategy, "wrap_model", None))
+        self.algorithm, self.device = self.engine.algorithm, self.engine.device
         self.model_like = self.engine.init_state(cfg.seed, 0)
         self.params = [n for n, p in self.engine.model.named_parameters() if p.requires_grad]
         self.allowed = declared(self.strategy, self.engine.algorithm,
@@ -212,130 +205,112 @@ class FlowerServer:
             classes = config_json(info[order[0]]["diagnostics"], "classes") or [
                 str(j) for j in range(C)]
             self._partition = (np.array(counts), classes)
-        self.generation = 0
         log.info("%d clients, budgets %s, %d train samples", len(self.nodes), self.budgets,
                  self.num_train)
 
-    def _write_partition(self) -> None:
-        if self._partition is not None:
-            write_partition_csv(self.out / "partition.csv", *self._partition)
+    def partition(self) -> tuple[np.ndarray, list[str]] | None:
+        return self._partition
 
-    def _cycle(self, cycle: int) -> dict[str, Any]:
-        cfg, st = self.cfg, self.st
-        C = self.num_classes
-        times = {"query": 0.0, "local_model": 0.0, "train": 0.0, "eval": 0.0}
-        t = time.perf_counter()
-        queried = self._query_phase(cycle)
-        times["query"] = time.perf_counter() - t  # the clients' local models included
+    def initial_state(self, cycle: int) -> State:
+        state = self.engine.init_state(self.cfg.seed, cycle)
+        self.algorithm.reset()
+        self.generation = cycle  # clients drop their algorithm memory (SCAFFOLD's c_k)
+        return state
 
-        t = time.perf_counter()
-        fl, engine, algo = cfg.fl, self.engine, self.engine.algorithm
-        if fl.reset == "continue" and st.global_state is not None:
-            global_state = st.global_state
-        else:  # a fresh init every cycle, the same as falkit run's
-            global_state = engine.init_state(cfg.seed, cycle)
-            algo.reset()
-            self.generation = cycle  # clients drop their algorithm memory (SCAFFOLD's c_k)
-        K = cfg.partition.num_clients
-        keep_last = (self.strategy.needs_local_model
-                     and local_mode(cfg, self.strategy) == "last_round")
-        comm = 0
-        decay_after = int(fl.lr_decay_at * fl.rounds)
-        for r in range(fl.rounds):
-            lr = fl.lr * (fl.lr_decay if r + 1 > decay_after else 1.0)  # FairFAL: r > int(0.75R)
-            if fl.fraction < 1.0:
-                m = max(1, round(fl.fraction * K))
-                clients = sorted(rng(cfg.seed, "participation", cycle, r).choice(K, m,
-                                                                                 replace=False))
-            else:
-                clients = list(range(K))
-            active = [int(k) for k in clients if self.labeled.get(int(k), 0) > 0]
-            last = r == fl.rounds - 1
-            hook = [r, fl.rounds] if hasattr(engine.model, "extra_loss") else None
-            algo.begin_round(global_state, self.params)
-            down = state_record(algo.downlink())
-            contents = {k: RecordDict({
-                "global": state_record(global_state), "downlink": down,
-                "config": json_config(cycle=cycle, round=r, client=k, lr=lr,
-                                      generation=self.generation, keep_last=keep_last,
-                                      progress=hook)}) for k in active}
-            replies = self._round(TRAIN, contents, f"train cycle {cycle} round {r}")
-            done = []
-            for k, rep in replies.items():
-                metrics = dict(rep["metrics"])
-                # on the server engine's device, where the global state and the algorithm's
-                # state (SCAFFOLD's c) live
-                client = Client(id=k, weight=client_weight(cfg, int(metrics[NUM_EXAMPLES])),
-                                lr=lr, state=record_state(rep["model"], engine.device))
-                ups = record_state(rep["uplink"], engine.device) if "uplink" in rep else {}
-                algo.from_uplink(client, ups, {n: float(v) for n, v in metrics.items()
-                                               if n != NUM_EXAMPLES})
-                done.append(client)
-            if done:
-                global_state = algo.aggregate(global_state, done, num_clients=K)
-                check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
-            comm += 2 * state_bytes(global_state) * len(active)
-            if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 and not last:
-                t_eval = time.perf_counter()
-                acc_r, _ = self._evaluate(global_state, f"evaluate cycle {cycle} round {r}")
-                st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
-                times["eval"] += time.perf_counter() - t_eval
-        st.global_state = global_state
-        times["train"] = time.perf_counter() - t - times["eval"]
+    def labeled_counts(self) -> dict[int, int]:
+        return dict(self.labeled)
 
-        t = time.perf_counter()
-        acc, per_class = self._evaluate(global_state, f"evaluate cycle {cycle}")
-        times["eval"] += time.perf_counter() - t
-        if cfg.runtime.eval_every:
-            st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
+    def initial_labels(self) -> Queried:
+        return self._select(0, {}, {}, lambda: None)
 
-        assert len(per_class) == C
-        # queried-class columns need the true labels: simulation metrics only
-        return metrics_row(cfg, cycle, sum(self.labeled.values()), self.num_train, acc,
-                           per_class, queried, comm, times)
+    def prepare_query(self, cycle: int, global_state: State) -> float:
+        return 0.0  # each client trains its models in its first query message (query time)
 
-    def _query_phase(self, cycle: int) -> np.ndarray | None:
-        """Cycle 0: the initial random labels; later, the strategy's two phases. Returns the
-        queried-class histogram when the clients send simulation metrics."""
-        strategy, st = self.strategy, self.st
-        base = {"cycle": cycle}
-        extra: dict[str, Any] = {}
-        glob: dict[str, Any] = {}
-        if cycle > 0:
-            assert st.global_state is not None
-            glob = {"global": state_record(st.global_state)}
-            two_phase = type(strategy).client_stats is not Strategy.client_stats
-            before = strategy.state_dict()
-            extra = {"two_phase": two_phase, "strategy": before}
-            if two_phase:  # phase A: declared scalars only; the server reduces them
-                replies = self._round(STATS, {k: RecordDict({
-                    **glob, "config": json_config(**base, client=k, strategy=before)})
-                    for k in self.nodes}, f"query.stats cycle {cycle}")
-                server = strategy.server_reduce([dict(rep["stats"])
-                                                 for rep in replies.values()])
-                extra.update(server=server, strategy_after=strategy.state_dict())
+    def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
+        """Phase A: declared scalars only (FairFAL: γ_k); the driver reduces them."""
+        self._before = self.strategy.state_dict()
+        replies = self._round(STATS, {k: RecordDict({
+            "global": state_record(global_state),
+            "config": json_config(cycle=cycle, client=k, strategy=self._before)})
+            for k in self.nodes}, f"query.stats cycle {cycle}")
+        return [dict(rep["stats"]) for rep in replies.values()]
+
+    def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
+               advance) -> Queried:
+        before = self._before if self._before is not None else self.strategy.state_dict()
+        self._before = None
+        extra: dict[str, Any] = {"two_phase": server is not None, "strategy": before}
+        if server is not None:
+            extra.update(server=server, strategy_after=self.strategy.state_dict())
+        return self._select(cycle, {"global": state_record(global_state)}, extra, advance)
+
+    def _select(self, cycle: int, glob: dict[str, Any], extra: dict[str, Any], advance
+                ) -> Queried:
+        """`query.select`: the clients query (cycle 0: draw their initial labels), their
+        oracles answer; the server learns the counts (and, as simulation metrics, the
+        records and the queried-class histograms)."""
         replies = self._round(SELECT, {k: RecordDict({
-            **glob, "config": json_config(**base, client=k, budget=self.budgets[k], **extra)})
+            **glob, "config": json_config(cycle=cycle, client=k, budget=self.budgets[k],
+                                          **extra)})
             for k in self.nodes}, f"query.select cycle {cycle}")
-        queried = np.zeros(self.num_classes, dtype=np.int64) if self.opts.simulation_metrics \
-            else None
+        sim = self.opts.simulation_metrics
+        queried = np.zeros(self.num_classes, dtype=np.int64) if sim else None
+        records = []
         for k, rep in replies.items():
             self.labeled[k] = int(rep["query"]["labeled"])
             if queried is not None:
                 diag = rep["diagnostics"]
                 queried += np.asarray(config_json(diag, "queried-classes"), dtype=np.int64)
-                st.queries.append(config_json(diag, "record"))
+                records.append(config_json(diag, "record"))
             else:
-                st.queries.append({"cycle": cycle, "client": k,
-                                   "strategy": "initial_random" if cycle == 0 else strategy.id,
-                                   "count": int(rep["query"]["queried"])})
-        return queried
+                records.append({"cycle": cycle, "client": k,
+                                "strategy": "initial_random" if cycle == 0 else self.strategy.id,
+                                "count": int(rep["query"]["queried"])})
+            advance()
+        return Queried(records, queried)
 
-    def _evaluate(self, state: State, what: str) -> tuple[float, np.ndarray]:
+    def begin_training(self, cycle: int, keep_last: bool) -> None:
+        pass  # each client replaces its last-round model as it trains
+
+    def train_round(self, cycle: int, r: int, global_state: State, clients: list[int],
+                    lr: float, keep_last: bool) -> State:
+        cfg, algo = self.cfg, self.algorithm
+        active = [k for k in clients if self.labeled.get(k, 0) > 0]
+        # models with a loss hook (ll4al) learn which round of R this is
+        progress = [r, cfg.fl.rounds] if hasattr(self.engine.model, "extra_loss") else None
+        algo.begin_round(global_state, self.params)
+        down = state_record(algo.downlink())
+        contents = {k: RecordDict({
+            "global": state_record(global_state), "downlink": down,
+            "config": json_config(cycle=cycle, round=r, client=k, lr=lr,
+                                  generation=self.generation, keep_last=keep_last,
+                                  progress=progress)}) for k in active}
+        replies = self._round(TRAIN, contents, f"train cycle {cycle} round {r}")
+        done = []
+        for k, rep in replies.items():
+            metrics = dict(rep["metrics"])
+            # on the server engine's device, where the global state and the algorithm's
+            # state (SCAFFOLD's c) live
+            client = Client(id=k, weight=client_weight(cfg, int(metrics[NUM_EXAMPLES])),
+                            lr=lr, state=record_state(rep["model"], self.device))
+            ups = record_state(rep["uplink"], self.device) if "uplink" in rep else {}
+            algo.from_uplink(client, ups, {n: float(v) for n, v in metrics.items()
+                                           if n != NUM_EXAMPLES})
+            done.append(client)
+        if done:
+            global_state = algo.aggregate(global_state, done, num_clients=self.num_clients)
+            check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
+        return global_state
+
+    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
         """Accuracy and per-class accuracy over the clients' test data (falkit run's test
-        set, dealt out in its evaluation batches, in simulation)."""
+        set, dealt out in its evaluation batches, in simulation). After the cycle's last
+        evaluation every client saves what a resumed run needs (its last-round model, its
+        FL memory)."""
         replies = self._round(EVALUATE, {k: RecordDict({
-            "global": state_record(state), "config": json_config()}) for k in self.nodes}, what)
+            "global": state_record(state),
+            "config": json_config(cycle=cycle, client=k, final=final)}) for k in self.nodes},
+            f"evaluate cycle {cycle}")
         correct = np.zeros(self.num_classes, dtype=np.int64)
         total = np.zeros(self.num_classes, dtype=np.int64)
         for rep in replies.values():
@@ -347,14 +322,29 @@ class FlowerServer:
                               for c, n in zip(correct, total, strict=True)])
         return int(correct.sum()) / int(total.sum()), per_class
 
-    def _checkpoint(self, cycle: int) -> None:
-        st = self.st
-        save_torch(self.out / "checkpoint" / "latest.pt", {
-            "cycle": cycle, "labeled": dict(self.labeled), "global_state": st.global_state,
-            "metrics": st.metrics, "queries": st.queries, "rounds": st.rounds,
-            "strategy": self.strategy.state_dict(),
-            "fl_algorithm": self.engine.algorithm.state_dict(), "engine": "flower"})
-        write_results(self.out, self.cfg, st, cycle)
+    def state_dict(self) -> dict[str, Any]:
+        return {"labeled": dict(self.labeled), "generation": self.generation,
+                "engine": "flower"}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Resume: every client still in the run takes back its pools as they were after
+        the checkpoint's cycle (`query.restore`, from its own disk); its labeled count must
+        be the checkpoint's."""
+        want = {int(k): int(n) for k, n in checkpoint["labeled"].items()}
+        self.generation = int(checkpoint.get("generation", 0))
+        self.nodes = {k: n for k, n in self.nodes.items() if k in want}
+        cycle = int(checkpoint["cycle"])
+        replies = self._round(RESTORE, {k: RecordDict({"config": json_config(
+            cycle=cycle, client=k, generation=self.generation)}) for k in self.nodes},
+            f"query.restore cycle {cycle}", must=True)
+        for k, rep in replies.items():
+            got = int(rep["query"]["labeled"])
+            if got != want[k]:
+                raise FlowerRunError(f"client {k} restored {got} labels after cycle "
+                                     f"{cycle}, the checkpoint counts {want[k]}; start the "
+                                     "run again with the run config overwrite=true")
+            self.labeled[k] = got
+        log.info("resumed after cycle %d of %s", cycle + 1, self.out)
 
 
 class _NoAlgo:

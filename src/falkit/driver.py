@@ -1,0 +1,339 @@
+"""The FAL cycle (DESIGN.md §3), written once: initial labels → train → evaluate → query → …
+
+`run(cfg, strategy, federation, run_dir)` is the only cycle falkit has. It owns the schedule
+(learning rate, participants, rounds, evaluation cadence), the communication accounting, the
+metrics, checkpoints, resume and status. Where the clients live is the federation's business:
+`falkit.inprocess.InProcessFederation` holds them in this process, the Flower ServerApp's
+federation reaches them through a Grid; both implement `Federation`, and the driver never
+knows which one it drives.
+
+Every cycle ends with an atomic checkpoint; a run started again with the same config resumes
+after the last finished cycle and produces the same numbers as an uninterrupted run, because
+every random draw comes from a stream keyed by (seed, purpose, cycle, client).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from falkit.al.base import Strategy
+from falkit.client import keeps_last_round
+from falkit.config import Config, FLConfig
+from falkit.data.partition import write_partition_csv
+from falkit.errors import FalkitError
+from falkit.fl.algorithms import FedAvg, State, check_finite, state_bytes
+from falkit.results import read_metrics, save_torch, write_atomic, write_csv, write_jsonl
+from falkit.rundir import RunDir, load_checkpoint
+from falkit.seeding import rng
+
+
+class Reporter:
+    """Progress callbacks; the CLI shows them as rich progress bars. Silent by default."""
+
+    def start(self, run_name: str, cycles: int, first_cycle: int) -> None: ...
+    def phase(self, description: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def cycle_done(self, row: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    resumed_from: int | None = None  # first cycle run in this call, if resumed
+    skipped: bool = False  # already complete, nothing run
+
+
+@dataclass
+class RunState:
+    """What the driver carries from cycle to cycle (the clients' pools are the federation's)."""
+
+    global_state: State | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    queries: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Queried:
+    """What a query phase gave: one queries.jsonl record per client, the histogram of the
+    queried classes (None where the server may not know labels) and the seconds spent
+    training client models (the rest of the phase is query time)."""
+
+    records: list[dict[str, Any]]
+    classes: np.ndarray | None
+    local_model_s: float = 0.0
+
+
+class Federation(Protocol):
+    """The clients, wherever they are. Clients are numbered 0..num_clients-1."""
+
+    transport: str  # "in_process" | "flower": a checkpoint resumes only on its own
+    num_clients: int
+    num_classes: int
+    num_train: int  # N of the federated train set (labeled %)
+    algorithm: FedAvg  # the server side of the FL algorithm (its state is checkpointed)
+    device: Any  # where the global model lives (torch.device)
+
+    def partition(self) -> tuple[np.ndarray, list[str]] | None:
+        """Per-client class counts and class names (partition.csv), or None if unknown."""
+
+    def initial_state(self, cycle: int) -> State:
+        """A fresh global model for `cycle`; the FL algorithm's memory is reset with it."""
+
+    def labeled_counts(self) -> dict[int, int]:
+        """Labeled samples of every client still in the run."""
+
+    def initial_labels(self) -> Queried:
+        """Cycle 0: every client's random initial labels, answered by its oracle."""
+
+    def prepare_query(self, cycle: int, global_state: State) -> float:
+        """Before a query phase (client models, contexts); seconds spent training models."""
+
+    def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
+        """Phase A of a two-phase strategy: every client's declared statistics."""
+
+    def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
+               advance) -> Queried:
+        """Phase B: every client queries its budget, its oracle answers; `advance()` per
+        client."""
+
+    def begin_training(self, cycle: int, keep_last: bool) -> None:
+        """Before the rounds of `cycle` (the clients forget last cycle's last-round models
+        when this cycle keeps new ones)."""
+
+    def train_round(self, cycle: int, r: int, global_state: State, clients: list[int],
+                    lr: float, keep_last: bool) -> State:
+        """One FL round of `clients` from `global_state`; the aggregated state."""
+
+    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
+        """Accuracy and per-class accuracy on the test data; `final` for the cycle's last."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clients' side of a checkpoint (merged into it)."""
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the clients from a checkpoint (the whole dict, on the CPU)."""
+
+
+# -- the schedule (ALGORITHMS.md §3), one copy ------------------------------------------------
+def lr_at(fl: FLConfig, r: int) -> float:
+    """Round r's learning rate: decayed after int(lr_decay_at · R) rounds (FairFAL: r > 0.75R)."""
+    return fl.lr * (fl.lr_decay if r + 1 > int(fl.lr_decay_at * fl.rounds) else 1.0)
+
+
+def participants(cfg: Config, cycle: int, r: int, K: int) -> list[int]:
+    """The clients of round r of `cycle`: all, or round(fl.fraction · K) drawn from a keyed
+    stream."""
+    if cfg.fl.fraction < 1.0:
+        m = max(1, round(cfg.fl.fraction * K))
+        return sorted(int(k) for k in rng(cfg.seed, "participation", cycle, r).choice(
+            K, m, replace=False))
+    return list(range(K))
+
+
+def round_bytes(state: State, clients: int) -> int:
+    """Model traffic of one round (ALGORITHMS.md §7): the state dict down and up for each
+    participating client that has data."""
+    return 2 * state_bytes(state) * clients
+
+
+def metrics_row(cfg: Config, cycle: int, labeled: int, num_train: int, acc: float,
+                per_class: np.ndarray, queried: np.ndarray | None, comm: int,
+                times: dict[str, float]) -> dict[str, Any]:
+    """One metrics.csv row; `queried` None leaves out the queried-class columns (they need
+    true labels)."""
+    row: dict[str, Any] = {
+        "cycle": cycle,
+        "target_pct": round(100 * cfg.budget.fraction * (cycle + 1), 6),
+        "labeled": labeled,
+        "labeled_pct": round(100 * labeled / num_train, 4),
+        "accuracy": round(acc, 6),
+    }
+    row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(per_class)})
+    if queried is not None:
+        row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
+    row["comm_bytes"] = comm
+    row["comm_mib"] = round(comm / 2**20, 4)
+    row.update({f"time_{k}": round(v, 3) for k, v in times.items()})
+    return row
+
+
+# -- the run ----------------------------------------------------------------------------------
+def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
+        reporter: Reporter | None = None, overwrite: bool = False,
+        fingerprint: dict[str, Any] | None = None, stop_after: int | None = None) -> RunResult:
+    """Run (or resume, or skip if finished) `cfg` on `fed`, writing `rd`. Everything is
+    validated before this is called (the federation is built); `stop_after` ends the call
+    after that cycle as if the process had been killed (tests)."""
+    rep = reporter or Reporter()
+    out = rd.path
+    with rd.open(cfg, overwrite, fingerprint) as state:
+        if state == "complete":  # finished by another process meanwhile
+            return RunResult(out, read_metrics(out), skipped=True)
+        part = fed.partition()
+        if part is not None:
+            write_partition_csv(out / "partition.csv", *part)
+        st, first = _resume(rd, cfg, strategy, fed)
+        resumed = first if st is not None else None
+        if st is None:
+            st, first = RunState(), 0
+        rep.start(out.name, cfg.budget.cycles, first)
+        try:
+            for cycle in range(first, cfg.budget.cycles):
+                row = _cycle(cfg, cycle, strategy, fed, st, rep)
+                st.metrics.append(row)
+                _checkpoint(out, cycle, cfg, st, strategy, fed)
+                rd.commit()
+                rep.cycle_done(row)
+                if (stop_after is not None and cycle >= stop_after
+                        and cycle < cfg.budget.cycles - 1):
+                    break
+        except Exception as e:
+            if st.metrics:  # the finished cycles stand; say why the run stopped
+                write_status(out, cfg, len(st.metrics) - 1, error=str(e))
+            raise
+        finally:
+            rep.finish()
+    return RunResult(out, st.metrics, resumed_from=resumed)
+
+
+def query(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, global_state: State,
+          rep: Reporter) -> Queried:
+    """The query phase of `cycle` (> 0), with the previous cycle's global model: client
+    models, phase A and the server's reduce for two-phase strategies (DESIGN.md §2), then
+    every client's query."""
+    local_s = fed.prepare_query(cycle, global_state)
+    server = None
+    if strategy.two_phase:
+        server = strategy.server_reduce([s for s in fed.query_stats(cycle, global_state)
+                                         if s is not None])
+    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} query", fed.num_clients)
+    out = fed.select(cycle, global_state, server, rep.advance)
+    out.local_model_s += local_s
+    return out
+
+
+def _cycle(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, st: RunState,
+           rep: Reporter) -> dict[str, Any]:
+    times = {"query": 0.0, "local_model": 0.0, "train": 0.0, "eval": 0.0}
+    t = time.perf_counter()
+    if cycle == 0:
+        q = fed.initial_labels()
+    else:
+        assert st.global_state is not None
+        q = query(cfg, cycle, strategy, fed, st.global_state, rep)
+    times["local_model"] = q.local_model_s
+    times["query"] = time.perf_counter() - t - q.local_model_s
+    st.queries.extend(q.records)
+
+    # -- federated training on the labeled pools -------------------------------------------
+    t = time.perf_counter()
+    fl = cfg.fl
+    if fl.reset == "continue" and st.global_state is not None:
+        global_state = st.global_state
+    else:  # a fresh init every cycle (FairFAL protocol); the init differs per seed and cycle
+        global_state = fed.initial_state(cycle)
+    keep_last = keeps_last_round(cfg, strategy)
+    fed.begin_training(cycle, keep_last)
+    comm = 0
+    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} train", fl.rounds)
+    for r in range(fl.rounds):
+        clients = participants(cfg, cycle, r, fed.num_clients)
+        counts = fed.labeled_counts()
+        active = sum(1 for k in clients if counts.get(k, 0) > 0)
+        global_state = fed.train_round(cycle, r, global_state, clients, lr_at(fl, r),
+                                       keep_last)
+        check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
+        comm += round_bytes(global_state, active)
+        if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 \
+                and r < fl.rounds - 1:
+            t_eval = time.perf_counter()
+            acc_r, _ = fed.evaluate(global_state, False, cycle)
+            st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
+            times["eval"] += time.perf_counter() - t_eval
+        rep.advance()
+    st.global_state = global_state
+    times["train"] = time.perf_counter() - t - times["eval"]  # per-round evals count as eval
+
+    t = time.perf_counter()
+    acc, per_class = fed.evaluate(global_state, True, cycle)
+    times["eval"] += time.perf_counter() - t
+    if cfg.runtime.eval_every:
+        st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
+    return metrics_row(cfg, cycle, sum(fed.labeled_counts().values()), fed.num_train, acc,
+                       per_class, q.classes, comm, times)
+
+
+# -- checkpoints, results, status -------------------------------------------------------------
+def _checkpoint(out: Path, cycle: int, cfg: Config, st: RunState, strategy: Strategy,
+                fed: Federation) -> None:
+    ck = {"cycle": cycle, "global_state": st.global_state, "metrics": st.metrics,
+          "queries": st.queries, "rounds": st.rounds, "strategy": strategy.state_dict(),
+          "fl_algorithm": fed.algorithm.state_dict(), "transport": fed.transport,
+          **fed.state_dict()}
+    save_torch(out / "checkpoint" / "latest.pt", ck)
+    write_results(out, cfg, st, cycle)
+
+
+def write_results(out: Path, cfg: Config, st: RunState, cycle: int) -> None:
+    write_csv(out / "metrics.csv", st.metrics)
+    write_jsonl(out / "queries.jsonl", st.queries)
+    if st.rounds:
+        write_csv(out / "rounds.csv", st.rounds)
+    write_status(out, cfg, cycle)
+
+
+def write_status(out: Path, cfg: Config, cycle: int, error: str | None = None) -> None:
+    """status.json after `cycle` finished (and, if the run stopped, why)."""
+    status: dict[str, Any] = {"complete": cycle == cfg.budget.cycles - 1 and error is None,
+                              "cycles_done": cycle + 1, "cycles": cfg.budget.cycles}
+    if error is not None:
+        status["error"] = error
+    write_atomic(out / "status.json", json.dumps(status) + "\n")
+
+
+def to_device(obj: Any, device) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def transport_of(ck: dict[str, Any]) -> str:
+    """Where a checkpoint's run ran (checkpoints before the driver: "engine": "flower")."""
+    return ck.get("transport") or ("flower" if ck.get("engine") == "flower" else "in_process")
+
+
+def _resume(rd: RunDir, cfg: Config, strategy: Strategy, fed: Federation
+            ) -> tuple[RunState | None, int]:
+    ck = load_checkpoint(rd)
+    if ck is None:
+        return None, 0
+    if transport_of(ck) != fed.transport:
+        where = {"flower": "on Flower", "in_process": "in process"}
+        raise FalkitError(f"{rd.path} holds a run made {where[transport_of(ck)]}; it resumes "
+                          f"only there: pass {rd.flag} or choose another name=")
+    # the checkpoint's tensors (read onto the CPU) go to this run's device: the device is not
+    # part of a run's identity, so a run may resume on another one
+    dev = fed.device
+    st = RunState(global_state=to_device(ck["global_state"], dev), metrics=ck["metrics"],
+                  queries=ck["queries"], rounds=ck.get("rounds", []))
+    strategy.load_state_dict(ck.get("strategy", {}))
+    fed.algorithm.load_state_dict(to_device(ck.get("fl_algorithm", {}), dev))
+    fed.load_state_dict(ck)
+    write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
+    return st, ck["cycle"] + 1

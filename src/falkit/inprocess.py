@@ -1,0 +1,145 @@
+"""The in-process federation: every client's pools, oracle and query in this process, trained
+by one `Engine` (DESIGN.md §3). `falkit.driver.run` drives it exactly as it drives the Flower
+ServerApp's federation; `falkit.loop.run` builds it from a config."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from falkit.al.base import QueryContext, Strategy
+from falkit.client import (
+    client_models,
+    global_outputs_fn,
+    initial_picks,
+    query_context,
+    select,
+    train_hooks,
+)
+from falkit.config import Config
+from falkit.data.federation import FederatedData, client_budgets
+from falkit.driver import Queried, to_device
+from falkit.fl.algorithms import State
+from falkit.fl.engine import Engine
+from falkit.oracle import SimulatedOracle
+
+
+class InProcessFederation:
+    transport = "in_process"
+
+    def __init__(self, cfg: Config, strategy: Strategy, data: FederatedData, engine: Engine,
+                 oracle: SimulatedOracle | None = None):
+        self.cfg, self.strategy, self.data, self.engine = cfg, strategy, data, engine
+        self.y = data.dataset.y_train  # read only through the oracle, and for reporting
+        self.oracle = oracle or SimulatedOracle(self.y)
+        self.budgets = client_budgets(cfg, data)
+        self.num_clients = len(data.clients)
+        self.num_classes = data.num_classes
+        self.num_train = data.num_train
+        self.algorithm = engine.algorithm
+        self.device = engine.device
+        self.labeled: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in data.clients]
+        # each client's model after its last local update of the last cycle (last_round mode)
+        self.last_round: dict[int, State] = {}
+        self._contexts: list[QueryContext] = []
+
+    def partition(self) -> tuple[np.ndarray, list[str]]:
+        return self.data.partition_counts(), self.data.dataset.classes
+
+    def initial_state(self, cycle: int) -> State:
+        state = self.engine.init_state(self.cfg.seed, cycle)
+        self.algorithm.reset()  # e.g. SCAFFOLD's control variates belong to the old model
+        return state
+
+    def labeled_counts(self) -> dict[int, int]:
+        return {k: len(lab) for k, lab in enumerate(self.labeled)}
+
+    def _audit(self, cycle: int) -> None:
+        """The oracle must have revealed exactly the budget so far, no more, no less."""
+        self.oracle.audit(sum(min(b * (cycle + 1), len(pool))
+                              for b, pool in zip(self.budgets, self.data.clients, strict=True)))
+
+    def initial_labels(self) -> Queried:
+        records = []
+        for k, pool in enumerate(self.data.clients):
+            pick = initial_picks(self.cfg, k, pool, self.budgets[k])
+            labels = self.oracle.label(k, pick)
+            self.labeled[k] = pick
+            records.append({"cycle": 0, "client": k, "strategy": "initial_random",
+                            "indices": pick.tolist(), "labels": labels.tolist()})
+        self._audit(0)
+        all_labeled = np.concatenate(self.labeled)
+        return Queried(records, np.bincount(self.y[all_labeled], minlength=self.num_classes))
+
+    def prepare_query(self, cycle: int, global_state: State) -> float:
+        """Every client's QueryContext; the client models are trained here (all clients at
+        once, concurrently when runtime.workers > 1)."""
+        cfg, engine, data = self.cfg, self.engine, self.data
+        t = time.perf_counter()
+        # only labeled[k] is read from these labels: the ones the oracle revealed; handed
+        # over on the engine's device (its training indexes them there)
+        models, distill_info = client_models(cfg, self.strategy, engine, cycle,
+                                             dict(enumerate(self.labeled)),
+                                             torch.as_tensor(self.y, device=engine.device),
+                                             global_state, self.last_round)
+        local_s = time.perf_counter() - t
+        global_outputs = global_outputs_fn(engine, global_state)
+        self._contexts = []
+        for k, lab in enumerate(self.labeled):
+            unl = np.setdiff1d(data.clients[k], lab, assume_unique=True)
+            self._contexts.append(query_context(
+                cfg, self.strategy, engine, cycle, k, lab, self.y[lab], unl, data.num_classes,
+                global_state, {m: by_client[k] for m, by_client in models.items()
+                               if k in by_client}, global_outputs, distill_info.get(k, {})))
+        return local_s
+
+    def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
+        return [self.strategy.client_stats(ctx) for ctx in self._contexts]
+
+    def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
+               advance) -> Queried:
+        records, new = [], []
+        for k, ctx in enumerate(self._contexts):
+            if server is not None:
+                ctx.server = dict(server)
+            picks, diagnostics = select(self.strategy, ctx, self.budgets[k])
+            labels = self.oracle.label(k, picks)
+            self.labeled[k] = np.union1d(self.labeled[k], picks)
+            record = {"cycle": cycle, "client": k, "strategy": self.strategy.id,
+                      "indices": picks.tolist(), "labels": labels.tolist()}
+            record.update(diagnostics)
+            records.append(record)
+            new.append(picks)
+            advance()
+        self._contexts = []
+        self._audit(cycle)
+        picked = np.concatenate(new) if new else np.zeros(0, dtype=np.int64)
+        return Queried(records, np.bincount(self.y[picked], minlength=self.num_classes))
+
+    def begin_training(self, cycle: int, keep_last: bool) -> None:
+        if keep_last:
+            self.last_round = {}  # this cycle's: each client's model after its last update
+
+    def train_round(self, cycle: int, r: int, global_state: State, clients: list[int],
+                    lr: float, keep_last: bool) -> State:
+        hooks = train_hooks(self.strategy, self.engine, global_state, r, self.cfg.fl.rounds,
+                            self.labeled, self.y, self.data.clients)
+        state, kept = self.engine.fl_round(global_state, clients, self.labeled, lr,
+                                           self.cfg.seed, (cycle, r), keep_states=keep_last,
+                                           **hooks)
+        self.last_round.update(kept)  # with fl.fraction < 1 a client's last update may be earlier
+        return state
+
+    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
+        return self.engine.evaluate(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labeled": self.labeled, "last_round": self.last_round}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self.labeled = list(checkpoint["labeled"])
+        self.last_round = to_device(checkpoint["last_round"], self.device)
+        self.oracle.restore(np.concatenate(self.labeled))
