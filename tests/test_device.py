@@ -173,7 +173,7 @@ def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
     fed.device, fed.algorithm = torch.device("cuda", 0), create_algorithm("scaffold")
     fed.oracle = SimulatedOracle(np.zeros(100_000, dtype=np.int64))
     with FakeCuda():
-        st, first = _resume(RunDir.of(cfg), cfg, create_strategy("entropy@L"), fed)
+        st, first = _resume(RunDir.of(cfg), 3, create_strategy("entropy@L"), fed)
     assert first == 1
     tensors = [*st.global_state.values(), *fed.algorithm.c.values()]
     tensors += [v for s in fed.last_round.values() for v in s.values()]

@@ -14,6 +14,7 @@ every random draw comes from a stream keyed by (seed, purpose, cycle, client).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class Queried:
     records: list[dict[str, Any]]
     classes: np.ndarray | None
     local_model_s: float = 0.0
+    # seconds of phases before the query, spent outside it (FAST in process: data, encode)
+    times: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # for strategy.finish_cycle
 
 
 class Federation(Protocol):
@@ -145,14 +149,14 @@ def round_bytes(state: State, clients: int) -> int:
     return 2 * state_bytes(state) * clients
 
 
-def metrics_row(cfg: Config, cycle: int, labeled: int, num_train: int, acc: float,
+def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int, acc: float,
                 per_class: np.ndarray, queried: np.ndarray | None, comm: int,
                 times: dict[str, float]) -> dict[str, Any]:
     """One metrics.csv row; `queried` None leaves out the queried-class columns (they need
     true labels)."""
     row: dict[str, Any] = {
         "cycle": cycle,
-        "target_pct": round(100 * cfg.budget.fraction * (cycle + 1), 6),
+        "target_pct": round(target_pct, 6),
         "labeled": labeled,
         "labeled_pct": round(100 * labeled / num_train, 4),
         "accuracy": round(acc, 6),
@@ -175,30 +179,35 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
     after that cycle as if the process had been killed (tests)."""
     rep = reporter or Reporter()
     out = rd.path
-    with rd.open(cfg, overwrite, fingerprint) as state:
+    cycles = strategy.cycles(cfg)
+    with rd.open(cfg, overwrite, fingerprint, cycles=cycles) as state:
         if state == "complete":  # finished by another process meanwhile
             return RunResult(out, read_metrics(out), skipped=True)
         part = fed.partition()
         if part is not None:
             write_partition_csv(out / "partition.csv", *part)
-        st, first = _resume(rd, cfg, strategy, fed)
+        st, first = _resume(rd, cycles, strategy, fed)
         resumed = first if st is not None else None
         if st is None:
             st, first = RunState(), 0
-        rep.start(out.name, cfg.budget.cycles, first)
+        rep.start(out.name, cycles, first)
+        saved = first - 1  # the last cycle in the checkpoint
         try:
-            for cycle in range(first, cfg.budget.cycles):
-                row = _cycle(cfg, cycle, strategy, fed, st, rep)
+            for cycle in range(first, cycles):
+                row, files = _cycle(cfg, cycles, cycle, strategy, fed, st, rep)
                 st.metrics.append(row)
-                _checkpoint(out, cycle, cfg, st, strategy, fed)
+                for name, rows in files.items():
+                    write_csv(out / name, rows)
+                _checkpoint(out, cycles, cycle, st, strategy, fed)
+                saved = cycle
                 rd.commit()
                 rep.cycle_done(row)
-                if (stop_after is not None and cycle >= stop_after
-                        and cycle < cfg.budget.cycles - 1):
+                if stop_after is not None and stop_after <= cycle < cycles - 1:
                     break
         except Exception as e:
-            if st.metrics:  # the finished cycles stand; say why the run stopped
-                write_status(out, cfg, len(st.metrics) - 1, error=str(e))
+            if saved >= 0:  # the saved cycles stand; say why the run stopped
+                with contextlib.suppress(OSError):  # a full disk may refuse this too
+                    write_status(out, cycles, saved, error=str(e))
             raise
         finally:
             rep.finish()
@@ -206,7 +215,7 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
 
 
 def query(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, global_state: State,
-          rep: Reporter) -> Queried:
+          rep: Reporter, cycles: int | None = None) -> Queried:
     """The query phase of `cycle` (> 0), with the previous cycle's global model: client
     models, phase A and the server's reduce for two-phase strategies (DESIGN.md §2), then
     every client's query."""
@@ -215,23 +224,24 @@ def query(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, global_s
     if strategy.two_phase:
         server = strategy.server_reduce([s for s in fed.query_stats(cycle, global_state)
                                          if s is not None])
-    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} query", fed.num_clients)
+    rep.phase(f"cycle {cycle + 1}/{cycles or cfg.budget.cycles} query", fed.num_clients)
     out = fed.select(cycle, global_state, server, rep.advance)
     out.local_model_s += local_s
     return out
 
 
-def _cycle(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, st: RunState,
-           rep: Reporter) -> dict[str, Any]:
-    times = {"query": 0.0, "local_model": 0.0, "train": 0.0, "eval": 0.0}
+def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federation,
+           st: RunState, rep: Reporter
+           ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     t = time.perf_counter()
     if cycle == 0:
         q = fed.initial_labels()
     else:
         assert st.global_state is not None
-        q = query(cfg, cycle, strategy, fed, st.global_state, rep)
-    times["local_model"] = q.local_model_s
+        q = query(cfg, cycle, strategy, fed, st.global_state, rep, cycles)
+    times = dict(q.times)
     times["query"] = time.perf_counter() - t - q.local_model_s
+    times.update({"local_model": q.local_model_s, "train": 0.0, "eval": 0.0})
     st.queries.extend(q.records)
 
     # -- federated training on the labeled pools -------------------------------------------
@@ -244,7 +254,8 @@ def _cycle(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, st: Run
     keep_last = keeps_last_round(cfg, strategy)
     fed.begin_training(cycle, keep_last)
     comm = 0
-    rep.phase(f"cycle {cycle + 1}/{cfg.budget.cycles} train", fl.rounds)
+    traffic = []  # per round: the participating clients with data, the bytes each way
+    rep.phase(f"cycle {cycle + 1}/{cycles} train", fl.rounds)
     for r in range(fl.rounds):
         clients = participants(cfg, cycle, r, fed.num_clients)
         counts = fed.labeled_counts()
@@ -253,6 +264,8 @@ def _cycle(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, st: Run
                                        keep_last)
         check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
         comm += round_bytes(global_state, active)
+        traffic.append({"round": r + 1, "clients": active,
+                        "bytes": state_bytes(global_state) * active})
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 \
                 and r < fl.rounds - 1:
             t_eval = time.perf_counter()
@@ -268,33 +281,35 @@ def _cycle(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, st: Run
     times["eval"] += time.perf_counter() - t
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
-    return metrics_row(cfg, cycle, sum(fed.labeled_counts().values()), fed.num_train, acc,
-                       per_class, q.classes, comm, times)
+    row = metrics_row(strategy.target_pct(cfg, cycle), cycle,
+                      sum(fed.labeled_counts().values()), fed.num_train, acc, per_class,
+                      q.classes, comm, times)
+    return strategy.finish_cycle(cfg, row, q.extra, traffic, fed.num_train)
 
 
 # -- checkpoints, results, status -------------------------------------------------------------
-def _checkpoint(out: Path, cycle: int, cfg: Config, st: RunState, strategy: Strategy,
+def _checkpoint(out: Path, cycles: int, cycle: int, st: RunState, strategy: Strategy,
                 fed: Federation) -> None:
     ck = {"cycle": cycle, "global_state": st.global_state, "metrics": st.metrics,
           "queries": st.queries, "rounds": st.rounds, "strategy": strategy.state_dict(),
           "fl_algorithm": fed.algorithm.state_dict(), "transport": fed.transport,
           **fed.state_dict()}
     save_torch(out / "checkpoint" / "latest.pt", ck)
-    write_results(out, cfg, st, cycle)
+    write_results(out, cycles, st, cycle)
 
 
-def write_results(out: Path, cfg: Config, st: RunState, cycle: int) -> None:
+def write_results(out: Path, cycles: int, st: RunState, cycle: int) -> None:
     write_csv(out / "metrics.csv", st.metrics)
     write_jsonl(out / "queries.jsonl", st.queries)
     if st.rounds:
         write_csv(out / "rounds.csv", st.rounds)
-    write_status(out, cfg, cycle)
+    write_status(out, cycles, cycle)
 
 
-def write_status(out: Path, cfg: Config, cycle: int, error: str | None = None) -> None:
+def write_status(out: Path, cycles: int, cycle: int, error: str | None = None) -> None:
     """status.json after `cycle` finished (and, if the run stopped, why)."""
-    status: dict[str, Any] = {"complete": cycle == cfg.budget.cycles - 1 and error is None,
-                              "cycles_done": cycle + 1, "cycles": cfg.budget.cycles}
+    status: dict[str, Any] = {"complete": cycle == cycles - 1 and error is None,
+                              "cycles_done": cycle + 1, "cycles": cycles}
     if error is not None:
         status["error"] = error
     write_atomic(out / "status.json", json.dumps(status) + "\n")
@@ -318,7 +333,7 @@ def transport_of(ck: dict[str, Any]) -> str:
     return ck.get("transport") or ("flower" if ck.get("engine") == "flower" else "in_process")
 
 
-def _resume(rd: RunDir, cfg: Config, strategy: Strategy, fed: Federation
+def _resume(rd: RunDir, cycles: int, strategy: Strategy, fed: Federation
             ) -> tuple[RunState | None, int]:
     ck = load_checkpoint(rd)
     if ck is None:
@@ -335,5 +350,5 @@ def _resume(rd: RunDir, cfg: Config, strategy: Strategy, fed: Federation
     strategy.load_state_dict(ck.get("strategy", {}))
     fed.algorithm.load_state_dict(to_device(ck.get("fl_algorithm", {}), dev))
     fed.load_state_dict(ck)
-    write_results(rd.path, cfg, st, ck["cycle"])  # files may lag the checkpoint by one write
+    write_results(rd.path, cycles, st, ck["cycle"])  # files may lag the checkpoint by one write
     return st, ck["cycle"] + 1

@@ -5,6 +5,7 @@ ServerApp's federation; `falkit.loop.run` builds it from a config."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,10 @@ class InProcessFederation:
     transport = "in_process"
 
     def __init__(self, cfg: Config, strategy: Strategy, data: FederatedData, engine: Engine,
-                 oracle: SimulatedOracle | None = None):
+                 oracle: SimulatedOracle | None = None,
+                 initial_labels: Callable[[InProcessFederation], Queried] | None = None):
+        """`initial_labels`: cycle 0's labeling in place of the random draw (FAST's two
+        passes, `falkit.fast`)."""
         self.cfg, self.strategy, self.data, self.engine = cfg, strategy, data, engine
         self.y = data.dataset.y_train  # read only through the oracle, and for reporting
         self.oracle = oracle or SimulatedOracle(self.y)
@@ -45,6 +49,7 @@ class InProcessFederation:
         # each client's model after its last local update of the last cycle (last_round mode)
         self.last_round: dict[int, State] = {}
         self._contexts: list[QueryContext] = []
+        self._initial = initial_labels
 
     def partition(self) -> tuple[np.ndarray, list[str]]:
         return self.data.partition_counts(), self.data.dataset.classes
@@ -63,6 +68,8 @@ class InProcessFederation:
                               for b, pool in zip(self.budgets, self.data.clients, strict=True)))
 
     def initial_labels(self) -> Queried:
+        if self._initial is not None:
+            return self._initial(self)
         records = []
         for k, pool in enumerate(self.data.clients):
             pick = initial_picks(self.cfg, k, pool, self.budgets[k])

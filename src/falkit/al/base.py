@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from falkit.config import Config
 from falkit.errors import ConfigError
 
 # (model, indices) -> (probs N×C, features N×D) for "global" or "local"
@@ -75,6 +76,10 @@ class Strategy:
     local_model_mode: ClassVar[str | None] = None  # None: the config's local_model.mode
     # the names of the scalars client_stats sends the server (DESIGN.md §8: audited)
     server_stats: ClassVar[tuple[str, ...]] = ()
+    # a query in every cycle (the query contract below); False: FAST's one-shot passes
+    per_cycle: ClassVar[bool] = True
+    # how cycle 0 labels: "random" (ALGORITHMS.md §1) | "fast" (FAST's two passes)
+    initial_query: ClassVar[str] = "random"
 
     def __init__(self, at: str | None = None, **options: object):
         """`at` is the @G / @L suffix of the strategy id; `options` its config section."""
@@ -98,6 +103,26 @@ class Strategy:
     @property
     def needs_local_model(self) -> bool:
         return self.selector == "L"
+
+    # -- what the driver asks a strategy (defaults: the FAL cycle of ALGORITHMS.md §1) -----
+    def cycles(self, cfg: Config) -> int:
+        """How many cycles a run has."""
+        return cfg.budget.cycles
+
+    def target_pct(self, cfg: Config, cycle: int) -> float:
+        """The labeled share (%) the budget aims at after `cycle`."""
+        return 100 * cfg.budget.fraction * (cycle + 1)
+
+    def local_steps(self, cfg: Config) -> int | None:
+        """SGD steps per local update instead of fl.local_epochs epochs (None: epochs)."""
+        return None
+
+    def finish_cycle(self, cfg: Config, row: dict[str, Any], extra: dict[str, Any],
+                     traffic: list[dict[str, int]], num_train: int
+                     ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """The cycle's metrics row, and extra result files (name -> rows), from what the
+        query phase reported (`extra`) and the rounds' model traffic."""
+        return row, {}
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         raise NotImplementedError
@@ -166,11 +191,13 @@ def create(strategy_id: str, **options: object) -> Strategy:
     return STRATEGIES[name](selector, **options)
 
 
-def list_ids() -> list[str]:
-    """Every runnable strategy id, selectors spelled out (entropy@G, entropy@L, ...)."""
+def list_ids(every: bool = False) -> list[str]:
+    """Every strategy id that queries per cycle, selectors spelled out (entropy@G,
+    entropy@L, ...); `every`: FAST too."""
     import falkit.al.strategies  # noqa: F401
 
     out = []
     for name, cls in STRATEGIES.items():
-        out += [f"{name}@G", f"{name}@L"] if cls.uses_selector else [name]
+        if cls.per_cycle or every:
+            out += [f"{name}@G", f"{name}@L"] if cls.uses_selector else [name]
     return out

@@ -5,6 +5,7 @@ from falkit.al import (  # noqa: F401
     badge,
     coreset,
     fairfal,
+    fast,
     gcnal,
     ifal,
     kafal,

@@ -1,0 +1,279 @@
+"""FAST's selection (ALGORITHMS.md §6; Li, Funk, Wang, Saeed, "FAST: Federated Active
+Learning with Foundation Models for Communication-efficient Sampling and Training"), as pure
+functions and as a strategy of the one FAL driver.
+
+Pass 1 (preliminary): every client labels a random r0 of its pool (G_k^0); the labeled
+embeddings form the bank (shared: uploaded once and redistributed; local: the client's own);
+each unlabeled sample gets the majority label of its k nearest bank embeddings (weak label)
+and the uncertainty of its class-similarity vector. Pass 2 (refinement): the oracle labels the
+b_k most uncertain samples. Then one federated training on human plus weak labels — the
+driver's one cycle. `initial_set` and `refine` are one client's two passes, the same in
+process (`falkit.fast`) and in a Flower ClientApp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from falkit.al.base import Strategy, register
+from falkit.al.primitives import top_k
+from falkit.config import CHOICES, Config
+from falkit.seeding import rng
+
+UNCERTAINTIES = CHOICES["fast.uncertainty"]  # one list: the config's choices
+MIB = 2 ** 20
+
+
+# -- pure primitives ----------------------------------------------------------------------------
+def knn_weak_labels(z: np.ndarray, bank_z: np.ndarray, bank_y: np.ndarray, k: int,
+                    num_classes: int, chunk: int = 4096) -> np.ndarray:
+    """Weak label of every row of `z`: majority vote of its k nearest bank embeddings in L2
+    (FAST Alg. 1, preliminary pass; ALGORITHMS.md §6 step 2). Fewer than k neighbours if the
+    bank is smaller; equal distances → smaller bank index first; tied votes → smallest class."""
+    if len(bank_z) == 0:
+        raise ValueError("the labeled embedding bank is empty")
+    k = min(k, len(bank_z))
+    bank = torch.as_tensor(bank_z, dtype=torch.float64)
+    out = np.empty(len(z), dtype=np.int64)
+    for b in range(0, len(z), chunk):
+        q = torch.as_tensor(z[b:b + chunk], dtype=torch.float64)
+        d = torch.cdist(q, bank).numpy()
+        nn_idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+        votes = np.zeros((len(q), num_classes), dtype=np.int64)
+        np.add.at(votes, (np.arange(len(q))[:, None], bank_y[nn_idx]), 1)
+        out[b:b + chunk] = votes.argmax(1)  # argmax takes the first maximum: smallest class
+    return out
+
+
+def class_similarity(z: np.ndarray, bank_z: np.ndarray, bank_y: np.ndarray,
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """s[i, c] = mean over bank entries j of class c of cos(z_i, z_j) (FAST Eq. 7), for the
+    classes present in the bank (returned second; absent classes are excluded, §6 step 3).
+    The mean of cosines equals the dot product with the mean of the unit bank vectors."""
+    present = np.unique(bank_y)
+    present = present[present < num_classes]
+
+    def unit(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64)
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+    bank_u = unit(bank_z)
+    protos = np.stack([bank_u[bank_y == c].mean(0) for c in present])
+    return unit(z) @ protos.T, present
+
+
+def _softmax(s: np.ndarray) -> np.ndarray:
+    e = np.exp(s - s.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def uncertainty(s: np.ndarray, method: str = "entropy",
+                gen: np.random.Generator | None = None) -> np.ndarray:
+    """Uncertainty score per row of the similarity matrix `s` (higher = more uncertain).
+
+    * entropy — H(softmax(s_i)) (FAST Eq. 8, the paper's default);
+    * norm — ‖s_i − onehot(argmax s_i)‖₂ (the reference code's default, §6 step 4);
+    * least_confidence — 1 − max p, p = softmax(s_i);
+    * smallest_margin — −(p₍₁₎ − p₍₂₎): a small gap between the top two is uncertain;
+    * largest_margin — −(p₍₁₎ − p₍C₎): a small gap between the top and the bottom;
+    * random — uniform scores from `gen` (FAST Table VII; Table II ④ random refinement).
+    The margins and least confidence use softmax(s) like the entropy (FAST appendix Table VII
+    names them without a formula: the standard definitions on the probability vector)."""
+    s = np.asarray(s, dtype=np.float64)
+    if method == "random":
+        if gen is None:
+            raise ValueError("uncertainty 'random' needs a numpy Generator")
+        return gen.random(len(s))
+    if method == "norm":
+        onehot = np.zeros_like(s)
+        onehot[np.arange(len(s)), s.argmax(1)] = 1.0
+        return np.linalg.norm(s - onehot, axis=1)
+    p = _softmax(s)
+    if method == "entropy":
+        return -(p * np.log(np.clip(p, 1e-300, None))).sum(1)
+    ps = np.sort(p, axis=1)[:, ::-1]
+    if method == "least_confidence":
+        return 1.0 - ps[:, 0]
+    if method == "smallest_margin":
+        return -(ps[:, 0] - ps[:, 1]) if p.shape[1] > 1 else np.zeros(len(p))
+    if method == "largest_margin":
+        return -(ps[:, 0] - ps[:, -1])
+    raise ValueError(f"unknown uncertainty {method!r} (valid: {', '.join(UNCERTAINTIES)})")
+
+
+def top_uncertain(scores: np.ndarray, b: int) -> np.ndarray:
+    """Positions of the b highest scores; equal scores → smaller position first."""
+    return np.sort(top_k(scores, max(0, min(b, len(scores)))))
+
+
+def fraction_count(fraction: float, n: int) -> int:
+    """ceil(fraction · n), as KAFAL's proportional budget (ALGORITHMS.md §1), at most n."""
+    return min(n, math.ceil(round(fraction * n, 9)))
+
+
+def refinement_budgets(fraction: float, pools: list[int], split: str) -> list[int]:
+    """b_k per client: ceil(fraction · |pool_k|) (`proportional`), or ceil(fraction · N)
+    split evenly over the K clients, the first N mod K clients one more (`even`); never more
+    than a client's pool."""
+    if split == "proportional":
+        return [fraction_count(fraction, n) for n in pools]
+    total, K = fraction_count(fraction, sum(pools)), len(pools)
+    return [min(n, total // K + (1 if k < total % K else 0)) for k, n in enumerate(pools)]
+
+
+def class_balanced_pick(y: np.ndarray, candidates: np.ndarray, n: int, num_classes: int,
+                        gen: np.random.Generator) -> np.ndarray:
+    """n samples of `candidates` spread evenly over classes (the reference code's pooled
+    initial set): n // C per class, the remainder to the smallest class ids, each class
+    capped at what it holds; a seeded uniform draw within each class."""
+    picks = []
+    for c in range(num_classes):
+        members = candidates[y[candidates] == c]
+        want = n // num_classes + (1 if c < n % num_classes else 0)
+        if want and len(members):
+            picks.append(gen.choice(members, size=min(want, len(members)), replace=False))
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
+# -- communication (ALGORITHMS.md §7) ------------------------------------------------------------
+def model_traffic(model_bytes: int, clients: int, rounds: int) -> dict[str, float]:
+    """Per-round model bytes = Σ over participating clients of 2 × state-dict bytes (download
+    + upload, ALGORITHMS.md §7); the total over `rounds`, also in MiB (2^20 bytes)."""
+    per_round = 2 * model_bytes * clients
+    total = per_round * rounds
+    return {"model_bytes": model_bytes, "round_bytes": per_round, "total_bytes": total,
+            "round_mib": per_round / MIB, "total_mib": total / MIB}
+
+
+def bank_payloads(bank_sizes: list[int], dim: int, clients: int,
+                  emb_itemsize: int = 4, label_itemsize: int = 8) -> list[dict[str, Any]]:
+    """FAST's one-off payload (§6 step 2, paper §IV-C): every client uploads its labeled
+    embeddings (float32) with their labels (int64) once, the server sends the whole bank to
+    every client."""
+    entry = dim * emb_itemsize + label_itemsize
+    n = sum(bank_sizes)
+    return [{"payload": "bank", "direction": "up", "entries": n, "bytes": n * entry},
+            {"payload": "bank", "direction": "down", "entries": n * clients,
+             "bytes": n * clients * entry}]
+
+
+# -- one client's two passes ---------------------------------------------------------------
+def initial_set(cfg: Config, k: int, pool: np.ndarray) -> np.ndarray:
+    """G_k^0: r0 of client k's pool, uniformly at random (FAST Alg. 1 line 1)."""
+    n = fraction_count(cfg.fast.initial, len(pool))
+    return np.sort(rng(cfg.seed, "fast_initial", k).choice(pool, size=n, replace=False))
+
+
+def refine(cfg: Config, k: int, pool: np.ndarray, initial: np.ndarray,
+           z_of: Callable[[np.ndarray], np.ndarray], bank_z: np.ndarray, bank_y: np.ndarray,
+           num_classes: int, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Client k's passes after G_k^0: (its unlabeled pool U_k, their weak labels (Alg. 1
+    line 3), the b_k most uncertain of U_k to refine (Eq. 7, Eq. 8; none when
+    `fast.refine` is off)). `z_of(indices)` gives the embeddings of train samples."""
+    f = cfg.fast
+    unl = np.setdiff1d(pool, initial, assume_unique=True)
+    z = z_of(unl)
+    weak = knn_weak_labels(z, bank_z, bank_y, f.k, num_classes)
+    s, _ = class_similarity(z, bank_z, bank_y, num_classes)
+    u = uncertainty(s, f.uncertainty, rng(cfg.seed, "fast_query", k))
+    return unl, weak, unl[top_uncertain(u, budget if f.refine else 0)]
+
+
+def weak_row(k: Any, pool: int, initial: int, weak: np.ndarray, truth: np.ndarray,
+             queried: np.ndarray) -> dict[str, Any]:
+    """Weak-label accuracy of one client before and after refinement (§6 "Report"): over
+    the samples that got a weak label (`weak`, their true labels `truth`); `queried`: a
+    mask of those the oracle relabeled, so after − before = corrected / n exactly."""
+    n, before = len(weak), int((weak == truth).sum())
+    corrected = int((weak[queried] != truth[queried]).sum())
+    return {"client": k, "pool": pool, "initial": initial, "queried": int(queried.sum()),
+            "weak_n": n, "weak_acc_before": round(before / n, 6) if n else None,
+            "weak_acc_after": round((before + corrected) / n, 6) if n else None,
+            "corrected": corrected, "_before": before}
+
+
+def weak_rows_total(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The clients' rows and an "all" row over them (the private `_before` counts dropped)."""
+    n = sum(r["weak_n"] for r in rows)
+    before = sum(r["_before"] for r in rows)
+    corrected = sum(r["corrected"] for r in rows)
+    out = [{k: v for k, v in r.items() if k != "_before"} for r in rows]
+    out.append({"client": "all", "pool": sum(r["pool"] for r in rows),
+                "initial": sum(r["initial"] for r in rows),
+                "queried": sum(r["queried"] for r in rows), "weak_n": n,
+                "weak_acc_before": round(before / n, 6) if n else None,
+                "weak_acc_after": round((before + corrected) / n, 6) if n else None,
+                "corrected": corrected})
+    return out
+
+
+# -- the strategy -----------------------------------------------------------------------------
+@register
+class Fast(Strategy):
+    """FAST as a strategy of the driver: one cycle, whose query phase is the two passes
+    (the federation runs them: `falkit.fast` in process, the Flower ClientApps on Flower),
+    trained on human plus weak labels with τ local SGD steps per round."""
+
+    name = "fast"
+    description = ("FAST: frozen-encoder kNN weak labels and one-shot uncertainty "
+                   "refinement, one training")
+    per_cycle: ClassVar[bool] = False
+    initial_query: ClassVar[str] = "fast"
+
+    def cycles(self, cfg: Config) -> int:
+        return 1
+
+    def target_pct(self, cfg: Config, cycle: int) -> float:
+        f = cfg.fast
+        return 100 * (f.initial + (f.budget if f.refine else 0.0))
+
+    def local_steps(self, cfg: Config) -> int | None:
+        return cfg.fast.local_steps or None  # τ SGD steps, or fl.local_epochs epochs
+
+    def select(self, ctx, budget: int) -> np.ndarray:
+        raise RuntimeError("FAST queries once, in its two passes (cycle 0), not per cycle")
+
+    def finish_cycle(self, cfg: Config, row: dict[str, Any], extra: dict[str, Any],
+                     traffic: list[dict[str, int]], num_train: int
+                     ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """FAST's metrics columns (human labels, weak-label accuracy, traffic split, the
+        one-off bank) and its files: clients.csv (weak-label accuracy per client) and
+        comm.csv (every payload)."""
+        weak = extra["weak_rows"]
+        overall = weak[-1]
+        oneoff = (bank_payloads(extra["bank_sizes"], extra["dim"], len(extra["bank_sizes"]))
+                  if any(extra["bank_sizes"]) else [])
+        oneoff_bytes = sum(p["bytes"] for p in oneoff)
+        down = sum(t["bytes"] for t in traffic)
+        last = 2 * traffic[-1]["bytes"] if traffic else 0
+        human = extra["human"]
+        out: dict[str, Any] = {}
+        for key, v in row.items():
+            if key == "comm_bytes":
+                out.update({"trained_on": extra["trained_on"],
+                            "weak_acc_before": overall["weak_acc_before"],
+                            "weak_acc_after": overall["weak_acc_after"],
+                            "rounds": cfg.fl.rounds, "comm_round_bytes": last,
+                            "comm_down_bytes": down, "comm_up_bytes": down})
+            out[key] = v
+            if key == "comm_mib":
+                out.update({"oneoff_bytes": oneoff_bytes,
+                            "oneoff_mib": round(oneoff_bytes / MIB, 4),
+                            "embedding_dim": extra["dim"],
+                            "embeddings_cached": extra["cached"]})
+        out["labeled"] = human
+        out["labeled_pct"] = round(100 * human / num_train, 4)
+        comm_rows = [{"payload": "model", "direction": d, "round": t["round"],
+                      "clients": t["clients"], "bytes": t["bytes"],
+                      "mib": round(t["bytes"] / MIB, 6)}
+                     for t in traffic for d in ("down", "up")]
+        comm_rows += [{**p, "round": "one-off", "mib": round(p["bytes"] / MIB, 6)}
+                      for p in oneoff]
+        return out, {"clients.csv": weak, "comm.csv": comm_rows}
+
+
