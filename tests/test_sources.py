@@ -576,3 +576,23 @@ def test_download_cifar10_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_download_digits_needs_no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", _no_network)
     assert download("digits") == find("digits")
+
+
+def test_digits_read_without_scikit_learn_equal_its_loader():
+    """digits come from the file scikit-learn ships, without importing scikit-learn (seconds
+    per Flower message): the same images and targets as sklearn.datasets.load_digits."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from falkit.data.sources import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    code = ("import sys; from falkit.data.sources import load; load('digits'); "
+            "import falkit.al.strategies; print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

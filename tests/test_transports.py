@@ -18,7 +18,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 
-from falkit import config  # noqa: E402
+from falkit import config, fast  # noqa: E402
 from falkit.al.base import list_ids  # noqa: E402
 from falkit.flower import client_app  # noqa: E402
 from falkit.flower.server_app import run_server  # noqa: E402
@@ -84,26 +84,42 @@ def flower_run(out: Path, stop_after=None, grid=None, **extra) -> Path:
 
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without the wall-clock columns (and FAST's note whether this run found
+    the embeddings in the cache: the first run of a test fills it)."""
     with (run_dir / "metrics.csv").open() as f:
-        return [{k: v for k, v in r.items() if not k.startswith("time_")}
+        return [{k: v for k, v in r.items()
+                 if not k.startswith("time_") and k != "embeddings_cached"}
                 for r in csv.DictReader(f)]
 
 
 def same_results(a: Path, b: Path) -> None:
     assert (a / "queries.jsonl").read_bytes() == (b / "queries.jsonl").read_bytes()
     assert metrics(a) == metrics(b)
-    assert (a / "partition.csv").read_bytes() == (b / "partition.csv").read_bytes()
+    for name in ("partition.csv", "clients.csv", "comm.csv"):  # the last two: FAST's
+        assert (a / name).is_file() == (b / name).is_file(), name
+        if (a / name).is_file():
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert json.loads((a / "status.json").read_text())["complete"] is True
 
 
+FAST = {"fast.initial": "0.05", "fast.budget": "0.1", "fast.local_steps": "3"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", list_ids())
+@pytest.mark.parametrize("strategy", [*list_ids(), "fast", "fast:linear,local"])
 def test_every_strategy_same_in_process_and_on_flower(tmp_path, strategy):
     extra = {"strategy": strategy}
     if strategy == "kafal":
         extra["kafal.kcfu"] = "true"  # its own training objective, built on each client
-    ref = run(config.load(None, overrides={**SMALL, **extra,
-                                           "out_dir": str(tmp_path / "inproc")})).run_dir
+    reference = run
+    if strategy.startswith("fast"):  # one cycle: the two passes, human + weak labels
+        extra = {"strategy": "fast", **FAST, "fast.cache_dir": str(tmp_path / "cache")}
+        if strategy.endswith("linear,local"):  # linear probing, each client its own bank
+            extra.update({"model.backbone": "linear", "fast.bank": "local",
+                          "fast.uncertainty": "smallest_margin"})
+        reference = fast.run
+    ref = reference(config.load(None, overrides={**SMALL, **extra,
+                                                 "out_dir": str(tmp_path / "inproc")})).run_dir
     got = flower_run(tmp_path / "flower", **extra)
     assert got.name == ref.name
     same_results(got, ref)
@@ -136,3 +152,35 @@ def test_flower_run_resumes_after_a_finished_cycle(tmp_path, strategy, extra):
     same_results(again, whole)
     if "runtime.eval_every" in extra:
         assert (again / "rounds.csv").read_bytes() == (whole / "rounds.csv").read_bytes()
+
+
+def test_fast_pooled_scope_is_refused_on_flower_before_anything_is_written(tmp_path):
+    from falkit.errors import ConfigError
+
+    grid = MemoryGrid(run_config(tmp_path / "runs", strategy="fast", **{"fast.scope": "pooled"}))
+    with pytest.raises(ConfigError, match="fast.scope = client"):
+        flower_run(tmp_path / "runs", grid=grid, strategy="fast", **{"fast.scope": "pooled"})
+    assert grid.sent == [] and not (tmp_path / "runs").exists()
+
+
+def test_a_bank_upload_is_audited():
+    """FAST's bank: the labeled embeddings (n × d) and n labels, nothing else."""
+    import numpy as np
+    from flwr.app import MetricRecord
+
+    from falkit.al.base import create
+    from falkit.fl.algorithms import create as create_algorithm
+    from falkit.flower.common import PrivacyViolation, array_record, audit, declared
+
+    allowed = declared(create("fast"), create_algorithm("fedavg"), False)
+    ok = RecordDict({"query": MetricRecord({"labeled": 2, "queried": 2, "dim": 3, "cached": 1}),
+                     "bank": array_record(z=np.zeros((2, 3), np.float32), y=np.zeros(2))})
+    audit("query.select", ok, allowed, {}, [])
+    for bad in (array_record(z=np.zeros((2, 3)), y=np.zeros(3)),  # more labels than rows
+                array_record(z=np.zeros((2, 3)), y=np.zeros(2), x=np.zeros(2)),  # images
+                array_record(z=np.zeros(6), y=np.zeros(2))):
+        with pytest.raises(PrivacyViolation):
+            audit("query.select", RecordDict({"bank": bad}), allowed, {}, [])
+    no_bank = declared(create("random"), create_algorithm("fedavg"), False)
+    with pytest.raises(PrivacyViolation):
+        audit("query.select", ok, no_bank, {}, [])

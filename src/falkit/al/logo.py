@@ -14,8 +14,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, entropy
@@ -78,6 +76,11 @@ class LoGo(Strategy):
         unc = as_numpy(entropy(ctx.probs("global", "unlabeled")))
         k = min(budget, len(emb))
         seed = int(ctx.rng.integers(0, 2**31 - 1))  # sklearn's seed drawn from ctx.rng only
+        # lazily: scikit-learn takes seconds to import, and every strategy module is
+        # imported by each Flower ClientApp message's process
+        from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
+
         km = KMeans(n_clusters=k, init="k-means++", n_init=self.n_init, random_state=seed)
         with warnings.catch_warnings():
             # duplicate points: sklearn warns that it found fewer distinct clusters than

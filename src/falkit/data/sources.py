@@ -851,12 +851,30 @@ def _load_imagefolder(root: Path, name: str) -> ImageDataset:
 
 # -- digits --------------------------------------------------------------------------------
 
-def _load_digits(info: DatasetInfo) -> ImageDataset:
-    from sklearn.datasets import load_digits  # lazily: scikit-learn is slow to import
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797×8×8, values 0–16) and targets, read from the
+    file scikit-learn ships (what `sklearn.datasets.load_digits` reads) without importing
+    scikit-learn, which takes seconds — every Flower ClientApp message starts a process."""
+    import gzip
+    import importlib.util
 
-    bunch = load_digits()
-    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    y = bunch.target.astype(np.int64)
+    spec = importlib.util.find_spec("sklearn")
+    path = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" /
+            "digits.csv.gz") if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    with gzip.open(path, "rt") as fh:
+        data = np.loadtxt(fh, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def _load_digits(info: DatasetInfo) -> ImageDataset:
+    images, target = digits_arrays()
+    x = np.rint(images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
     # every 5th image of each class is test: stratified, 80/20, and no RNG to drift
     rank = np.zeros(len(y), np.int64)
     for c in np.unique(y):

@@ -29,8 +29,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from falkit import config as config_mod
+from falkit import fast
 from falkit.al.base import QueryContext
 from falkit.al.base import create as create_strategy
+from falkit.al.fast import initial_set, refine
+from falkit.al.fast import weak_row as fast_weak_row
 from falkit.client import (
     client_models,
     global_outputs_fn,
@@ -86,16 +89,18 @@ class Site:
         cfg, node = self.cfg, context.node_config
         self.partition_id = int(node.get("partition-id", -1))
         if "data-root" in node:  # a real site: its own data, all of it
-            ds = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]))
-            self.pool = np.arange(len(ds.y_train), dtype=np.int64)
+            ds = full = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]))
+            rows = np.arange(len(ds.y_train), dtype=np.int64)
+            self.pool = rows
             self.num_train = len(ds.y_train)
             self.test = np.arange(len(ds.y_test), dtype=np.int64)
         else:  # simulation: this partition of the configured dataset
             key = config_mod.dumps(cfg)  # the whole config: data, seed, partition
-            data = _DATA.get(key)
-            if data is None:
-                data = build(cfg)
-                _remember(_DATA, key, data)
+            if key not in _DATA:
+                full = load(cfg.data.dataset, cfg.data.data_root)
+                _remember(_DATA, key, (full, build(cfg, full)))
+            full, data = _DATA[key]
+            rows = data.source_indices
             K = len(data.clients)
             n = int(node.get("num-partitions", K))
             if n != K or not 0 <= self.partition_id < K:
@@ -114,9 +119,18 @@ class Site:
         self.num_classes = len(ds.classes)
         self.strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
         configure_process(cfg)
-        self.engine = engine_for(cfg, ds, self.num_classes, 1,
-                                 wrap_model=getattr(self.strategy, "wrap_model", None),
-                                 train_y=torch.full((len(ds.y_train),), -1, dtype=torch.int64))
+        unknown = torch.full((len(ds.y_train),), -1, dtype=torch.int64)
+        if self.strategy.initial_query == "fast":  # the frozen encoder's embeddings (cached)
+            linear = cfg.model.backbone == "linear"
+            z, self.cached = fast.embeddings(cfg, full, ("train", "test") if linear
+                                             else ("train",))
+            self.z_train = z["train"][rows]  # rows of this site's (long-tailed) train split
+            self.engine = fast.fast_engine(cfg, ds, self.num_classes, 1, self.z_train,
+                                           z.get("test"), train_y=unknown)
+        else:
+            self.engine = engine_for(cfg, ds, self.num_classes, 1,
+                                     wrap_model=getattr(self.strategy, "wrap_model", None),
+                                     train_y=unknown)
         self.device = self.engine.device  # where every received tensor goes
         self.state_dir = Path(node["state-dir"]) if "state-dir" in node else None
         self.labeled = np.zeros(0, dtype=np.int64)
@@ -223,10 +237,11 @@ def info(msg: Message, context: Context) -> Message:
     """Pool size, data shape and test count; class counts only as simulation metrics."""
     site = site_of(context)
     ds = site.dataset
+    # the engine's inputs: the images, or FAST's embeddings (D × 1 × 1) for linear probing
     values = {"partition-id": site.partition_id, "pool": len(site.pool),
               "num-train": site.num_train, "num-classes": site.num_classes,
-              "in-channels": int(ds.x_train.shape[1]), "image-size": int(ds.x_train.shape[2]),
-              "test": len(site.test)}
+              "in-channels": int(site.engine.in_channels),
+              "image-size": int(site.engine.image_size), "test": len(site.test)}
     counts = np.bincount(ds.y_train[site.pool], minlength=site.num_classes).tolist()
     return _reply(msg, info=MetricRecord(values),
                   **site.diagnostics(**{"class-counts": counts, "classes": list(ds.classes)}))
@@ -281,6 +296,8 @@ def select_(msg: Message, context: Context) -> Message:
     here; the server learns the counts (and, as simulation metrics, the record)."""
     site = site_of(context)
     conf = _conf(msg)
+    if "fast" in conf:
+        return _fast_pass(msg, site, conf)
     cycle, k, budget = conf["cycle"], conf["client"], conf["budget"]
     y = site.dataset.y_train
     if cycle == 0:  # b_k labels uniformly at random from the pool (ALGORITHMS.md §1)
@@ -316,6 +333,55 @@ def select_(msg: Message, context: Context) -> Message:
     queried = np.bincount(y[picks], minlength=site.num_classes).tolist()
     return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": len(picks)}),
                   **site.diagnostics(record=record, **{"queried-classes": queried}))
+
+
+def _fast_pass(msg: Message, site: Site, conf: dict[str, Any]) -> Message:
+    """FAST's cycle 0 on this client (ALGORITHMS.md §6, `falkit.al.fast`): "initial" labels
+    G_k^0 and returns its bank entries (shared bank); "refine" gives the rest of the pool
+    weak labels from the bank, has the b_k most uncertain labeled, and makes the training
+    pool (human + weak labels)."""
+    cfg, k = site.cfg, conf["client"]
+    y = site.dataset.y_train
+    shared = cfg.fast.bank == "shared"
+    if conf["fast"] == "initial":
+        picks = initial_set(cfg, k, site.pool)
+        labels = site.oracle.label(k, picks)
+        site.labeled = picks
+        site.reveal(picks, labels)
+        site.save_pools()
+        record = {"cycle": 0, "client": k, "strategy": "fast_initial",
+                  "indices": picks.tolist(), "labels": labels.tolist()}
+        bank = {"bank": array_record(z=site.z_train[picks], y=labels)} if shared else {}
+        query = {"labeled": len(picks), "queried": len(picks),
+                 "dim": int(site.z_train.shape[1]), "cached": int(site.cached)}
+        return _reply(msg, query=MetricRecord(query), **bank, **site.diagnostics(
+            record=record, **{"queried-classes": np.bincount(
+                y[picks], minlength=site.num_classes).tolist()}))
+    initial = site.labeled
+    if shared:
+        got = record_arrays(msg.content["bank"])
+        bank_z, bank_y = got["z"], got["y"].astype(np.int64)
+    else:
+        bank_z, bank_y = site.z_train[initial], site.known[initial]
+    unl, weak, picks = refine(cfg, k, site.pool, initial, site.z_train.__getitem__, bank_z,
+                              bank_y, site.num_classes, conf["budget"])
+    labels = site.oracle.label(k, picks)  # Alg. 1 refinement pass: human labels, top-b_k
+    human = np.union1d(initial, picks)
+    site.oracle.audit(len(human))
+    row = fast_weak_row(k, len(site.pool), len(initial), weak, y[unl], np.isin(unl, picks))
+    train = np.union1d(human, unl) if cfg.fast.weak_labels else human
+    if cfg.fast.weak_labels:
+        site.reveal(unl, weak)
+    site.reveal(picks, labels)  # the human label wins over the weak one
+    site.labeled = train
+    site.save_pools()
+    record = {"cycle": 0, "client": k, "strategy": "fast", "indices": picks.tolist(),
+              "labels": labels.tolist(), "weak_acc_before": row["weak_acc_before"],
+              "weak_acc_after": row["weak_acc_after"]}
+    query = {"labeled": len(human), "queried": len(picks), "trained-on": len(train)}
+    return _reply(msg, query=MetricRecord(query), **site.diagnostics(
+        record=record, **{"queried-classes": np.bincount(
+            y[picks], minlength=site.num_classes).tolist(), "weak-row": row}))
 
 
 @app.query("restore")

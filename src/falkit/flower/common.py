@@ -5,6 +5,8 @@ A client sends the server only
 * `train`: its weights (the global model's keys and shapes), the FL algorithm's declared
   uplink (SCAFFOLD: c_k⁺ − c_k per parameter; FedNova: the scalar a_k) and its labeled count;
 * `query.stats`: the scalars its strategy declares in `server_stats` (FairFAL: γ_k);
+* FAST's first pass (`query.select`): the embeddings of its initial labeled set G_k^0 with
+  their labels (the shared bank, paper §IV-C), as many as it reports labeled;
 * `query.info`, `query.select`, `query.restore`, `evaluate`: counts (pool size, data shape,
   labeled count, per-class correct/total on its test data).
 With `simulation-metrics = true` a `diagnostics` record may add what needs the true labels
@@ -33,6 +35,7 @@ INFO, STATS, SELECT, RESTORE = "query.info", "query.stats", "query.select", "que
 INFO_KEYS = ("partition-id", "pool", "num-train", "num-classes", "in-channels", "image-size",
              "test")
 SELECT_KEYS = ("labeled", "queried")
+FAST_KEYS = ("trained-on", "dim", "cached")  # FAST's passes: counts and the embedding size
 EVAL_KEYS = ("correct", "total")
 NUM_EXAMPLES = "num-examples"
 
@@ -96,18 +99,22 @@ def config_json(record: ConfigRecord, key: str, default: Any = None) -> Any:
 # -- declarations and audit ---------------------------------------------------------------
 def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
              ) -> dict[str, dict[str, tuple[str, ...]]]:
-    """Per message type: record name -> the keys it may hold ("*" for the model's keys)."""
+    """Per message type: record name -> the keys it may hold ("*" for the model's keys,
+    "*params" for parameter arrays, "bank" for FAST's labeled-embedding bank)."""
     stats = tuple(getattr(strategy, "server_stats", ()))
     train: dict[str, tuple[str, ...]] = {
         "model": ("*",), "metrics": (NUM_EXAMPLES, *algorithm.uplink_scalars)}
     if algorithm.uplink_arrays:
         train["uplink"] = ("*params",)
+    select: dict[str, tuple[str, ...]] = {"query": SELECT_KEYS}
+    if strategy.initial_query == "fast":  # FAST's passes (ALGORITHMS.md §6, paper §IV-C)
+        select = {"query": (*SELECT_KEYS, *FAST_KEYS), "bank": ("bank",)}
     out = {INFO: {"info": INFO_KEYS}, STATS: {"stats": stats},
-           SELECT: {"query": SELECT_KEYS}, RESTORE: {"query": SELECT_KEYS}, TRAIN: train,
+           SELECT: select, RESTORE: {"query": SELECT_KEYS}, TRAIN: train,
            EVALUATE: {"eval": EVAL_KEYS}}
     if simulation_metrics:
         out[INFO]["diagnostics"] = ("class-counts", "classes")
-        out[SELECT]["diagnostics"] = ("record", "queried-classes")
+        out[SELECT]["diagnostics"] = ("record", "queried-classes", "weak-row")
     return out
 
 
@@ -131,6 +138,13 @@ def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, t
                 if not set(record) <= set(params):
                     raise PrivacyViolation(f"{message_type}: {name} holds non-parameter arrays")
                 like = model
+            elif keys == ("bank",):  # FAST: the labeled embeddings (n × d) and their labels
+                shapes = {k: tuple(a.shape) for k, a in record.items()}
+                if set(shapes) != {"z", "y"} or len(shapes["z"]) != 2 or \
+                        shapes["y"] != shapes["z"][:1]:
+                    raise PrivacyViolation(f"{message_type}: {name} is not an embedding bank "
+                                           f"(z: n × d, y: n), got {shapes}")
+                continue
             else:
                 raise PrivacyViolation(f"{message_type}: {name} may not carry arrays")
             for k, arr in record.items():

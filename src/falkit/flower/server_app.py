@@ -28,10 +28,12 @@ from flwr.serverapp import Grid, ServerApp
 from falkit import config as config_mod
 from falkit.al.base import Strategy
 from falkit.al.base import create as create_strategy
+from falkit.al.fast import refinement_budgets, weak_rows_total
 from falkit.config import Config
 from falkit.data.federation import budgets_for
 from falkit.driver import Queried, Reporter
 from falkit.driver import run as drive
+from falkit.errors import ConfigError
 from falkit.fl.algorithms import Client, State, check_finite, client_weight
 from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
@@ -43,11 +45,14 @@ from falkit.flower.common import (
     STATS,
     TRAIN,
     Options,
+    PrivacyViolation,
+    array_record,
     audit,
     config_json,
     declared,
     json_config,
     load_config,
+    record_arrays,
     record_state,
     state_record,
 )
@@ -88,6 +93,9 @@ def run_server(grid: Grid, context: Context, stop_after: int | None = None) -> P
         log.info("%s is complete; nothing to run", rd.path)
         return rd.path
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    if strategy.initial_query == "fast" and cfg.fast.scope != "client":
+        raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
+                          "samples in one place; on Flower use fast.scope = client")
     fed = FlowerFederation(grid, cfg, opts, strategy, rd.path)
     fed.start()  # validates the federation before anything is written
     drive(cfg, strategy, fed, rd, reporter=LogReporter(), overwrite=opts.overwrite,
@@ -183,6 +191,7 @@ class FlowerFederation:
         C, c, s = (int(v) for v in shape.pop())
         self.num_classes = C
         pools = [int(i["pool"]) for i in infos]
+        self.pools = dict(enumerate(pools))
         # simulation: every partition reports the federated train set's size; sites their own
         sizes = {int(i["num-train"]) for i in infos}
         self.num_train = sizes.pop() if len(sizes) == 1 else 0
@@ -221,7 +230,63 @@ class FlowerFederation:
         return dict(self.labeled)
 
     def initial_labels(self) -> Queried:
+        if self.strategy.initial_query == "fast":
+            return self._fast_passes()
         return self._select(0, {}, {}, lambda: None)
+
+    def _fast_passes(self) -> Queried:
+        """FAST's cycle 0 (ALGORITHMS.md §6): every client labels G_k^0 and, for the shared
+        bank, uploads its embeddings with their labels once; the server concatenates them
+        in client order and sends the bank to every client, which gives its other samples
+        weak labels and has the b_k most uncertain labeled. The server learns counts, the
+        bank, and (simulation metrics) the records and weak-label accuracies."""
+        f, sim = self.cfg.fast, self.opts.simulation_metrics
+        first = self._round(SELECT, {k: RecordDict({"config": json_config(
+            cycle=0, client=k, fast="initial")}) for k in self.nodes},
+            "query.select cycle 0 (FAST initial)")
+        banks = {}
+        for k, rep in first.items():
+            if "bank" in rep:
+                banks[k] = record_arrays(rep["bank"])
+                if len(banks[k]["y"]) != int(rep["query"]["labeled"]):
+                    raise PrivacyViolation(f"client {k} uploaded {len(banks[k]['y'])} bank "
+                                           f"entries for {int(rep['query']['labeled'])} "
+                                           "labels")
+        shared = f.bank == "shared"
+        bank = ({"bank": array_record(z=np.concatenate([banks[k]["z"] for k in sorted(banks)]),
+                                      y=np.concatenate([banks[k]["y"] for k in sorted(banks)]))}
+                if shared else {})
+        budgets = refinement_budgets(f.budget, [self.pools[k] for k in sorted(self.pools)],
+                                     f.budget_split)
+        second = self._round(SELECT, {k: RecordDict({**bank, "config": json_config(
+            cycle=0, client=k, fast="refine", budget=budgets[k])}) for k in self.nodes},
+            "query.select cycle 0 (FAST refinement)")
+        records, weak = [], []
+        hist = np.zeros(self.num_classes, dtype=np.int64) if sim else None
+        human = 0
+        for k in sorted(second):
+            human += int(first[k]["query"]["labeled"]) + int(second[k]["query"]["queried"])
+            self.labeled[k] = int(second[k]["query"]["trained-on"])
+            for rep, what in ((first[k], "fast_initial"), (second[k], "fast")):
+                if hist is not None:
+                    diag = rep["diagnostics"]
+                    hist += np.asarray(config_json(diag, "queried-classes"), dtype=np.int64)
+                    records.append(config_json(diag, "record"))
+                else:
+                    records.append({"cycle": 0, "client": k, "strategy": what,
+                                    "count": int(rep["query"]["queried"])})
+            if sim:
+                weak.append(config_json(second[k]["diagnostics"], "weak-row"))
+        weak_rows = (weak_rows_total(weak) if sim else
+                     [{"client": k, "initial": int(first[k]["query"]["labeled"]),
+                       "queried": int(second[k]["query"]["queried"])} for k in sorted(second)]
+                     + [{"client": "all", "weak_acc_before": None, "weak_acc_after": None}])
+        extra = {"human": human, "trained_on": sum(self.labeled.values()),
+                 "weak_rows": weak_rows,
+                 "bank_sizes": [len(banks[k]["y"]) if k in banks else 0 for k in sorted(first)],
+                 "dim": int(first[min(first)]["query"]["dim"]),
+                 "cached": all(bool(first[k]["query"]["cached"]) for k in first)}
+        return Queried(records, hist, extra=extra)
 
     def prepare_query(self, cycle: int, global_state: State) -> float:
         return 0.0  # each client trains its models in its first query message (query time)
