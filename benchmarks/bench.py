@@ -409,13 +409,13 @@ def _query_one(strategy_id: str, n: int) -> dict:
     ctx = QueryContext(client_id=0, cycle=1, labeled=lab, labeled_y=labels, unlabeled=unl,
                        num_classes=C, rng=np.random.default_rng(1), infer=infer,
                        weights=lambda m: weights[m],
-                       state={"predicted_loss": lambda m, pool: predicted_loss[pool]})
+                       predicted_loss=lambda m, pool: predicted_loss[pool])
     strategy = create_strategy(strategy_id)
     base = peak_rss_mib()
     t = time.perf_counter()
-    stats = strategy.client_stats(ctx)
-    if stats is not None:
-        ctx.server = dict(strategy.server_reduce([stats]))
+    ctx.phase_a = strategy.client_stats(ctx)
+    if ctx.phase_a is not None:
+        ctx.server = dict(strategy.server_reduce([ctx.phase_a.stats]))
     picks = strategy.query(ctx, max(1, n // 100))
     sec = time.perf_counter() - t
     assert len(set(picks.tolist())) == max(1, n // 100)

@@ -23,7 +23,7 @@ FAIRFAL_ABLATIONS = [{"selector": s} for s in ("complement", "global", "local")]
 def moved(ctx: QueryContext, outputs: bool, weights: bool) -> QueryContext:
     """ctx with the model outputs (inference results, predicted losses) and/or the model
     weights "on cuda"."""
-    infer, state_of, loss = ctx.infer, ctx.weights, ctx.state.get("predicted_loss")
+    infer, state_of, loss = ctx.infer, ctx.weights, ctx.predicted_loss
 
     def infer_there(model, idx):
         p, f = infer(model, idx)
@@ -35,7 +35,7 @@ def moved(ctx: QueryContext, outputs: bool, weights: bool) -> QueryContext:
 
     ctx.infer, ctx.weights = infer_there, weights_there
     if loss is not None:
-        ctx.state["predicted_loss"] = (
+        ctx.predicted_loss = (
             (lambda model, idx: on_device(loss(model, idx))) if outputs else loss)
     return ctx
 

@@ -118,8 +118,9 @@ def test_adaptive_model_choice_and_quota_per_bucket():
     unlabeled = np.setdiff1d(np.arange(n), labeled)
     s = create("fairfal", selector="adaptive", kappa=1.0)
     ctx = _ctx(probs_g, probs_g, feats, labeled, labeled_y, unlabeled, C)
-    ctx.server = s.server_reduce([s.client_stats(ctx)])
-    assert ctx.state["d"] == 0.0  # identical models
+    ctx.phase_a = s.client_stats(ctx)
+    ctx.server = s.server_reduce([ctx.phase_a.stats])
+    assert ctx.phase_a.kept["d"] == 0.0  # identical models
     picks = s.query(ctx, 4)
     diag = s.diagnostics()
     assert diag["model"] == ("global" if diag["s_k"] > 0.75 else "local")

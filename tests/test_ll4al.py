@@ -224,7 +224,7 @@ def test_query_is_top_b_predicted_loss_batched(monkeypatch):
     ctx = QueryContext(client_id=0, cycle=1, labeled=np.array([0, 2]), labeled_y=np.zeros(2),
                        unlabeled=unlabeled, num_classes=4, rng=np.random.default_rng(0),
                        infer=None, weights={"global": state}.__getitem__)
-    ctx.state["predicted_loss"] = loss_predictor(eng, ctx.weights)
+    ctx.predicted_loss = loss_predictor(eng, ctx.weights)
     picks = create("ll4al").query(ctx, 4)
     order = np.lexsort((np.arange(len(unlabeled)), -expected.double().numpy()))
     assert picks.tolist() == unlabeled[order[:4]].tolist()
@@ -237,7 +237,7 @@ def test_query_ties_go_to_the_smaller_index():
                        unlabeled=unlabeled, num_classes=4, rng=np.random.default_rng(0),
                        infer=None)
     calls = []
-    ctx.state["predicted_loss"] = lambda model, idx: calls.append(model) or scores
+    ctx.predicted_loss = lambda model, idx: calls.append(model) or scores
     assert create("ll4al").query(ctx, 1).tolist() == [20]
     assert create("ll4al").query(ctx, 3).tolist() == [20, 40, 30]
     assert calls == ["global", "global"]  # the global model's module

@@ -46,15 +46,15 @@ def make_ctx(seed=0, n_unlabeled=60, n_labeled=12, probs=None, feats=None):
                        labeled_y=g.integers(0, C, n_labeled), unlabeled=unlabeled,
                        num_classes=C, rng=np.random.default_rng(seed), infer=infer,
                        weights=heads.__getitem__)
-    ctx.state["predicted_loss"] = predicted_loss
+    ctx.predicted_loss = predicted_loss
     return ctx, calls
 
 
 def two_phase_query(strategy, ctx, budget):
     """What the loop does: client statistics -> server reduce -> broadcast -> query."""
-    stats = strategy.client_stats(ctx)
-    if stats is not None:
-        ctx.server = strategy.server_reduce([stats])
+    ctx.phase_a = strategy.client_stats(ctx)
+    if ctx.phase_a is not None:
+        ctx.server = strategy.server_reduce([ctx.phase_a.stats])
     return strategy.query(ctx, budget)
 
 

@@ -46,6 +46,7 @@ class MemoryGrid:
             for i in range(nodes)}
         self.sent: list[str] = []
         self.die_after_selects: int | None = None
+        self.fresh_process = False  # every message in a new ClientApp process (deployment)
         # who is sending: Flower's runtime sets this for a ServerApp (flwr internals; the
         # App itself uses only the public API)
         from flwr.common.constant import SUPERLINK_NODE_ID
@@ -64,6 +65,9 @@ class MemoryGrid:
                     and self.sent.count("query.select") >= self.die_after_selects:
                 raise ConnectionError("the server lost its SuperLink")
             self.sent.append(msg.metadata.message_type)
+            if self.fresh_process:
+                client_app._SITES.clear()
+                client_app._DATA.clear()
             reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
             assert isinstance(reply, Message)
             replies.append(reply)
@@ -123,6 +127,20 @@ def test_every_strategy_same_in_process_and_on_flower(tmp_path, strategy):
     got = flower_run(tmp_path / "flower", **extra)
     assert got.name == ref.name
     same_results(got, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fairfal", "ifal", "ll4al", "kafal", "entropy@L"])
+def test_a_new_clientapp_process_per_message_gives_the_same_run(tmp_path, strategy):
+    """Flower's deployment runtime starts a ClientApp process per message: everything a
+    client needs between messages (pools, client models, phase A, last-round models) comes
+    from its node state, nothing from the process."""
+    extra = {"strategy": strategy, **({"kafal.kcfu": "true"} if strategy == "kafal" else {})}
+    ref = run(config.load(None, overrides={**SMALL, **extra,
+                                           "out_dir": str(tmp_path / "inproc")})).run_dir
+    grid = MemoryGrid(run_config(tmp_path / "flower", **extra))
+    grid.fresh_process = True
+    same_results(flower_run(tmp_path / "flower", grid=grid, **extra), ref)
 
 
 @pytest.mark.slow

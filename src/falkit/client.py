@@ -93,9 +93,10 @@ def global_outputs_fn(engine: Engine, global_state: State):
 def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k: int,
                   labeled: np.ndarray, labeled_y: np.ndarray, unlabeled: np.ndarray,
                   num_classes: int, global_state: State, models: dict[str, State],
-                  global_outputs, state: dict[str, Any]) -> QueryContext:
+                  global_outputs, model_info: dict[str, Any]) -> QueryContext:
     """Client k's QueryContext: its pools, the models it may query with ("global" and the
-    client models of `models`), and its keyed query RNG."""
+    client models of `models`, with what their training reported), and its keyed query
+    RNG."""
 
     def state_of(model: str) -> State:
         if model == "global":
@@ -112,9 +113,9 @@ def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k
     ctx = QueryContext(client_id=k, cycle=cycle, labeled=labeled, labeled_y=labeled_y,
                        unlabeled=unlabeled, num_classes=num_classes,
                        rng=rng(cfg.seed, "query", cycle, k), infer=infer, weights=state_of,
-                       state=dict(state))
+                       model_info=dict(model_info))
     if hasattr(engine.model, "predicted_loss"):  # ll4al: the loss module's predictions
-        ctx.state["predicted_loss"] = loss_predictor(engine, state_of)
+        ctx.predicted_loss = loss_predictor(engine, state_of)
     return ctx
 
 

@@ -102,7 +102,8 @@ class Federation(Protocol):
         """Before a query phase (client models, contexts); seconds spent training models."""
 
     def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
-        """Phase A of a two-phase strategy: every client's declared statistics."""
+        """Phase A of a two-phase strategy: every client's declared statistics (what phase A
+        keeps stays with the client for `select`)."""
 
     def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
                advance) -> Queried:
@@ -222,8 +223,7 @@ def query(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, global_s
     local_s = fed.prepare_query(cycle, global_state)
     server = None
     if strategy.two_phase:
-        server = strategy.server_reduce([s for s in fed.query_stats(cycle, global_state)
-                                         if s is not None])
+        server = strategy.server_reduce(fed.query_stats(cycle, global_state))
     rep.phase(f"cycle {cycle + 1}/{cycles or cfg.budget.cycles} query", fed.num_clients)
     out = fed.select(cycle, global_state, server, rep.advance)
     out.local_model_s += local_s

@@ -104,7 +104,9 @@ class InProcessFederation:
         return local_s
 
     def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
-        return [self.strategy.client_stats(ctx) for ctx in self._contexts]
+        for ctx in self._contexts:  # phase A; what it keeps stays with the client's context
+            ctx.phase_a = self.strategy.client_stats(ctx)
+        return [ctx.phase_a.stats for ctx in self._contexts if ctx.phase_a is not None]
 
     def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
                advance) -> Queried:

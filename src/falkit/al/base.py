@@ -24,6 +24,17 @@ Weights = Callable[[str], dict[str, torch.Tensor]]
 
 
 @dataclass
+class PhaseA:
+    """What phase A of a two-phase strategy gives (`Strategy.client_stats`): `stats` leave
+    the client (only the names in `server_stats`, audited on Flower); `kept` stays on the
+    client and is handed to its `select` through `QueryContext.phase_a` (JSON-able values:
+    a Flower ClientApp keeps them in its node state between the two messages)."""
+
+    stats: dict[str, float]
+    kept: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
 class QueryContext:
     """Everything client `client_id` may use when it queries in cycle `cycle`."""
 
@@ -37,7 +48,11 @@ class QueryContext:
     infer: Infer
     weights: Weights | None = None
     server: dict[str, float] = field(default_factory=dict)  # what server_reduce broadcast
-    state: dict[str, object] = field(default_factory=dict)  # the client's own scratch space
+    phase_a: PhaseA | None = None  # this client's phase A (two-phase strategies)
+    # the loss-prediction module's scores (ll4al): (model, indices) -> predicted loss
+    predicted_loss: Callable[[str, np.ndarray], torch.Tensor] | None = None
+    # what training the client's models reported (IFAL's distillation epochs and loss)
+    model_info: dict[str, object] = field(default_factory=dict)
     _cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False)
 
@@ -146,7 +161,10 @@ class Strategy:
         return type(self).client_stats is not Strategy.client_stats
 
     # Optional two-phase hook for strategies with a server statistic (FairFAL's γ).
-    def client_stats(self, ctx: QueryContext) -> dict[str, float] | None:
+    def client_stats(self, ctx: QueryContext) -> PhaseA | None:
+        """Phase A on one client: the statistics for `server_reduce` and what `select`
+        needs of this phase (`ctx.phase_a` there). ctx.rng may be drawn from: `select`
+        continues the same stream."""
         return None
 
     def server_reduce(self, stats: list[dict[str, float]]) -> dict[str, float]:

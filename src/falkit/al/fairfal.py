@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from falkit.al.base import QueryContext, Strategy, register
+from falkit.al.base import PhaseA, QueryContext, Strategy, register
 from falkit.al.primitives import (
     as_numpy,
     class_quotas,
@@ -108,17 +108,17 @@ class FairFAL(Strategy):
         return True  # d_k compares the global and the local model every cycle
 
     # -- phase A: client statistics, server reduce ------------------------------------------
-    def client_stats(self, ctx: QueryContext) -> dict[str, float] | None:
+    def client_stats(self, ctx: QueryContext) -> PhaseA:
         # one draw of B_k serves both models, so d_k compares them on the same samples
         rows = balanced_rows(ctx.labeled_y, ctx.rng)
         pi_g = ctx.probs("global", "labeled")[rows].mean(0)
         pi_l = ctx.probs("local", "labeled")[rows].mean(0)
         present = np.unique(ctx.labeled_y)
-        ctx.state["gamma"] = imbalance_ratio(pi_g, present)
-        ctx.state["d"] = discrepancy(pi_g, pi_l)
+        kept = {"gamma": imbalance_ratio(pi_g, present), "d": discrepancy(pi_g, pi_l)}
         if self.gamma_bar is not None:
-            return {}  # γ̄ is frozen after the first query cycle: nothing leaves the client
-        return {"gamma": ctx.state["gamma"]}
+            # γ̄ is frozen after the first query cycle: nothing leaves the client
+            return PhaseA(stats={}, kept=kept)
+        return PhaseA(stats={"gamma": kept["gamma"]}, kept=kept)
 
     def server_reduce(self, stats: list[dict[str, float]]) -> dict[str, float]:
         if self.gamma_bar is None:
@@ -142,15 +142,15 @@ class FairFAL(Strategy):
         return self.mode
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        if "d" not in ctx.state or "gamma_bar" not in ctx.server:
+        if ctx.phase_a is None or "gamma_bar" not in ctx.server:
             raise RuntimeError("fairfal queries in two phases: client_stats, server_reduce, "
-                               "then query with ctx.server set")
+                               "then query with ctx.phase_a and ctx.server set")
         gamma_bar = float(ctx.server["gamma_bar"])
-        d_k = float(ctx.state["d"])
+        d_k = float(ctx.phase_a.kept["d"])
         s_k = 1.0 - (d_k + gamma_bar) / 2.0  # FairFAL Eq. 6
         model = self.choose_model(s_k)
         unc = uncertainty(ctx.probs(model, "unlabeled"), self.uncertainty_kind)
-        diag: dict[str, object] = {"gamma_k": ctx.state["gamma"], "gamma_bar": gamma_bar,
+        diag: dict[str, object] = {"gamma_k": ctx.phase_a.kept["gamma"], "gamma_bar": gamma_bar,
                                    "d_k": d_k, "s_k": s_k, "model": model}
         self._diag = diag
         if not self.classwise:  # ablation: plain top-b uncertainty of the chosen model

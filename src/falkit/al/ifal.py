@@ -183,8 +183,8 @@ class IFAL(Strategy):
             diag["stage"] = "top_U"
         diag.update(u_mean=float(u.mean()), u1_mean=float(u1.mean()),
                     u2_mean=float(u2.mean()))
-        for key in ("distill_epochs", "distill_loss"):  # set by the loop, if it trained one
-            if key in ctx.state:
-                diag[key] = ctx.state[key]
+        for key in ("distill_epochs", "distill_loss"):  # reported if it trained one
+            if key in ctx.model_info:
+                diag[key] = ctx.model_info[key]
         self._diag = diag
         return picks

@@ -13,7 +13,7 @@ model's generic `extra_loss` hook in local SGD.
 
 Query side: every unlabeled sample of the client is scored by the predicted loss of the
 *global* model's module (batched inference by the engine, provided by the loop as
-`ctx.state["predicted_loss"]`), and the top-b are taken, ties to the smaller index (LL4AL §3.1:
+`ctx.predicted_loss`), and the top-b are taken, ties to the smaller index (LL4AL §3.1:
 "the data points with the top-K predicted losses").
 """
 
@@ -26,8 +26,6 @@ from torch import nn
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, top_k
 from falkit.models.lossnet import WithLossModule
-
-PREDICTED_LOSS = "predicted_loss"  # the QueryContext.state key the loop fills
 
 
 @register
@@ -56,11 +54,11 @@ class LL4AL(Strategy):
                               weight=self.weight, detach_from=self.detach_from)
 
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
-        predict = ctx.state.get(PREDICTED_LOSS)
+        predict = ctx.predicted_loss
         if predict is None:
             raise RuntimeError("ll4al needs the global model's predicted losses: the query "
-                               f"context has no state[{PREDICTED_LOSS!r}] (the loop provides "
-                               "it when the run's model carries a loss-prediction module)")
+                               "context has no predicted_loss (falkit.client provides it "
+                               "when the run's model carries a loss-prediction module)")
         # l̂(x) for the whole unlabeled pool, one batched pass of the global model
         scores = predict("global", ctx.unlabeled)
         if isinstance(scores, torch.Tensor):  # from whichever device it was computed on

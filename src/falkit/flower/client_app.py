@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from falkit import config as config_mod
 from falkit import fast
-from falkit.al.base import QueryContext
+from falkit.al.base import PhaseA, QueryContext
 from falkit.al.base import create as create_strategy
 from falkit.al.fast import initial_set, refine
 from falkit.al.fast import weak_row as fast_weak_row
@@ -279,15 +279,19 @@ def _context(site: Site, conf: dict[str, Any], global_state: State) -> QueryCont
 
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Phase A of a two-phase strategy: only its declared scalars leave (FairFAL: γ_k). The
-    context (with what phase A left in it) is kept for `query.select`."""
+    """Phase A of a two-phase strategy: only its declared scalars leave (FairFAL: γ_k).
+    What phase A keeps, and where it left the query RNG, stay in the node's state for
+    `query.select` (and the context itself in this process, with its model outputs)."""
     site = site_of(context)
     conf = _conf(msg)
     site.strategy.load_state_dict(conf["strategy"])
     ctx = _context(site, conf, record_state(msg.content["global"], site.device))
-    values = site.strategy.client_stats(ctx) or {}
+    phase_a = site.strategy.client_stats(ctx) or PhaseA(stats={})
+    ctx.phase_a = phase_a
     site.phase_a = (conf["cycle"], ctx)
-    return _reply(msg, stats=MetricRecord({k: float(v) for k, v in values.items()}))
+    site.set_meta(phase_a={"cycle": conf["cycle"], "kept": phase_a.kept,
+                           "rng": ctx.rng.bit_generator.state})
+    return _reply(msg, stats=MetricRecord({k: float(v) for k, v in phase_a.stats.items()}))
 
 
 @app.query("select")
@@ -305,20 +309,20 @@ def select_(msg: Message, context: Context) -> Message:
         record = {"cycle": 0, "client": k, "strategy": "initial_random"}
         diag: dict[str, Any] = {}
     else:
-        if conf.get("two_phase"):
-            kept = site.phase_a
-            if kept is not None and kept[0] == cycle:
-                ctx = kept[1]
-            else:  # a new ClientApp process: replay phase A on the same keyed RNG, so the
-                # context reaches exactly the state phase A left (FairFAL's d_k, its B_k)
-                site.strategy.load_state_dict(conf["strategy"])
-                ctx = _context(site, conf, record_state(msg.content["global"], site.device))
-                site.strategy.client_stats(ctx)
-            site.strategy.load_state_dict(conf["strategy_after"])
-            ctx.server = dict(conf["server"])
+        site.strategy.load_state_dict(conf["strategy"])
+        kept = site.phase_a
+        if conf.get("two_phase") and kept is not None and kept[0] == cycle:
+            ctx = kept[1]  # phase A's context, in this process
         else:
-            site.strategy.load_state_dict(conf["strategy"])
             ctx = _context(site, conf, record_state(msg.content["global"], site.device))
+            if conf.get("two_phase"):  # a new ClientApp process: phase A from the node state
+                saved = site.meta().get("phase_a") or {}
+                if saved.get("cycle") != cycle:
+                    raise RuntimeError(f"client {k} has no phase A of cycle {cycle}")
+                ctx.phase_a = PhaseA(stats={}, kept=saved["kept"])
+                ctx.rng.bit_generator.state = saved["rng"]
+        if conf.get("two_phase"):
+            ctx.server = dict(conf["server"])
         site.phase_a = None
         picks, diag = select(site.strategy, ctx, budget)
         record = {"cycle": cycle, "client": k, "strategy": site.strategy.id}

@@ -306,7 +306,7 @@ class FlowerFederation:
         self._before = None
         extra: dict[str, Any] = {"two_phase": server is not None, "strategy": before}
         if server is not None:
-            extra.update(server=server, strategy_after=self.strategy.state_dict())
+            extra["server"] = server
         return self._select(cycle, {"global": state_record(global_state)}, extra, advance)
 
     def _select(self, cycle: int, glob: dict[str, Any], extra: dict[str, Any], advance
