@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp import ServerApp  # noqa: E402
 
 from falkit import config  # noqa: E402
 from falkit.flower import APP_DIR  # noqa: E402
@@ -111,15 +110,12 @@ def test_every_server_bound_message_is_declared(tmp_path):
             seen.extend((types[r.metadata.src_node_id], r.content) for r in replies)
             return replies
 
-    server = ServerApp()
-
-    @server.main()
     def main(grid, context):
         run_server(RecordingGrid(grid), context)
 
     extra = {"strategy": "fairfal", "fl.algorithm": "scaffold"}
     simulate({"overrides": overrides(tmp_path / "flower", **extra)}, num_supernodes=3,
-             server_app=server)
+             server_main=main)
     ref = run(config.load(None, overrides={**SMALL, **extra,
                                            "out_dir": str(tmp_path / "inproc")})).run_dir
     got = only_dir(tmp_path / "flower")
@@ -307,3 +303,63 @@ def test_killed_supernode(tmp_path, loopback, policy):
         assert "client 2" in status["error"] and "fl.on_client_failure" in status["error"]
         assert status["cycles_done"] == len(rows) >= 1
         assert [int(r["cycle"]) for r in rows] == list(range(len(rows)))
+
+
+# -- `flwr run` against Flower's managed local SuperLink (issue 16) -------------------------
+@pytest.fixture
+def local_superlink(tmp_path):
+    """A fresh FLWR_HOME whose default connection is Flower's managed local SuperLink (it
+    starts on first use, in simulation mode); the SuperLink is stopped at the end."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = {**os.environ, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", None)  # nothing a user must know
+    try:
+        out = subprocess.run([str(BIN / "flwr"), "federation", "simulation-config",
+                              "@none/default", "local", "--num-supernodes", "3"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        yield env
+    finally:
+        pattern = f"flower-superlink.*{home}"
+        for sig in ("-TERM", "-KILL"):
+            subprocess.run(["pkill", sig, "-f", pattern], check=False)
+            time.sleep(2)
+
+
+def _flwr_run(env: dict, cwd: Path, run_config: str) -> str:
+    out = subprocess.run([str(BIN / "flwr"), "run", str(APP_DIR), "--stream", "--run-config",
+                          run_config], env=env, cwd=cwd, capture_output=True, text=True,
+                         timeout=600)
+    return out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_flwr_run_on_the_managed_local_superlink(tmp_path, local_superlink):
+    """The README's first Flower example: `flwr run` with falkit's settings as run-config
+    keys, on Flower's own local SuperLink (3 simulated SuperNodes), no flag to know. A bad
+    config is refused in one line before any client is contacted; a good one gives the
+    results directory `falkit run` writes, with progress in the stream."""
+    keys = {**SMALL, "strategy": "fairfal"}
+
+    def native(**extra) -> str:  # TOML values, as a user types them
+        return " ".join(f"{k}={v if v.replace('.', '').isdigit() else repr(v)}"
+                        for k, v in {**keys, **extra}.items())
+
+    bad = _flwr_run(local_superlink, tmp_path, native(**{"model.backbone": "cnn4",
+                                                         "out_dir": str(tmp_path / "bad")}))
+    assert "falkit: error: cnn4 needs image_size >= 16" in bad, bad
+    assert "Traceback" not in bad and not (tmp_path / "bad").exists()
+
+    text = _flwr_run(local_superlink, tmp_path,
+                     native(out_dir=str(tmp_path / "flower")) + " simulation-metrics=true")
+    assert "falkit: cycle 2/2: accuracy" in text and "train round 2/2" in text, text
+    got = only_dir(tmp_path / "flower")
+    assert f"results in {got}" in text
+    ref = run(config.load(None, overrides={**keys, "out_dir": str(tmp_path / "inproc")})).run_dir
+    assert got.name == ref.name
+    assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
+    assert (got / "partition.csv").read_bytes() == (ref / "partition.csv").read_bytes()
+    assert metrics(got) == metrics(ref)

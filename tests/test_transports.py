@@ -202,3 +202,45 @@ def test_a_bank_upload_is_audited():
     no_bank = declared(create("random"), create_algorithm("fedavg"), False)
     with pytest.raises(PrivacyViolation):
         audit("query.select", ok, no_bank, {}, [])
+
+
+def test_every_falkit_setting_is_a_run_config_key_of_the_app():
+    """Native run-config (issue 16): the App declares every falkit setting under its dotted
+    name ("" = default), flwr passes them flat, and they win over config/preset/overrides;
+    an unknown key is refused."""
+    import tomllib
+
+    from falkit.errors import ConfigError
+    from falkit.flower import APP_DIR
+    from falkit.flower.common import app_config_toml, load_config, setting_keys
+    from falkit.flower.simulation import app_run_config
+
+    text = (APP_DIR / "pyproject.toml").read_text()
+    assert text.endswith(app_config_toml())  # the shipped App is the generated one
+    declared_keys = set(app_run_config({}))
+    assert set(setting_keys()) <= declared_keys
+    cfg, opts = load_config(app_run_config({
+        "preset": "quick", "overrides": "fl.rounds=7 seed=3", "fl.rounds": 5,
+        "strategy": "fairfal", "partition.alpha": 100.0, "fairfal.kappa": 2.0,
+        "simulation-metrics": True}))
+    assert (cfg.fl.rounds, cfg.seed, cfg.strategy, cfg.partition.alpha) == (5, 3, "fairfal",
+                                                                            100.0)
+    assert cfg.fairfal.kappa == 2.0 and cfg.budget.cycles == 5  # quick's
+    assert opts.simulation_metrics is True and opts.round_timeout == 600.0
+    inline, _ = load_config({"config": "[fl]\nrounds = 4\n[partition]\nnum_clients = 3"})
+    assert (inline.fl.rounds, inline.partition.num_clients) == (4, 3)
+    with pytest.raises(ConfigError, match="fl.round"):
+        load_config({"fl.round": 5})
+    with pytest.raises(ConfigError, match="fl.rounds"):
+        load_config({"fl.rounds": 0})
+    assert tomllib.loads(text)["project"]["dependencies"] == []  # nothing to install
+
+
+def test_a_bad_config_is_refused_before_any_client_is_contacted(tmp_path):
+    from falkit.errors import ConfigError
+
+    over = {"model.backbone": "cnn4"}  # four 2x max-pools on 8x8 digits
+    grid = MemoryGrid(run_config(tmp_path / "runs", **over))
+    with pytest.raises(ConfigError, match="cnn4 needs image_size >= 16"):
+        flower_run(tmp_path / "runs", grid=grid, **over)
+    assert grid.sent == [] and not (tmp_path / "runs").exists()

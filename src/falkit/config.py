@@ -427,11 +427,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def load(path: str | Path | None = None, preset: str | None = None,
-         overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults ← TOML file ← preset (file key `preset` or argument) ← key=value overrides."""
+         overrides: dict[str, Any] | None = None, text: str | None = None) -> Config:
+    """Defaults ← TOML file (or TOML `text`) ← preset (file key `preset` or argument) ←
+    key=value overrides."""
     cfg = Config()
     file_values: dict[str, Any] = {}
-    if path is not None:
+    if text is not None:
+        try:
+            file_values = flatten(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"the inline config is not valid TOML: {e}") from None
+    elif path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")

@@ -220,11 +220,11 @@ def query(cfg: Config, cycle: int, strategy: Strategy, fed: Federation, global_s
     """The query phase of `cycle` (> 0), with the previous cycle's global model: client
     models, phase A and the server's reduce for two-phase strategies (DESIGN.md §2), then
     every client's query."""
+    rep.phase(f"cycle {cycle + 1}/{cycles or cfg.budget.cycles} query", fed.num_clients)
     local_s = fed.prepare_query(cycle, global_state)
     server = None
     if strategy.two_phase:
         server = strategy.server_reduce(fed.query_stats(cycle, global_state))
-    rep.phase(f"cycle {cycle + 1}/{cycles or cfg.budget.cycles} query", fed.num_clients)
     out = fed.select(cycle, global_state, server, rep.advance)
     out.local_model_s += local_s
     return out

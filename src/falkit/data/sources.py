@@ -19,6 +19,7 @@ Conventions the rest of falkit relies on:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -107,6 +108,7 @@ class DatasetInfo:
     crop_pad: int = 0
     classes: tuple[str, ...] | None = None  # None: read from the files
     apt: str | None = None  # Debian package that installs it under SYSTEM_ROOT
+    shape: tuple[int, int, int] | None = None  # (classes, channels, image size)
 
     @property
     def archive(self) -> bool:
@@ -129,7 +131,7 @@ def _medmnist(name: str, title: str, md5: str, classes: tuple[str, ...], what: s
         description=f"{title}: {what}, {len(classes)} classes (MedMNIST v2 28×28 npz)",
         dirs=("medmnist", ""), files=(f"{name}.npz",), urls=(_MEDMNIST_URL.format(name),),
         md5={f"{name}.npz": md5}, mean=(0.5,) * channels, std=(0.5,) * channels, hflip=True,
-        classes=classes)
+        classes=classes, shape=(len(classes), channels, 28))
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -209,6 +211,19 @@ DATASETS: dict[str, DatasetInfo] = {
                     "(no download), 10 classes",
         hflip=False, classes=_DIGITS),
 }
+
+# the built-in datasets' shapes, known without their files (`image_shape`)
+for _name, _shape in {"fmnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32),
+                      "cifar100": (100, 3, 32), "svhn": (10, 3, 32),
+                      "tinyimagenet": (200, 3, 64), "digits": (10, 1, 8)}.items():
+    DATASETS[_name] = dataclasses.replace(DATASETS[_name], shape=_shape)
+
+
+def image_shape(dataset: str) -> tuple[int, int, int] | None:
+    """(classes, channels, image size) of a built-in dataset, None for any other."""
+    info = DATASETS.get(dataset)
+    return info.shape if info is not None else None
+
 
 _ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100", "tiny-imagenet": "tinyimagenet",

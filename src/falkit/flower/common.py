@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from falkit import config as config_mod
 from falkit.al.base import Strategy
 from falkit.config import Config
+from falkit.errors import ConfigError
 from falkit.fl.algorithms import FedAvg, State
 
 TRAIN, EVALUATE = "train", "evaluate"
@@ -54,17 +55,66 @@ class Options:
     overwrite: bool = False
 
 
+# the App's own keys (beside falkit's settings) and their defaults
+FLOWER_KEYS: dict[str, Any] = {"simulation-metrics": False, "round-timeout": 600.0,
+                               "node-wait": 120.0, "overwrite": False}
+# conveniences: a falkit TOML config (a file on every machine, or the TOML text itself), a
+# preset, and "k=v k=v" overrides, as `falkit run FILE --preset P k=v ...`
+CONVENIENCE_KEYS = ("config", "preset", "overrides")
+
+
+def setting_keys() -> dict[str, Any]:
+    """Every falkit setting as a run-config key (dotted, as in `falkit run k=v`) with its
+    default."""
+    return config_mod.flatten(config_mod.to_dict(Config()))
+
+
 def load_config(run_config: dict[str, Any]) -> tuple[Config, Options]:
-    """The falkit config (`config` file, `preset`, `overrides` = "k=v k=v") and Options."""
-    path = str(run_config.get("config", "") or "") or None
+    """The falkit config and the Flower Options of a run config. Every falkit setting is a
+    key of its own (`fl.rounds`, `strategy`, `partition.alpha`, ...; "" = not set);
+    `config` (a TOML file path or the TOML text itself), `preset` and `overrides` work as
+    in `falkit run`, under the keys; an unknown key is an error."""
+    known = setting_keys()
+    settings: dict[str, Any] = {}
+    for key, value in run_config.items():
+        if key in FLOWER_KEYS or key in CONVENIENCE_KEYS:
+            continue
+        if key not in known:
+            raise ConfigError(f"run config key {key!r} is neither a falkit setting nor one "
+                              f"of {', '.join([*FLOWER_KEYS, *CONVENIENCE_KEYS])}")
+        if value != "":
+            settings[key] = value
+    source = str(run_config.get("config", "") or "")
+    inline = "=" in source or "\n" in source  # the TOML itself, not a path
     preset = str(run_config.get("preset", "") or "") or None
     overrides = config_mod.parse_overrides(str(run_config.get("overrides", "") or "").split())
-    cfg = config_mod.load(path, preset, overrides)
-    opts = Options(simulation_metrics=bool(run_config.get("simulation-metrics", False)),
-                   round_timeout=float(run_config.get("round-timeout", 600.0)),
-                   node_wait=float(run_config.get("node-wait", 120.0)),
-                   overwrite=bool(run_config.get("overwrite", False)))
+    cfg = config_mod.load(None if inline else (source or None), preset,
+                          {**overrides, **settings}, text=source if inline else None)
+    opts = Options(**{k.replace("-", "_"): type(d)(run_config.get(k, d))
+                      for k, d in FLOWER_KEYS.items()})
     return cfg, opts
+
+
+def app_config_toml() -> str:
+    """The `[tool.flwr.app.config]` section of falkit's Flower App: the App's own keys, the
+    conveniences, and every falkit setting under its dotted name ("" = falkit's default,
+    shown in the comment), so `flwr run --run-config "fl.rounds=5"` can set each."""
+    lines = ["[tool.flwr.app.config]",
+             "# true: clients also send what needs true labels (selected indices and their "
+             "labels,", "# queried-class histograms, strategy diagnostics, class counts per "
+             "client) - simulation only", "simulation-metrics = false",
+             "round-timeout = 600.0  # seconds to wait for the replies of one round",
+             "node-wait = 120.0  # seconds to wait for partition.num_clients SuperNodes",
+             "overwrite = false  # replace an unfinished run directory of the same name",
+             "# a falkit TOML config (a file path on the server and every site, or the TOML "
+             "text),", "# a preset and \"k=v k=v\" overrides, as `falkit run FILE --preset P "
+             "k=v ...`", 'config = ""', 'preset = ""', 'overrides = ""',
+             "# every falkit setting (\"\" = its default, as in the comment); they win over "
+             "config/preset/overrides"]
+    for key, default in setting_keys().items():
+        shown = "none" if default is None else json.dumps(default)
+        lines.append(f'{key} = ""  # {shown}')
+    return "\n".join(lines) + "\n"
 
 
 # -- records ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from falkit import config as config_mod
@@ -31,9 +32,10 @@ from falkit.al.base import create as create_strategy
 from falkit.al.fast import refinement_budgets, weak_rows_total
 from falkit.config import Config
 from falkit.data.federation import budgets_for
+from falkit.data.sources import image_shape
 from falkit.driver import Queried, Reporter
 from falkit.driver import run as drive
-from falkit.errors import ConfigError
+from falkit.errors import ConfigError, FalkitError
 from falkit.fl.algorithms import Client, State, check_finite, client_weight
 from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
@@ -56,48 +58,85 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
+from falkit.models.backbones import create as create_backbone
 from falkit.rundir import RunDir
-
-log = logging.getLogger("falkit.flower")
 
 app = ServerApp()
 
 
-class FlowerRunError(RuntimeError):
+class FlowerRunError(FalkitError):
     """The run cannot go on (a client failed under fl.on_client_failure = stop, ...)."""
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, context)
+    try:
+        run_server(grid, context)
+    except FalkitError as e:  # a refused config, a failed site: one line, as the CLI says it
+        flwr_log(logging.ERROR, "falkit: error: %s", e)
+        raise SystemExit(2) from None
 
 
 class LogReporter(Reporter):
-    """The run's progress as log lines (a Flower run has no terminal of its own)."""
+    """The run's progress as log lines through Flower's logger, which `flwr run --stream`
+    and `flwr log` carry: one line per FL round and per query phase, one per cycle."""
 
     def start(self, run_name: str, cycles: int, first_cycle: int) -> None:
-        self.cycles = cycles
-        log.info("run %s: cycles %d..%d of %d", run_name, first_cycle + 1, cycles, cycles)
+        self.cycles, self.t0 = cycles, time.perf_counter()
+        self.what, self.total, self.done, self.t = "", 0, 0, self.t0
+        flwr_log(logging.INFO, "falkit: run %s, cycles %d..%d of %d", run_name,
+                 first_cycle + 1, cycles, cycles)
+
+    def phase(self, description: str, total: int) -> None:
+        self.what, self.total, self.done, self.t = description, total, 0, time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.what.endswith("train"):
+            flwr_log(logging.INFO, "falkit: %s round %d/%d (%.1f s)", self.what, self.done,
+                     self.total, now - self.t)
+            self.t = now
+        elif self.done == self.total:
+            flwr_log(logging.INFO, "falkit: %s: %d clients (%.1f s)", self.what, self.total,
+                     now - self.t)
 
     def cycle_done(self, row: dict[str, Any]) -> None:
-        log.info("cycle %d/%d: accuracy %.4f, %.2f %% labeled", row["cycle"] + 1, self.cycles,
-                 row["accuracy"], row["labeled_pct"])
+        flwr_log(logging.INFO, "falkit: cycle %d/%d: accuracy %.4f, %.2f %% labeled "
+                 "(%.1f s so far)", row["cycle"] + 1, self.cycles, row["accuracy"],
+                 row["labeled_pct"], time.perf_counter() - self.t0)
 
 
-def run_server(grid: Grid, context: Context, stop_after: int | None = None) -> Path:
-    """Run (or resume) the experiment of the App's run config on the nodes of `grid`; the
-    run dir. `stop_after` ends after that cycle as if the server had been stopped (tests)."""
-    cfg, opts = load_config(dict(context.run_config))
-    rd = RunDir.of(cfg, flag="the run config overwrite=true")
-    if rd.inspect(cfg, opts.overwrite) == "complete":
-        log.info("%s is complete; nothing to run", rd.path)
-        return rd.path
+def validate(cfg: Config) -> Strategy:
+    """What can be checked before any client is contacted: the strategy and its options,
+    FAST's scope, the backbone on a built-in dataset's images (the budgets need the
+    clients' pool sizes: checked right after `query.info`)."""
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     if strategy.initial_query == "fast" and cfg.fast.scope != "client":
         raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
                           "samples in one place; on Flower use fast.scope = client")
+    shape = image_shape(cfg.data.dataset)
+    if shape is not None and cfg.model.backbone != "linear":
+        C, channels, size = shape
+        create_backbone(cfg.model.backbone, num_classes=C, in_channels=channels,
+                        image_size=size)
+    return strategy
+
+
+def run_server(grid: Grid, context: Context, stop_after: int | None = None) -> Path:
+    """Run (or resume) the experiment of the App's run config on the nodes of `grid`; the
+    run dir. `stop_after` ends after that cycle as if the server had been stopped (tests).
+    Nothing is sent before the config is validated."""
+    cfg, opts = load_config(dict(context.run_config))
+    cfg.out_dir = str(Path(cfg.out_dir).absolute())  # where this ServerApp runs
+    strategy = validate(cfg)
+    rd = RunDir.of(cfg, flag="the run config overwrite=true")
+    flwr_log(logging.INFO, "falkit: %s on Flower, results in %s", cfg.strategy, rd.path)
+    if rd.inspect(cfg, opts.overwrite) == "complete":
+        flwr_log(logging.INFO, "falkit: %s is complete; nothing to run", rd.path)
+        return rd.path
     fed = FlowerFederation(grid, cfg, opts, strategy, rd.path)
-    fed.start()  # validates the federation before anything is written
+    fed.start()  # waits for the nodes, asks their pool sizes, checks the budgets
     drive(cfg, strategy, fed, rd, reporter=LogReporter(), overwrite=opts.overwrite,
           stop_after=stop_after)
     return rd.path
@@ -149,7 +188,8 @@ class FlowerFederation:
             raise FlowerRunError(f"{msg}; the run stops (fl.on_client_failure = "
                                  f"{self.cfg.fl.on_client_failure}; the cycles already "
                                  f"finished are in {self.out})")
-        log.warning("%s; going on without it (fl.on_client_failure = continue)", msg)
+        flwr_log(logging.WARNING, "falkit: %s; going on without it "
+                 "(fl.on_client_failure = continue)", msg)
         self.nodes.pop(k, None)
         self.labeled.pop(k, None)
         if not self.nodes:
@@ -214,7 +254,8 @@ class FlowerFederation:
             classes = config_json(info[order[0]]["diagnostics"], "classes") or [
                 str(j) for j in range(C)]
             self._partition = (np.array(counts), classes)
-        log.info("%d clients, budgets %s, %d train samples", len(self.nodes), self.budgets,
+        flwr_log(logging.INFO, "falkit: %d clients, budgets %s, %d train samples",
+                 len(self.nodes), self.budgets,
                  self.num_train)
 
     def partition(self) -> tuple[np.ndarray, list[str]] | None:
@@ -409,7 +450,7 @@ class FlowerFederation:
                                      f"{cycle}, the checkpoint counts {want[k]}; start the "
                                      "run again with the run config overwrite=true")
             self.labeled[k] = got
-        log.info("resumed after cycle %d of %s", cycle + 1, self.out)
+        flwr_log(logging.INFO, "falkit: resumed after cycle %d of %s", cycle + 1, self.out)
 
 
 class _NoAlgo:

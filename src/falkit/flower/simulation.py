@@ -1,23 +1,20 @@
-"""An in-process Flower simulation of a falkit run: Flower's simulation runtime (Ray
-backend) runs the ServerApp and one ClientApp per partition, with the App's run config
-(APP_DIR's pyproject defaults fused with `run_config`), as `flwr run` does with a simulation
-SuperLink, but inside this process."""
+"""An in-process Flower simulation of a falkit run with Flower's public API
+(`flwr.simulation.run_simulation`, Ray backend): the ServerApp and one ClientApp per
+partition, given the App's run config (APP_DIR's `[tool.flwr.app.config]` defaults fused
+with `run_config`, as `flwr run` fuses them)."""
 
 from __future__ import annotations
 
 import math
+import tomllib
 from typing import Any
 
 import torch
-from flwr.app import Context, RecordDict
-from flwr.common.config import get_fused_config_from_dir
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.telemetry import EventType
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
 
+from falkit.config import flatten
 from falkit.flower import APP_DIR
 
 
@@ -43,32 +40,53 @@ def backend_config(num_cpus: int = 2, client_cpus: int = 1,
     return config
 
 
+def app_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The App's run-config defaults with `run_config`'s keys on top (unknown keys are
+    refused by the ServerApp, as with `flwr run`)."""
+    with (APP_DIR / "pyproject.toml").open("rb") as fh:
+        defaults = flatten(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+    return {**defaults, **run_config}
+
+
+def _with_run_config(context: Context, run_config: dict[str, Any]) -> Context:
+    # the node's own state object: what a ClientApp stores there persists across messages
+    return Context(run_id=context.run_id, node_id=context.node_id,
+                   node_config=context.node_config, state=context.state,
+                   run_config=dict(run_config))
+
+
+class ConfiguredClientApp(ClientApp):
+    """falkit's ClientApp, handed the run config `run_simulation` cannot pass."""
+
+    def __init__(self, run_config: dict[str, Any]):
+        super().__init__()
+        self.run_config = run_config
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        from falkit.flower.client_app import app
+
+        return app(message, _with_run_config(context, self.run_config))
+
+
 def simulate(run_config: dict[str, Any], num_supernodes: int, num_cpus: int = 2,
-             client_cpus: int = 1, server_app: Any = None,
+             client_cpus: int = 1, server_main: Any = None,
              client_gpus: float | None = None) -> None:
-    """Run the falkit Flower App on `num_supernodes` simulated nodes. `run_config` overrides
-    the App's config (e.g. {"overrides": "data.dataset=digits strategy=fairfal"});
-    `server_app` replaces falkit's ServerApp (tests wrap it). `client_gpus`: each ClientApp's
-    GPU share (None: an equal share of the GPUs when torch sees one, see `backend_config`)."""
-    # flwr.simulation.run_simulation takes no run config: its internal entry point (the one
-    # `flwr run` reaches) does; flwr is pinned to 1.41
-    from flwr.simulation.run_simulation import _run_simulation
+    """Run the falkit Flower App on `num_supernodes` simulated nodes. `run_config` sets the
+    App's run-config keys (e.g. {"data.dataset": "digits", "strategy": "fairfal"});
+    `server_main(grid, context)` replaces falkit's ServerApp main (tests wrap it).
+    `client_gpus`: each ClientApp's GPU share (None: an equal share of the GPUs when torch
+    sees one, see `backend_config`)."""
+    from flwr.simulation import run_simulation
 
-    from falkit.flower.client_app import app as client_app
-    from falkit.flower.server_app import app as default_server_app
+    from falkit.flower.server_app import main
 
-    server_app = server_app or default_server_app
+    fused = app_run_config(run_config)
+    server = ServerApp()
 
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.override_config = dict(run_config)
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
-        1, run.run_id, SUPERLINK_NODE_ID)
-    fused = get_fused_config_from_dir(APP_DIR, run.override_config)
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=fused)
-    _run_simulation(num_supernodes=num_supernodes, client_app=client_app, server_app=server_app,
-                    backend_config=backend_config(num_cpus, client_cpus, client_gpus),
-                    server_app_context=context, app_dir=str(APP_DIR), is_app=True, run=run,
-                    exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE)
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        (server_main or main)(grid, _with_run_config(context, fused))
+
+    run_simulation(server_app=server, client_app=ConfiguredClientApp(fused),
+                   num_supernodes=num_supernodes,
+                   backend_config=backend_config(num_cpus, client_cpus, client_gpus))
