@@ -9,9 +9,9 @@ from tests.test_engine import make_engine
 from falkit import config
 from falkit.al.base import create
 from falkit.cli import main
+from falkit.client import local_mode
 from falkit.fast import refinement_budgets
 from falkit.fl.algorithms import client_weight
-from falkit.client import local_mode
 
 
 def _lrs_per_step(eng, monkeypatch):

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from falkit import cli, config
 from falkit.al.base import STRATEGIES, QueryContext, create, list_ids
+from falkit.client import loss_predictor
 from falkit.errors import ConfigError
 from falkit.fl.algorithms import state_bytes
 from falkit.fl.engine import Engine, ImageTensors
-from falkit.client import loss_predictor
 from falkit.loop import run
 from falkit.models.backbones import BACKBONES, Backbone
 from falkit.models.backbones import create as create_backbone

@@ -110,10 +110,55 @@ def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
 
 
 # -- commands -------------------------------------------------------------------------------
+WAITING = 3  # exit status of a run that stopped to wait for people's labels
+
+
+def _waiting_text(e: Any, run_dir: Any) -> str:
+    lines = [f"falkit: {e}; label them, then run the same command again:"]
+    for p in e.pending:
+        lines.append(f"  falkit label {run_dir} --client {p.client}    "
+                     f"# {p.answered} / {p.total} answered")
+    return "\n".join(lines)
+
+
+def _wait_for_labels(e: Any, quiet: bool, poll: float = 2.0) -> None:
+    """Poll the queues until every pending sample has an answer (a progress bar)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from falkit import labeling
+
+    total = sum(p.total for p in e.pending)
+
+    def answered() -> int:
+        return sum(min(p.total, len(labeling.read_answers(p.folder))) for p in e.pending)
+
+    with Progress(TextColumn("  waiting for labels"), BarColumn(), MofNCompleteColumn(),
+                  disable=quiet, transient=True) as bar:
+        task = bar.add_task("labels", total=total)
+        while (done := answered()) < total:
+            bar.update(task, completed=done)
+            time.sleep(poll)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from falkit.oracle import WaitingForLabels
+    from falkit.rundir import RunDir
+
     path, overrides = _split_config_arg(args)
     cfg = _load_config(path, args.preset, overrides)
-    result = _run_one(cfg, args.quiet, args.overwrite)
+    overwrite = args.overwrite
+    while True:
+        try:
+            result = _run_one(cfg, args.quiet, overwrite)
+            break
+        except WaitingForLabels as e:
+            print(_waiting_text(e, RunDir.of(cfg).path), file=sys.stderr)
+            if not args.wait:
+                return WAITING
+            _wait_for_labels(e, args.quiet)
+            overwrite = False  # the run now holds the queues to continue from
     print(accuracy_text([result.run_dir]))
     print(f"results: {result.run_dir}")
     return 0
@@ -340,6 +385,40 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: P
     return 2 if all(o.code == 2 for _, o in failed) else 1
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from falkit import labeling
+    from falkit.results import write_atomic
+
+    folder = labeling.latest_queue(Path(args.run_dir), args.client)
+    if args.export_label_studio:
+        out = Path(args.export_label_studio)
+        tasks = labeling.export_label_studio(folder)
+        write_atomic(out, json.dumps(tasks, indent=1) + "\n")
+        conf = out.with_suffix(".xml")
+        write_atomic(conf, labeling.label_studio_config(labeling.read_queue(folder)["classes"]))
+        print(f"{len(tasks)} tasks -> {out}; labeling config -> {conf}")
+        return 0
+    if args.import_label_studio:
+        try:
+            tasks = json.loads(Path(args.import_label_studio).read_text())
+        except ValueError as e:
+            raise FalkitError(f"{args.import_label_studio}: not a JSON export ({e})") from None
+        new = labeling.import_label_studio(folder, tasks)
+        q = labeling.progress(labeling.read_queue(folder), labeling.read_answers(folder))
+        print(f"{new} answers imported; {q['answered']} / {q['total']} answered")
+        return 0
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"falkit: warning: serving on {args.host}: anyone who can reach this machine "
+              "and has the token can label this queue", file=sys.stderr)
+    from falkit.labelpage import serve
+
+    serve(folder, args.host, args.port)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from falkit.report import write_report
 
@@ -553,7 +632,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run (or resume) one experiment")
     with_config(sp)
     sp.add_argument("--overwrite", action="store_true", help="discard an existing run directory")
+    sp.add_argument("--wait", action="store_true",
+                    help="oracle=human: wait for the labels instead of stopping with exit "
+                         f"status {WAITING}, then go on")
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("label", help="label a client's queued samples in the browser "
+                                      "(runs with oracle=human)")
+    sp.add_argument("run_dir", help="the run directory")
+    sp.add_argument("--client", type=int, default=0, help="the client whose queue to label")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: loopback only; any other is "
+                         "reachable over the network, guarded by the printed token)")
+    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--export-label-studio", metavar="FILE",
+                    help="write the queue's unanswered samples as a Label Studio import "
+                         "file (and the labeling config beside it) instead of serving")
+    sp.add_argument("--import-label-studio", metavar="FILE",
+                    help="take answers from a Label Studio JSON export instead of serving")
+    sp.set_defaults(func=cmd_label)
 
     sp = sub.add_parser("config", help="print the fully resolved config as TOML (every "
                         "section, every default); runs nothing")

@@ -207,6 +207,9 @@ class Config:
     seed: int = 0
     strategy: str = "random"
     out_dir: str = "runs"
+    # who answers the queries: "simulated" (the dataset's labels) | "human" (people, through
+    # per-client queues and `falkit label`; a run waits for their answers)
+    oracle: str = "simulated"
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -267,6 +270,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
+    "oracle": ("simulated", "human"),
     "data.profile": ("exp", "step"),
     "partition.method": ("dirichlet_balanced", "dirichlet", "iid", "shards", "json"),
     "budget.rule": ("fairfal", "proportional"),
@@ -326,6 +330,8 @@ def identity(cfg: Config) -> dict[str, Any]:
     d = flatten(experiment_dict(cfg))
     for key in NOT_IDENTITY:
         d.pop(key, None)
+    if d.get("oracle") == "simulated":  # the default: run names from before it stay
+        d.pop("oracle")
     for kind in _BY_PATH:
         if str(d.get("data.dataset", "")).startswith(kind):
             d["data.dataset"] = kind

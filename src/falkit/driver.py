@@ -29,6 +29,7 @@ from falkit.config import Config, FLConfig
 from falkit.data.partition import write_partition_csv
 from falkit.errors import FalkitError
 from falkit.fl.algorithms import FedAvg, State, check_finite, state_bytes
+from falkit.oracle import WaitingForLabels
 from falkit.results import read_metrics, save_torch, write_atomic, write_csv, write_jsonl
 from falkit.rundir import RunDir, load_checkpoint
 from falkit.seeding import rng
@@ -205,6 +206,9 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
                 rep.cycle_done(row)
                 if stop_after is not None and stop_after <= cycle < cycles - 1:
                     break
+        except WaitingForLabels as e:  # people label; the same command continues
+            write_status(out, cycles, saved, waiting=e)
+            raise
         except Exception as e:
             if saved >= 0:  # the saved cycles stand; say why the run stopped
                 with contextlib.suppress(OSError):  # a full disk may refuse this too
@@ -306,12 +310,19 @@ def write_results(out: Path, cycles: int, st: RunState, cycle: int) -> None:
     write_status(out, cycles, cycle)
 
 
-def write_status(out: Path, cycles: int, cycle: int, error: str | None = None) -> None:
-    """status.json after `cycle` finished (and, if the run stopped, why)."""
-    status: dict[str, Any] = {"complete": cycle == cycles - 1 and error is None,
+def write_status(out: Path, cycles: int, cycle: int, error: str | None = None,
+                 waiting: WaitingForLabels | None = None) -> None:
+    """status.json after `cycle` finished (and, if the run stopped, why; or which labels
+    it waits for)."""
+    status: dict[str, Any] = {"complete": cycle == cycles - 1 and error is None
+                              and waiting is None,
                               "cycles_done": cycle + 1, "cycles": cycles}
     if error is not None:
         status["error"] = error
+    if waiting is not None:
+        status["waiting"] = {"labels": waiting.left, "clients": {
+            str(p.client): {"answered": p.answered, "total": p.total, "queue": str(p.folder)}
+            for p in waiting.pending}}
     write_atomic(out / "status.json", json.dumps(status) + "\n")
 
 

@@ -25,7 +25,7 @@ from falkit.data.federation import FederatedData, client_budgets
 from falkit.driver import Queried, to_device
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
-from falkit.oracle import SimulatedOracle
+from falkit.oracle import UNSURE, LabelsPending, SimulatedOracle, WaitingForLabels
 
 
 class InProcessFederation:
@@ -37,8 +37,10 @@ class InProcessFederation:
         """`initial_labels`: cycle 0's labeling in place of the random draw (FAST's two
         passes, `falkit.fast`)."""
         self.cfg, self.strategy, self.data, self.engine = cfg, strategy, data, engine
-        self.y = data.dataset.y_train  # read only through the oracle, and for reporting
+        self.y = data.dataset.y_train  # the simulated oracle's answers (and FAST's report)
         self.oracle = oracle or SimulatedOracle(self.y)
+        # the labels the oracle gave (-1 where none): what the clients train and query with
+        self.known = np.full(len(self.y), UNSURE, dtype=np.int64)
         self.budgets = client_budgets(cfg, data)
         self.num_clients = len(data.clients)
         self.num_classes = data.num_classes
@@ -70,16 +72,46 @@ class InProcessFederation:
     def initial_labels(self) -> Queried:
         if self._initial is not None:
             return self._initial(self)
-        records = []
+        records, answers, pending = [], [], []
         for k, pool in enumerate(self.data.clients):
             pick = initial_picks(self.cfg, k, pool, self.budgets[k])
-            labels = self.oracle.label(k, pick)
-            self.labeled[k] = pick
+            labels = self._ask(k, pick, 0, pending)
+            if labels is None:
+                continue
             records.append({"cycle": 0, "client": k, "strategy": "initial_random",
                             "indices": pick.tolist(), "labels": labels.tolist()})
+            answers.append(labels)
+        if pending:
+            raise WaitingForLabels(pending)
         self._audit(0)
-        all_labeled = np.concatenate(self.labeled)
-        return Queried(records, np.bincount(self.y[all_labeled], minlength=self.num_classes))
+        return Queried(records, self._histogram(answers))
+
+    def _ask(self, k: int, picks: np.ndarray, cycle: int, pending: list[LabelsPending]
+             ) -> np.ndarray | None:
+        """Client k's oracle answers `picks` (None while people have not answered them all,
+        noted in `pending`); the answered samples join its labeled pool ("unsure" ones stay
+        unlabeled)."""
+        try:
+            labels = self.oracle.label(k, picks, cycle)
+        except LabelsPending as p:
+            pending.append(p)
+            return None
+        got = labels != UNSURE
+        self._reveal(picks[got], labels[got])
+        self.labeled[k] = np.union1d(self.labeled[k], picks[got])
+        return labels
+
+    def _reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
+        """The oracle's labels become what the clients query and train with."""
+        self.known[idx] = labels
+        dev = self.engine.device
+        self.engine.train_y[torch.as_tensor(idx, device=dev)] = torch.as_tensor(labels,
+                                                                                 device=dev)
+
+    def _histogram(self, answers: list[np.ndarray]) -> np.ndarray:
+        """The classes the oracle answered (an "unsure" counts in none)."""
+        labels = np.concatenate(answers) if answers else np.zeros(0, dtype=np.int64)
+        return np.bincount(labels[labels != UNSURE], minlength=self.num_classes)
 
     def prepare_query(self, cycle: int, global_state: State) -> float:
         """Every client's QueryContext; the client models are trained here (all clients at
@@ -90,7 +122,7 @@ class InProcessFederation:
         # over on the engine's device (its training indexes them there)
         models, distill_info = client_models(cfg, self.strategy, engine, cycle,
                                              dict(enumerate(self.labeled)),
-                                             torch.as_tensor(self.y, device=engine.device),
+                                             torch.as_tensor(self.known, device=engine.device),
                                              global_state, self.last_round)
         local_s = time.perf_counter() - t
         global_outputs = global_outputs_fn(engine, global_state)
@@ -98,7 +130,7 @@ class InProcessFederation:
         for k, lab in enumerate(self.labeled):
             unl = np.setdiff1d(data.clients[k], lab, assume_unique=True)
             self._contexts.append(query_context(
-                cfg, self.strategy, engine, cycle, k, lab, self.y[lab], unl, data.num_classes,
+                cfg, self.strategy, engine, cycle, k, lab, self.known[lab], unl, data.num_classes,
                 global_state, {m: by_client[k] for m, by_client in models.items()
                                if k in by_client}, global_outputs, distill_info.get(k, {})))
         return local_s
@@ -110,23 +142,25 @@ class InProcessFederation:
 
     def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
                advance) -> Queried:
-        records, new = [], []
+        records, answers, pending = [], [], []
         for k, ctx in enumerate(self._contexts):
             if server is not None:
                 ctx.server = dict(server)
             picks, diagnostics = select(self.strategy, ctx, self.budgets[k])
-            labels = self.oracle.label(k, picks)
-            self.labeled[k] = np.union1d(self.labeled[k], picks)
+            labels = self._ask(k, picks, cycle, pending)
+            advance()
+            if labels is None:
+                continue
             record = {"cycle": cycle, "client": k, "strategy": self.strategy.id,
                       "indices": picks.tolist(), "labels": labels.tolist()}
             record.update(diagnostics)
             records.append(record)
-            new.append(picks)
-            advance()
+            answers.append(labels)
         self._contexts = []
+        if pending:
+            raise WaitingForLabels(pending)
         self._audit(cycle)
-        picked = np.concatenate(new) if new else np.zeros(0, dtype=np.int64)
-        return Queried(records, np.bincount(self.y[picked], minlength=self.num_classes))
+        return Queried(records, self._histogram(answers))
 
     def begin_training(self, cycle: int, keep_last: bool) -> None:
         if keep_last:
@@ -135,7 +169,7 @@ class InProcessFederation:
     def train_round(self, cycle: int, r: int, global_state: State, clients: list[int],
                     lr: float, keep_last: bool) -> State:
         hooks = train_hooks(self.strategy, self.engine, global_state, r, self.cfg.fl.rounds,
-                            self.labeled, self.y, self.data.clients)
+                            self.labeled, self.known, self.data.clients)
         state, kept = self.engine.fl_round(global_state, clients, self.labeled, lr,
                                            self.cfg.seed, (cycle, r), keep_states=keep_last,
                                            **hooks)
@@ -151,4 +185,7 @@ class InProcessFederation:
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.labeled = list(checkpoint["labeled"])
         self.last_round = to_device(checkpoint["last_round"], self.device)
-        self.oracle.restore(np.concatenate(self.labeled))
+        revealed = np.concatenate(self.labeled)
+        unsure = getattr(self.oracle, "unsure_before", lambda cycle: 0)(checkpoint["cycle"])
+        self.oracle.restore(revealed, spent=unsure)
+        self._reveal(revealed, self.oracle.answers(revealed))

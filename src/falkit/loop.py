@@ -15,6 +15,7 @@ from falkit.driver import Reporter, RunResult
 from falkit.driver import run as drive
 from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.inprocess import InProcessFederation
+from falkit.oracle import HumanOracle
 from falkit.results import read_metrics
 from falkit.rundir import RunDir, data_fingerprint
 
@@ -51,7 +52,11 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     # federated with it)
     engine = engine_for(cfg, data.dataset, data.num_classes, len(data.clients), engine_class,
                         wrap_model=getattr(strategy, "wrap_model", None))
-    fed = InProcessFederation(cfg, strategy, data, engine)
+    oracle = None
+    if cfg.oracle == "human":  # people answer, through queues in the run directory
+        oracle = HumanOracle(rd.path / "labeling", data.dataset.x_train,
+                             list(data.dataset.classes), len(data.dataset.y_train))
+    fed = InProcessFederation(cfg, strategy, data, engine, oracle)
     return drive(cfg, strategy, fed, rd, reporter=reporter, overwrite=overwrite,
                  fingerprint=data_fingerprint(data.dataset, cfg.data.dataset),
                  stop_after=stop_after)

@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from falkit import config as config_mod
-from falkit import fast
+from falkit import fast, labeling
 from falkit.al.base import PhaseA, QueryContext
 from falkit.al.base import create as create_strategy
 from falkit.al.fast import initial_set, refine
@@ -57,7 +57,7 @@ from falkit.flower.common import (
     state_record,
 )
 from falkit.loop import engine_for
-from falkit.oracle import SimulatedOracle
+from falkit.oracle import UNSURE, HumanOracle, LabelsPending, SimulatedOracle
 from falkit.results import save_torch, write_atomic
 from falkit.rundir import RunDir
 from falkit.seeding import torch_generator
@@ -133,13 +133,19 @@ class Site:
                                      train_y=unknown)
         self.device = self.engine.device  # where every received tensor goes
         self.state_dir = Path(node["state-dir"]) if "state-dir" in node else None
+        name = RunDir.of(cfg).path.name  # people's label queues, on this site's disk
+        self.label_root = (self.state_dir / name / "labeling" if self.state_dir is not None
+                           else RunDir.of(cfg).path / "labeling")
         self.labeled = np.zeros(0, dtype=np.int64)
         self._reset_labels()
         self.phase_a: tuple[int, QueryContext] | None = None  # this cycle's, for select
 
     def _reset_labels(self) -> None:
         self.known = np.full(len(self.dataset.y_train), -1, dtype=np.int64)  # oracle's answers
-        self.oracle = SimulatedOracle(self.dataset.y_train)  # ground truth answers, audited
+        y = self.dataset.y_train
+        self.oracle = (HumanOracle(self.label_root, self.dataset.x_train,
+                                   list(self.dataset.classes), len(y))
+                       if self.cfg.oracle == "human" else SimulatedOracle(y))  # audited
         self.engine.train_y.fill_(-1)
 
     def sync(self, context: Context) -> Site:
@@ -152,7 +158,7 @@ class Site:
             self.labeled = labeled
             if len(labeled):
                 self.reveal(labeled, pools["labels"].astype(np.int64))
-                self.oracle.restore(labeled)
+                self.oracle.restore(labeled, spent=int(self.meta().get("unsure", 0)))
         return self
 
     def reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
@@ -303,7 +309,6 @@ def select_(msg: Message, context: Context) -> Message:
     if "fast" in conf:
         return _fast_pass(msg, site, conf)
     cycle, k, budget = conf["cycle"], conf["client"], conf["budget"]
-    y = site.dataset.y_train
     if cycle == 0:  # b_k labels uniformly at random from the pool (ALGORITHMS.md §1)
         picks = initial_picks(site.cfg, k, site.pool, budget)
         record = {"cycle": 0, "client": k, "strategy": "initial_random"}
@@ -326,15 +331,23 @@ def select_(msg: Message, context: Context) -> Message:
         site.phase_a = None
         picks, diag = select(site.strategy, ctx, budget)
         record = {"cycle": cycle, "client": k, "strategy": site.strategy.id}
-    labels = site.oracle.label(k, picks)
-    site.labeled = np.union1d(site.labeled, picks).astype(np.int64)
-    site.reveal(picks, labels)
+    picks = np.asarray(picks, dtype=np.int64)
+    try:
+        labels = site.oracle.label(k, picks, cycle)
+    except LabelsPending as p:  # people have not answered this queue yet: the run waits
+        return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": 0,
+                                               "waiting": p.total - p.answered}))
+    got = labels != UNSURE  # an "unsure" sample stays in the pool (and counts as spent)
+    site.labeled = np.union1d(site.labeled, picks[got]).astype(np.int64)
+    site.reveal(picks[got], labels[got])
+    if not got.all():
+        site.set_meta(unsure=int(site.meta().get("unsure", 0)) + int((~got).sum()))
     site.oracle.audit(min(budget * (cycle + 1), len(site.pool)))
     site.save_pools()
-    site.save_labels(k, cycle, np.asarray(picks, dtype=np.int64))
-    record.update({"indices": np.asarray(picks).tolist(), "labels": labels.tolist()})
+    site.save_labels(k, cycle, picks[got])
+    record.update({"indices": picks.tolist(), "labels": labels.tolist()})
     record.update(diag)
-    queried = np.bincount(y[picks], minlength=site.num_classes).tolist()
+    queried = np.bincount(labels[got], minlength=site.num_classes).tolist()
     return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": len(picks)}),
                   **site.diagnostics(record=record, **{"queried-classes": queried}))
 
@@ -413,7 +426,8 @@ def restore(msg: Message, context: Context) -> Message:
     for key in (MODEL + "last_round", FL_MEMORY):
         if key in blob:
             state[key] = state_record(blob[key])
-    state[META] = json_config(**blob["meta"])
+    unsure = labeling.count_unsure(site.label_root, cycle, k)  # spent, not labeled
+    state[META] = json_config(**blob["meta"], **({"unsure": unsure} if unsure else {}))
     site.sync(context)
     site.phase_a = None
     return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": 0}))

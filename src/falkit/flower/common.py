@@ -35,7 +35,7 @@ INFO, STATS, SELECT, RESTORE = "query.info", "query.stats", "query.select", "que
 
 INFO_KEYS = ("partition-id", "pool", "num-train", "num-classes", "in-channels", "image-size",
              "test")
-SELECT_KEYS = ("labeled", "queried")
+SELECT_KEYS = ("labeled", "queried", "waiting")  # waiting: labels people still owe
 FAST_KEYS = ("trained-on", "dim", "cached")  # FAST's passes: counts and the embedding size
 EVAL_KEYS = ("correct", "total")
 NUM_EXAMPLES = "num-examples"

@@ -59,6 +59,7 @@ from falkit.flower.common import (
     state_record,
 )
 from falkit.models.backbones import create as create_backbone
+from falkit.oracle import LabelsPending, WaitingForLabels
 from falkit.rundir import RunDir
 
 app = ServerApp()
@@ -72,6 +73,11 @@ class FlowerRunError(FalkitError):
 def main(grid: Grid, context: Context) -> None:
     try:
         run_server(grid, context)
+    except WaitingForLabels as e:  # people label at the sites; the run continues when
+        # it is submitted again (status.json says what it waits for)
+        flwr_log(logging.WARNING, "falkit: %s; label them at the sites (falkit label "
+                 "RUN_DIR --client K, on each site's disk), then submit the same run again",
+                 e)
     except FalkitError as e:  # a refused config, a failed site: one line, as the CLI says it
         flwr_log(logging.ERROR, "falkit: error: %s", e)
         raise SystemExit(2) from None
@@ -112,6 +118,9 @@ def validate(cfg: Config) -> Strategy:
     FAST's scope, the backbone on a built-in dataset's images (the budgets need the
     clients' pool sizes: checked right after `query.info`)."""
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    if strategy.initial_query == "fast" and cfg.oracle != "simulated":
+        raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
+                          "passes is not supported yet)")
     if strategy.initial_query == "fast" and cfg.fast.scope != "client":
         raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
                           "samples in one place; on Flower use fast.scope = client")
@@ -359,6 +368,10 @@ class FlowerFederation:
             **glob, "config": json_config(cycle=cycle, client=k, budget=self.budgets[k],
                                           **extra)})
             for k in self.nodes}, f"query.select cycle {cycle}")
+        waiting = [LabelsPending(k, 0, int(rep["query"]["waiting"]), f"site of client {k}")
+                   for k, rep in replies.items() if int(rep["query"].get("waiting", 0)) > 0]
+        if waiting:  # people have not answered every queue yet: the run pauses here
+            raise WaitingForLabels(waiting)
         sim = self.opts.simulation_metrics
         queried = np.zeros(self.num_classes, dtype=np.int64) if sim else None
         records = []

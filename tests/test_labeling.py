@@ -1,0 +1,267 @@
+"""People label the queries (issue 17): the human oracle's queues, runs that wait, the
+labeling page (its security, concurrent annotators), Label Studio, and a real browser."""
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from falkit import config, labeling
+from falkit.cli import main
+from falkit.data.federation import build
+from falkit.loop import run
+from falkit.oracle import UNSURE, WaitingForLabels
+
+starlette = pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from falkit.labelpage import create_app  # noqa: E402
+
+SMALL = ["data.dataset=digits", "data.rho=5", "partition.num_clients=3",
+         "partition.alpha=1.0", "budget.fraction=0.05", "budget.cycles=2", "fl.rounds=2",
+         "fl.local_epochs=1", "model.backbone=resnet8_preact16", "runtime.threads=1",
+         "strategy=entropy@G"]
+
+
+def _cfg(out: Path, *extra: str):
+    return config.load(None, overrides=config.parse_overrides([*SMALL, f"out_dir={out}",
+                                                                *extra]))
+
+
+# the true labels the annotators in these tests know: the run's (long-tailed) train split
+Y = build(_cfg(Path("unused"))).dataset.y_train
+
+
+def _only(parent: Path) -> Path:
+    (d,) = [p for p in parent.iterdir() if p.is_dir()]
+    return d
+
+
+def _label_all(run_dir: Path, answer=lambda sid: int(Y[sid])) -> int:
+    """Answer every queued sample of every client through the page's HTTP API."""
+    n = 0
+    for client in sorted(run_dir.glob("labeling/client_*")):
+        folder = labeling.latest_queue(run_dir, int(client.name.split("_")[1]))
+        http = TestClient(create_app(folder, "tok"))
+        page = http.get("/?token=tok").text
+        csrf = re.search(r'name="csrf" content="([^"]+)"', page).group(1)
+        while (state := http.get("/api/queue?token=tok").json())["next"]:
+            sid = state["next"][0]
+            r = http.post("/api/answer?token=tok", json={"id": sid, "label": answer(sid)},
+                          headers={"X-CSRF-Token": csrf})
+            assert r.status_code == 200, r.text
+            n += 1
+    return n
+
+
+def test_a_human_run_waits_then_equals_the_simulated_run(tmp_path, capsys):
+    ref = run(_cfg(tmp_path / "sim")).run_dir
+    args = ["run", *SMALL, f"out_dir={tmp_path / 'human'}", "oracle=human", "--quiet"]
+    asked = []
+    while (code := main(args)) == 3:  # documented: 3 = waiting for labels
+        err = capsys.readouterr().err
+        assert "waiting for" in err and "falkit label" in err
+        run_dir = _only(tmp_path / "human")
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["complete"] is False and status["waiting"]["labels"] > 0
+        asked.append(_label_all(run_dir))
+        assert len(asked) <= 2
+    assert code == 0 and asked == [33, 33]  # b_k = 11 per client, cycle 0 and cycle 1
+    got = _only(tmp_path / "human")
+    assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
+    keep = ("cycle", "accuracy", "labeled", "comm_bytes")
+    rows = [[r[k] for k in keep] for r in csv_rows(got)]
+    assert rows == [[r[k] for k in keep] for r in csv_rows(ref)]
+
+
+def csv_rows(d: Path) -> list[dict]:
+    import csv
+
+    return list(csv.DictReader((d / "metrics.csv").open()))
+
+
+def test_a_partial_answer_set_is_never_used_and_unsure_goes_back_to_the_pool(tmp_path):
+    cfg = _cfg(tmp_path, "oracle=human", "budget.cycles=3")
+    with pytest.raises(WaitingForLabels):
+        run(cfg)
+    run_dir = _only(tmp_path)
+    folder = labeling.latest_queue(run_dir, 0)
+    ids = labeling.read_queue(folder)["ids"]
+    labeling.answer(folder, ids[0], int(Y[ids[0]]))
+    _label_all(run_dir)  # the rest of client 0 and clients 1, 2
+    labeling.undo(folder)  # client 0's last answer taken back: its queue is short again
+    with pytest.raises(WaitingForLabels) as e:
+        run(cfg)
+    assert [p.client for p in e.value.pending] == [0] and e.value.left == 1
+    assert not (run_dir / "checkpoint").exists()  # nothing was trained on a partial set
+    remaining = [i for i in ids if i not in {a["id"] for a in labeling.read_answers(folder)}]
+    labeling.answer(folder, remaining[0], "unsure")
+    with pytest.raises(WaitingForLabels):  # cycle 1's queues now
+        run(cfg)
+    records = [json.loads(x) for x in (run_dir / "queries.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r["client"] == 0)
+    assert first["labels"][first["indices"].index(remaining[0])] == UNSURE
+    rows = csv_rows(run_dir)
+    assert int(rows[0]["labeled"]) == 32  # 33 asked, one "unsure": back in the pool
+    _label_all(run_dir)
+    with pytest.raises(WaitingForLabels):  # cycle 2's: resumed from the checkpoint, with
+        run(cfg)  # the "unsure" answer still counted against the budget (audited)
+    _label_all(run_dir)
+    assert run(cfg).metrics[-1]["cycle"] == 2
+
+
+# -- the page's security -----------------------------------------------------------------------
+@pytest.fixture
+def queue(tmp_path):
+    images = np.arange(5 * 1 * 4 * 4, dtype=np.uint8).reshape(5, 1, 4, 4)
+    folder = labeling.queue_folder(tmp_path / "labeling", 0, 1)
+    labeling.ensure_queue(folder, 0, 1, np.array([1, 3, 4]), images, ["a", "b"])
+    http = TestClient(create_app(folder, "secret"))
+    csrf = re.search(r'name="csrf" content="([^"]+)"', http.get("/?token=secret").text)[1]
+    return folder, http, csrf
+
+
+def test_every_request_needs_the_token(queue):
+    folder, http, csrf = queue
+    for path in ("/", "/api/queue", "/image/1"):
+        assert http.get(path).status_code == 401
+        assert http.get(path + "?token=wrong").status_code == 403
+        assert http.get(path, headers={"X-Token": "secret"}).status_code == 200
+    assert http.post("/api/answer", json={"id": 1, "label": 0},
+                     headers={"X-CSRF-Token": csrf}).status_code == 401
+    assert labeling.read_answers(folder) == []
+
+
+def test_posts_need_the_csrf_token_and_valid_answers(queue):
+    folder, http, csrf = queue
+    ok = {"X-CSRF-Token": csrf}
+    post = "/api/answer?token=secret"
+    assert http.post(post, json={"id": 1, "label": 0}).status_code == 403  # no CSRF token
+    assert http.post(post, json={"id": 1, "label": 0},
+                     headers={"X-CSRF-Token": "forged"}).status_code == 403
+    assert http.post(post, json={"id": 2, "label": 0}, headers=ok).status_code == 404  # foreign
+    assert http.post(post, json={"id": 1, "label": 2}, headers=ok).status_code == 400  # class
+    assert http.post(post, json={"id": 1, "label": "b"}, headers=ok).status_code == 400
+    assert http.post(post, json={"id": 1, "label": True}, headers=ok).status_code == 400
+    assert http.post(post, content=b"[1]", headers=ok).status_code == 400
+    assert http.post(post, content=b"{x", headers=ok).status_code == 400
+    assert labeling.read_answers(folder) == []
+    assert http.post(post, json={"id": 1, "label": 1}, headers=ok).json()["answered"] == 1
+    assert http.post("/api/undo?token=secret").status_code == 403
+    assert http.post("/api/undo?token=secret", headers=ok).json()["answered"] == 0
+
+
+def test_no_path_reaches_the_file_system(queue):
+    folder, http, _ = queue
+    (folder.parent / "secret.txt").write_text("nope")
+    for bad in ("../secret.txt", "..%2Fsecret.txt", "1.png", "%2e%2e", "-1", "0x1", "2",
+                "/etc/passwd"):
+        r = http.get(f"/image/{bad}?token=secret")
+        assert r.status_code in (404, 400), (bad, r.status_code)
+        assert b"nope" not in r.content
+    r = http.get("/image/3?token=secret")
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+    assert http.get("/labeling/client_0/cycle_1/queue.json?token=secret").status_code == 404
+
+
+def test_two_annotators_never_lose_or_duplicate_an_answer(queue):
+    folder, http, csrf = queue
+    codes = []
+
+    def give(label):
+        codes.append(http.post("/api/answer?token=secret", json={"id": 4, "label": label},
+                               headers={"X-CSRF-Token": csrf}).status_code)
+
+    threads = [threading.Thread(target=give, args=(i % 2,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [200] + [409] * 7
+    assert [a["id"] for a in labeling.read_answers(folder)] == [4]
+    # and in parallel on different samples, every answer is kept
+    threads = [threading.Thread(target=lambda s=s: http.post(
+        "/api/answer?token=secret", json={"id": s, "label": 0},
+        headers={"X-CSRF-Token": csrf})) for s in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(a["id"] for a in labeling.read_answers(folder)) == [1, 3, 4]
+
+
+def test_png_images_decode_to_the_sample():
+    import io
+
+    from PIL import Image
+
+    img = np.random.default_rng(0).integers(0, 256, (3, 5, 7), dtype=np.uint8)
+    png = Image.open(io.BytesIO(labeling.png_bytes(img, min_side=14)))
+    arr = np.asarray(png)
+    assert arr.shape == (10, 14, 3)  # scaled by 2
+    assert (arr[::2, ::2].transpose(2, 0, 1) == img).all()
+    gray = np.asarray(Image.open(io.BytesIO(labeling.png_bytes(img[:1], min_side=1))))
+    assert (gray == img[0]).all()
+
+
+def test_label_studio_export_and_import(queue, tmp_path):
+    folder, _, _ = queue
+    tasks = labeling.export_label_studio(folder)
+    assert [t["data"]["sample"] for t in tasks] == [1, 3, 4]
+    assert tasks[0]["data"]["image"].startswith("data:image/png;base64,")
+    assert "<Choice value=\"b\"/>" in labeling.label_studio_config(["a", "b"])
+    exported = [{**t, "annotations": [{"result": [{"type": "choices", "value": {
+        "choices": ["b" if t["data"]["sample"] == 3 else "a"]}}]}]} for t in tasks[:2]]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(exported))
+    run_dir = folder.parent.parent.parent
+    assert main(["label", str(run_dir), "--client", "0", "--import-label-studio",
+                 str(path)]) == 0
+    assert labeling.read_answers(folder) == [{"id": 1, "label": 0}, {"id": 3, "label": 1}]
+    bad = [{"data": {"sample": 4}, "annotations": [{"result": [
+        {"type": "choices", "value": {"choices": ["zebra"]}}]}]}]
+    with pytest.raises(labeling.QueueError, match="zebra"):
+        labeling.import_label_studio(folder, bad)
+    out = tmp_path / "tasks.json"
+    assert main(["label", str(run_dir), "--export-label-studio", str(out)]) == 0
+    assert [t["data"]["sample"] for t in json.loads(out.read_text())] == [4]
+    assert out.with_suffix(".xml").is_file()
+
+
+def test_on_flower_each_site_keeps_its_queue_and_the_run_pauses(tmp_path):
+    """oracle=human on Flower: each ClientApp writes its queue on its site's disk, the
+    ServerApp pauses the run (status.json says how many labels it waits for), and the same
+    run submitted again continues; only counts reach the server without simulation
+    metrics; with the true labels the results equal the simulated in-process run's."""
+    pytest.importorskip("flwr")
+    from tests.test_transports import SMALL as FLOWER_SMALL
+    from tests.test_transports import MemoryGrid, flower_run, run_config
+
+    from falkit.flower import client_app
+
+    over = {"strategy": "entropy@G"}  # on test_transports' small config
+    ref = run(config.load(None, overrides={**FLOWER_SMALL, **over,
+                                           "out_dir": str(tmp_path / "sim")})).run_dir
+    out = tmp_path / "flower"
+    rounds = 0
+    while True:
+        client_app._SITES.clear()  # new SuperNodes each time: state only on their disks
+        grid = MemoryGrid(run_config(out, **over, oracle="human"))
+        try:
+            got = flower_run(out, grid=grid, **over, oracle="human")
+            break
+        except WaitingForLabels as e:
+            run_dir = _only(out)
+            status = json.loads((run_dir / "status.json").read_text())
+            assert status["waiting"]["labels"] == e.left == 33
+            assert _label_all(run_dir) == 33
+            rounds += 1
+            assert rounds <= 2
+    assert rounds == 2
+    assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
+    keep = ("cycle", "accuracy", "labeled", "comm_bytes")
+    assert [[r[k] for k in keep] for r in csv_rows(got)] == \
+        [[r[k] for k in keep] for r in csv_rows(ref)]
