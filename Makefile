@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast bench bench-gpu data lint clean
+.PHONY: demo test test-fast bench bench-gpu data browser lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,19 @@ data: $(VENV)/.installed
 demo: data
 	$(VENV)/bin/falkit demo
 
-test: data
+# the labeling page's browser test drives Debian's chromium through its chromedriver
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	  echo "chromium: found"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium: installing Debian packages chromium chromium-driver"; \
+	  $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }; \
+	else \
+	  echo "chromium: not found and no apt-get; the browser test will be skipped"; \
+	fi
+
+test: data browser
 	$(PY) -m pytest -q
 
 # Speed as measured facts (issue 4): ~40 min here; writes benchmarks/RESULTS.md.
