@@ -265,3 +265,92 @@ def test_on_flower_each_site_keeps_its_queue_and_the_run_pauses(tmp_path):
     keep = ("cycle", "accuracy", "labeled", "comm_bytes")
     assert [[r[k] for k in keep] for r in csv_rows(got)] == \
         [[r[k] for k in keep] for r in csv_rows(ref)]
+
+
+def test_run_wait_polls_until_people_answer(tmp_path):
+    """`falkit run ... --wait` does not stop: it waits for the answers, then goes on."""
+    import subprocess
+    import sys
+    import time
+
+    falkit = str(Path(sys.executable).parent / "falkit")
+    proc = subprocess.Popen([falkit, "run", *SMALL, f"out_dir={tmp_path}", "oracle=human",
+                             "--wait", "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        answered = 0
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+            queues = list(runs[0].glob("labeling/client_*/cycle_*/queue.json")) if runs else []
+            for q in queues:  # answer whatever is queued, as annotators would
+                folder = q.parent
+                have = {a["id"] for a in labeling.read_answers(folder)}
+                for sid in labeling.read_queue(folder)["ids"]:
+                    if sid not in have:
+                        labeling.answer(folder, sid, int(Y[sid]))
+                        answered += 1
+            time.sleep(0.5)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert answered == 66 and err.count("waiting for 33 labels") == 2
+    assert "results:" in out
+
+
+def test_labels_never_leave_a_site(tmp_path):
+    """oracle=human on Flower without simulation metrics: what the sites send the server
+    holds no sample id, label or image — model arrays and declared counts only."""
+    pytest.importorskip("flwr")
+    from flwr.app import ArrayRecord, ConfigRecord
+    from tests.test_transports import MemoryGrid, flower_run, run_config
+
+    from falkit.flower import client_app
+
+    class Recording(MemoryGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            self.replies += [(r.metadata.message_type, r.content) for r in replies]
+            return replies
+
+    over = {"strategy": "entropy@G", "oracle": "human"}
+    rc = {**run_config(tmp_path, **over), "simulation-metrics": False}
+    for _ in range(3):
+        client_app._SITES.clear()
+        grid = Recording(rc)
+        grid.replies = []
+        try:
+            flower_run(tmp_path, grid=grid, **over)
+            break
+        except WaitingForLabels:
+            _label_all(_only(tmp_path))
+        for kind, content in grid.replies:
+            for name, record in content.items():
+                assert not isinstance(record, ConfigRecord), (kind, name)
+                if isinstance(record, ArrayRecord):
+                    assert kind == "train" and name == "model", (kind, name)
+                else:
+                    assert set(record) <= {"labeled", "queried", "waiting", "num-examples",
+                                           "correct", "total", "partition-id", "pool",
+                                           "num-train", "num-classes", "in-channels",
+                                           "image-size", "test"}, (kind, dict(record))
+    records = [json.loads(x) for x in (_only(tmp_path) / "queries.jsonl").read_text()
+               .splitlines()]
+    assert records and all("labels" not in r and "indices" not in r for r in records)
+
+
+def test_serving_beyond_loopback_warns(tmp_path, monkeypatch, capsys):
+    images = np.zeros((3, 1, 2, 2), dtype=np.uint8)
+    run_dir = tmp_path / "r"
+    labeling.ensure_queue(labeling.queue_folder(run_dir / "labeling", 0, 0), 0, 0,
+                          np.array([0, 2]), images, ["a", "b"])
+    served = []
+    import falkit.labelpage
+
+    monkeypatch.setattr(falkit.labelpage, "serve", lambda *a: served.append(a))
+    assert main(["label", str(run_dir), "--host", "0.0.0.0"]) == 0
+    assert "warning: serving on 0.0.0.0" in capsys.readouterr().err
+    assert main(["label", str(run_dir)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert [a[1] for a in served] == ["0.0.0.0", "127.0.0.1"]

@@ -39,6 +39,7 @@ class MemoryGrid:
 
     def __init__(self, run_config: dict, nodes: int = 3, run_id: int | None = None):
         self.run_id = run_id or next(_IDS)
+        self.run_config = run_config
         self.contexts = {
             100 + i: Context(run_id=self.run_id, node_id=100 + i,
                              node_config={"partition-id": i, "num-partitions": nodes},
@@ -81,8 +82,9 @@ def run_config(out: Path, **extra) -> dict:
 
 
 def flower_run(out: Path, stop_after=None, grid=None, **extra) -> Path:
-    rc = run_config(out, **extra)
-    grid = grid or MemoryGrid(rc)
+    """The ServerApp on `grid` (default: a new MemoryGrid), with the grid's run config."""
+    grid = grid or MemoryGrid(run_config(out, **extra))
+    rc = grid.run_config
     return run_server(grid, Context(run_id=grid.run_id, node_id=0, node_config={},
                                     state=RecordDict(), run_config=rc), stop_after=stop_after)
 
