@@ -596,3 +596,22 @@ def test_digits_read_without_scikit_learn_equal_its_loader():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"
+
+
+def test_built_in_shapes_match_the_loaders_and_comm_needs_no_files(capsys):
+    """Each built-in dataset's (classes, channels, size), as its loader gives it where the
+    files are here; `falkit comm` uses them, so CIFAR-10's files are not needed."""
+    from falkit.cli import main
+    from falkit.data.sources import DATASETS, find, image_shape
+    from falkit.fl.algorithms import clone_state, state_bytes
+    from falkit.models.backbones import create
+
+    assert all(info.shape is not None for info in DATASETS.values())
+    for name in ("digits", "fmnist"):
+        if name == "digits" or find(name) is not None:
+            ds = load(name)
+            assert image_shape(name) == (ds.num_classes, ds.in_channels, ds.image_size)
+    assert main(["comm", "--model", "cnn4", "--dataset", "cifar10", "--data-root",
+                 "/nonexistent", "--clients", "10", "--rounds", "100"]) == 0
+    b = state_bytes(clone_state(create("cnn4", num_classes=10, in_channels=3, image_size=32)))
+    assert f"{b:,} bytes per state dict" in capsys.readouterr().out

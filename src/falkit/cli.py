@@ -596,19 +596,23 @@ def cmd_comm(args: argparse.Namespace) -> int:
                         ("--dim", args.dim)):
         if value is not None and value < 1:
             raise ConfigError(f"falkit comm {flag} must be >= 1, got {value}")
-    ds = sources.load(args.dataset, args.data_root)
+    # a built-in dataset's shape is known without its files; any other is read
+    shape = sources.image_shape(args.dataset)
+    if shape is None:
+        ds = sources.load(args.dataset, args.data_root)
+        shape = (ds.num_classes, ds.in_channels, ds.image_size)
+    num_classes, channels, size = shape
     if args.model == "linear":
         if not args.dim:
             raise ConfigError("falkit comm --model linear needs --dim (the embedding size)")
         channels, size, what = args.dim, 1, f"{args.dim}-dim embeddings"
     else:
-        channels, size = ds.in_channels, ds.image_size
         what = f"{channels}x{size}x{size} images"
-    model = create_backbone(args.model, num_classes=ds.num_classes, in_channels=channels,
+    model = create_backbone(args.model, num_classes=num_classes, in_channels=channels,
                             image_size=size)
     nbytes = state_bytes(clone_state(model))
     t = fast.model_traffic(nbytes, args.clients, args.rounds)
-    print(f"{args.model} on {args.dataset} ({ds.num_classes} classes, {what}): "
+    print(f"{args.model} on {args.dataset} ({num_classes} classes, {what}): "
           f"{nbytes:,} bytes per state dict (every tensor, buffers included)")
     print(f"per round: 2 x {nbytes:,} B x {args.clients} clients = {t['round_bytes']:,} B = "
           f"{t['round_mib']:.4f} MiB")

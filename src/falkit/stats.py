@@ -28,7 +28,9 @@ def aulc(labeled_pct: Sequence[float], accuracy_pct: Sequence[float]) -> float:
         raise ValueError(f"aulc needs two 1-d sequences of equal length, got {x.shape}, {y.shape}")
     if x.size < 2:
         return 0.0
-    return float(np.trapezoid(y, x))
+    # np.trapezoid is NumPy >= 2.0's name of np.trapz (pyproject allows numpy >= 1.24)
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(y, x))
 
 
 def positive_ratio(delta: Sequence[float]) -> float:
