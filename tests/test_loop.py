@@ -150,3 +150,30 @@ def test_last_round_models_under_partial_participation(tmp_path):
              "fl.rounds": "4", "seed": str(seed)}
     rows = run(small_cfg(tmp_path, **extra)).metrics
     assert len(rows) == 4
+
+
+def test_the_global_model_of_each_cycle_is_saved_and_loads(tmp_path):
+    """models/cycle_<c>.pt: a state dict and its recipe; load_model rebuilds the model
+    whose test accuracy is the cycle's (issue 18); runtime.save_models = last keeps one."""
+    import torch
+
+    from falkit.data.sources import load
+    from falkit.models.saved import load_model
+
+    cfg = small_cfg(tmp_path / "all")
+    res = run(cfg)
+    files = sorted((res.run_dir / "models").glob("cycle_*.pt"))
+    assert [f.name for f in files] == [f"cycle_{c}.pt" for c in range(len(res.metrics))]
+    model = load_model(files[-1])
+    rec = torch.load(files[-1], weights_only=False)
+    ds = load(cfg.data.dataset)
+    x = torch.as_tensor(ds.x_test).float() / 255.0
+    mean = torch.tensor(rec["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(rec["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits, _ = model((x - mean) / std)
+    acc = (logits.argmax(1).numpy() == ds.y_test).mean()
+    assert abs(acc - res.metrics[-1]["accuracy"]) < 1e-6
+    last = run(small_cfg(tmp_path / "last", **{"runtime.save_models": "last"}))
+    assert [f.name for f in (last.run_dir / "models").glob("*.pt")] == \
+        [f"cycle_{len(last.metrics) - 1}.pt"]

@@ -106,6 +106,9 @@ class RuntimeConfig:
     # over stacked weights): auto = on a GPU only (on this CPU one at a time is faster,
     # benchmarks/RESULTS.md) | on | off
     batch_clients: str = "auto"
+    # the global model after each cycle as a state dict (models/cycle_<c>.pt, loaded by
+    # falkit.models.saved.load_model): all | last | none
+    save_models: str = "all"
 
 
 @dataclass
@@ -285,6 +288,7 @@ CHOICES = {
     "fast.budget_split": ("proportional", "even"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.batch_clients": ("auto", "on", "off"),
+    "runtime.save_models": ("all", "last", "none"),
     "fairfal.selector": ("adaptive", "complement", "global", "local"),
     "fairfal.prototypes": ("global", "local"),
     "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
@@ -318,7 +322,7 @@ def experiment_dict(cfg: Config) -> dict[str, Any]:
 # can change float rounding)
 NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
                 "runtime.threads", "runtime.workers", "runtime.eval_batch",
-                "runtime.tune_allocator", "runtime.batch_clients")
+                "runtime.tune_allocator", "runtime.batch_clients", "runtime.save_models")
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 

@@ -86,6 +86,7 @@ class Federation(Protocol):
     num_train: int  # N of the federated train set (labeled %)
     algorithm: FedAvg  # the server side of the FL algorithm (its state is checkpointed)
     device: Any  # where the global model lives (torch.device)
+    engine: Any  # the server's Engine: the model's recipe (input shape) and the FL algorithm
 
     def partition(self) -> tuple[np.ndarray, list[str]] | None:
         """Per-client class counts and class names (partition.csv), or None if unknown."""
@@ -201,6 +202,7 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
                 for name, rows in files.items():
                     write_csv(out / name, rows)
                 _checkpoint(out, cycles, cycle, st, strategy, fed)
+                _save_model(out, cfg, cycles, cycle, st, strategy, fed)
                 saved = cycle
                 rd.commit()
                 rep.cycle_done(row)
@@ -300,6 +302,27 @@ def _checkpoint(out: Path, cycles: int, cycle: int, st: RunState, strategy: Stra
           **fed.state_dict()}
     save_torch(out / "checkpoint" / "latest.pt", ck)
     write_results(out, cycles, st, cycle)
+
+
+def _save_model(out: Path, cfg: Config, cycles: int, cycle: int, st: RunState,
+                strategy: Strategy, fed: Federation) -> None:
+    """models/cycle_<c>.pt (`runtime.save_models`): the global model and its recipe."""
+    keep = cfg.runtime.save_models
+    if st.global_state is None or keep == "none" or (keep == "last" and cycle < cycles - 1):
+        return
+    from falkit import config as config_mod
+    from falkit.models.saved import model_file, model_record
+
+    engine = fed.engine
+    save_torch(model_file(out, cycle), model_record(
+        st.global_state, backbone=cfg.model.backbone, num_classes=fed.num_classes,
+        in_channels=engine.in_channels, image_size=engine.image_size, strategy=strategy.id,
+        cycle=cycle, accuracy=st.metrics[-1]["accuracy"], config_toml=config_mod.dumps(cfg),
+        mean=getattr(engine, "mean", None), std=getattr(engine, "std", None)))
+    if keep == "last":
+        for old in (out / "models").glob("cycle_*.pt"):
+            if old != model_file(out, cycle):
+                old.unlink(missing_ok=True)
 
 
 def write_results(out: Path, cycles: int, st: RunState, cycle: int) -> None:

@@ -124,6 +124,7 @@ class Engine:
         self._shift = -mean / std
         self.hflip = train.hflip
         self.crop_pad = train.crop_pad
+        self.mean, self.std = tuple(train.mean), tuple(train.std)  # recorded with saved models
         self.memory_format = (torch.channels_last if cfg.runtime.channels_last
                               else torch.contiguous_format)
         self.in_channels, self.image_size = c, train.x.shape[2]

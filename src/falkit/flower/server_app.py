@@ -253,6 +253,7 @@ class FlowerFederation:
         self.engine = Engine(cfg, tmpl, tmpl, C, num_clients=len(self.nodes),
                              wrap_model=getattr(self.strategy, "wrap_model", None))
         self.algorithm, self.device = self.engine.algorithm, self.engine.device
+        self.engine.mean = self.engine.std = None  # the sites normalise with their data's
         self.model_like = self.engine.init_state(cfg.seed, 0)
         self.params = [n for n, p in self.engine.model.named_parameters() if p.requires_grad]
         self.allowed = declared(self.strategy, self.engine.algorithm,
