@@ -277,3 +277,27 @@ def test_strategy_options_name_the_method_not_the_setting(tmp_path):
     assert plain.method == "fairfal" and ablated.method == "fairfal[selector=global]"
     assert kcfu.method == "kafal[kcfu=True]" and ifal.method == "ifal[kd_epochs=20]"
     assert len({r.setting_key() for r in (plain, ablated, kcfu, ifal, run_of())}) == 1
+
+
+def test_vector_figures_and_per_round_curves(tmp_path):
+    """`falkit report --formats png,pdf,svg` writes every figure in each format; runs with
+    rounds.csv (runtime.eval_every) get a per-round accuracy figure (issue 18)."""
+    from falkit.cli import main
+    from falkit.loop import run
+
+    over = {"data.dataset": "digits", "data.rho": "5", "partition.num_clients": "3",
+            "partition.alpha": "1.0", "budget.fraction": "0.05", "budget.cycles": "2",
+            "fl.rounds": "3", "fl.local_epochs": "1", "model.backbone": "resnet8_preact16",
+            "runtime.threads": "1", "runtime.eval_every": "1", "out_dir": str(tmp_path / "r")}
+    for strategy in ("random", "entropy@G"):
+        run(load(None, overrides={**over, "strategy": strategy}))
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "rep"),
+                 "--formats", "png,pdf,svg"]) == 0
+    figs = tmp_path / "rep" / "figures"
+    stems = {p.stem for p in figs.glob("*.png")}
+    assert any(s.startswith("rounds_") for s in stems)
+    for stem in stems:
+        assert (figs / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        assert b"<svg" in (figs / f"{stem}.svg").read_bytes()[:2000]
+    assert main(["report", str(tmp_path / "r"), "--out", str(tmp_path / "bad"),
+                 "--formats", "png,gif"]) == 2

@@ -461,7 +461,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from falkit.report import write_report
 
     _check_report_out(Path(args.out))
-    html = write_report(args.runs, Path(args.out))
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    html = write_report(args.runs, Path(args.out), formats=formats)
     print(accuracy_text(args.runs))
     print(f"report: {html}")
     return 0
@@ -687,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="tables, paired statistics, figures and one HTML page")
     sp.add_argument("runs", nargs="+", help="run directories (or folders holding them)")
     sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--formats", default="png", metavar="F[,F]",
+                    help="figure files to write beside the PNGs the page shows: png, pdf, "
+                         "svg (e.g. png,pdf)")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("compare", help="paired statistics of two methods across seeds")

@@ -69,6 +69,8 @@ class Run:
     complete: bool
     status: dict[str, Any] = field(default_factory=dict)
     setting: str = ""
+    # rounds.csv (runtime.eval_every > 0): accuracy after every n-th FL round
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -185,6 +187,10 @@ def _load_one(run_dir: Path) -> Run | None:
     names, part, counts = _read_partition(run_dir)
     status = read_status(run_dir)
     run = Run(run_dir, cfg, metrics, names, part, counts, bool(status.get("complete")), status)
+    if (run_dir / "rounds.csv").is_file():
+        with (run_dir / "rounds.csv").open(newline="") as f:
+            run.rounds = [{"cycle": int(r["cycle"]), "round": int(r["round"]),
+                           "accuracy": float(r["accuracy"])} for r in csv.DictReader(f)]
     if not names:
         run.class_names = [str(c) for c in range(run.num_classes)]
     if not run.complete:

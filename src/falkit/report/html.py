@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from falkit.errors import FalkitError
 from falkit.report import Run, by_setting, load_runs, method_order
 from falkit.report import plots as P
 from falkit.report.tables import REPORT_PCTS, accuracy_table, paired_table
@@ -72,9 +73,14 @@ def _partitions(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
 
 def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                  pcts: Sequence[float] | None = REPORT_PCTS,
-                 include_initial: bool = False) -> Path:
+                 include_initial: bool = False,
+                 formats: Sequence[str] = ("png",)) -> Path:
     """Write accuracy.md, paired.md, accuracy.csv (tidy: one row per run and cycle),
-    figures/*.png and a self-contained report.html under ``out_dir``; return the HTML path."""
+    figures/*.png (and .pdf/.svg for each of `formats`: vector figures for a paper) and a
+    self-contained report.html under ``out_dir``; return the HTML path."""
+    for fmt in formats:
+        if fmt not in P.FORMATS:
+            raise FalkitError(f"figure format {fmt!r} is not one of {', '.join(P.FORMATS)}")
     out = Path(out_dir)
     runs = load_runs(run_dirs)
     acc = accuracy_table(runs, pcts)
@@ -84,23 +90,34 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     write_atomic(out / "accuracy.csv", csv_text(_tidy_rows(runs)))
 
     colors = P.method_colors(method_order(runs))
-    figures: list[tuple[str, str, bytes]] = []  # (section, caption, png)
+    # (section, file stem, draw(fmt) -> bytes | None)
+    drawn: list[tuple[str, str, Callable[[str], bytes | None]]] = []
     groups = by_setting(runs)
     for i, (setting, group) in enumerate(groups.items()):
         tag = f"{i + 1:02d}_{_slug(setting)}"
-        figures.append((setting, f"accuracy_{tag}.png",
-                        P.accuracy_figure(group, setting, colors)))
-        balance = P.query_balance_figure(group, setting, colors, include_initial)
-        if balance is not None:
-            figures.append((setting, f"query_balance_{tag}.png", balance))
+        drawn.append((setting, f"accuracy_{tag}",
+                       lambda f, g=group, s=setting: P.accuracy_figure(g, s, colors, f)))
+        drawn.append((setting, f"query_balance_{tag}",
+                       lambda f, g=group, s=setting: P.query_balance_figure(
+                           g, s, colors, include_initial, f)))
+        if any(r.rounds for r in group):
+            drawn.append((setting, f"rounds_{tag}",
+                          lambda f, g=group, s=setting: P.rounds_figure(g, s, colors, f)))
     for j, (setting, shared) in enumerate(_partitions(runs)):
         seeds = sorted({r.seed for r in shared})
         who = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-        png = P.partition_figure(shared[0].partition, shared[0].class_names,
-                                 f"{setting} ({who})", shared[0].class_counts)
-        figures.append(("Partitions", f"partition_{j + 1:02d}_{_slug(setting)}.png", png))
-    for _, name, png in figures:
-        write_atomic(out / "figures" / name, png)
+        drawn.append(("Partitions", f"partition_{j + 1:02d}_{_slug(setting)}",
+                      lambda f, r=shared[0], t=f"{setting} ({who})": P.partition_figure(
+                          r.partition, r.class_names, t, r.class_counts, f)))
+    figures: list[tuple[str, str, bytes]] = []  # (section, file name, png) for the page
+    for section, stem, draw in drawn:
+        for fmt in dict.fromkeys(("png", *formats)):
+            data = draw(fmt)
+            if data is None:
+                break
+            write_atomic(out / "figures" / f"{stem}.{fmt}", data)
+            if fmt == "png":
+                figures.append((section, f"{stem}.png", data))
 
     page = _html_page(runs, acc.to_html(), paired.to_html(), figures, list(groups))
     path = out / "report.html"

@@ -23,10 +23,15 @@ _GROUP_TITLE = {"majority": "Majority classes (top 30 %)",
                 "minority": "Minority classes (bottom 30 %)"}
 
 
-def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes at the report's resolution."""
+FORMATS = ("png", "pdf", "svg")  # raster for the HTML page; vector for papers
+
+
+def png_bytes(fig: Figure, fmt: str = "png") -> bytes:
+    """The figure as PNG (at the report's resolution), PDF or SVG bytes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"figure format {fmt!r} is not one of {', '.join(FORMATS)}")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format=fmt, dpi=DPI)
     return buf.getvalue()
 
 
@@ -59,7 +64,8 @@ def _by_cycle(runs: Sequence[Run], values: Sequence[np.ndarray]) -> tuple[np.nda
 
 
 def accuracy_figure(runs: Sequence[Run], title: str,
-                    colors: dict[str, tuple[float, ...]] | None = None) -> bytes:
+                    colors: dict[str, tuple[float, ...]] | None = None,
+                    fmt: str = "png") -> bytes:
     """Accuracy (%) vs labeled (%) per method: mean over seeds with a ±1 std band."""
     methods = method_order(runs)
     colors = colors or method_colors(methods)
@@ -76,12 +82,49 @@ def accuracy_figure(runs: Sequence[Run], title: str,
     ax.grid(alpha=0.3)
     ax.set_title(f"Accuracy vs labeled fraction (mean ± std over seeds)\n{title}", fontsize=10)
     fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
-    return png_bytes(fig)
+    return png_bytes(fig, fmt)
+
+
+def rounds_figure(runs: Sequence[Run], title: str,
+                  colors: dict[str, tuple[float, ...]] | None = None,
+                  fmt: str = "png") -> bytes | None:
+    """Test accuracy (%) after FL rounds (rounds.csv, `runtime.eval_every`), per method:
+    mean over seeds, the FL rounds of every cycle one after the other (dotted lines mark
+    the cycles, each starting from its fresh or continued model)."""
+    methods = [m for m in method_order(runs) if any(r.rounds for r in runs if r.method == m)]
+    if not methods:
+        return None
+    colors = colors or method_colors(method_order(runs))
+    fig = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    per_cycle = max(r.config.fl.rounds for r in runs)
+    for m in methods:
+        by_x: dict[int, list[float]] = {}
+        for r in runs:
+            if r.method == m:
+                for row in r.rounds:
+                    x = row["cycle"] * per_cycle + row["round"]
+                    by_x.setdefault(x, []).append(100.0 * row["accuracy"])
+        xs = sorted(by_x)
+        ys = [float(np.mean(by_x[x])) for x in xs]
+        for c in sorted({(x - 1) // per_cycle for x in xs}):  # a line per cycle
+            seg = [i for i, x in enumerate(xs) if (x - 1) // per_cycle == c]
+            ax.plot([xs[i] for i in seg], [ys[i] for i in seg], lw=1.5, ms=3,
+                    color=colors[m], label=m if c == 0 else None, **_line(methods, m))
+    cycles = max(row["cycle"] for r in runs for row in r.rounds) + 1
+    for c in range(1, cycles):
+        ax.axvline(c * per_cycle + 0.5, color="0.7", lw=0.8, ls=":")
+    ax.set_xlabel(f"FL round (cycles of {per_cycle} rounds one after the other)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"Accuracy per FL round (mean over seeds)\n{title}", fontsize=10)
+    fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
+    return png_bytes(fig, fmt)
 
 
 def query_balance_figure(runs: Sequence[Run], title: str,
                          colors: dict[str, tuple[float, ...]] | None = None,
-                         include_initial: bool = False) -> bytes | None:
+                         include_initial: bool = False, fmt: str = "png") -> bytes | None:
     """Cumulative share (%) of queried samples from the majority / intermediate / minority
     class groups vs labeled fraction, one panel per group, one line per method (mean over
     seeds). The dashed line is the group's share of the training set (what uniform sampling
@@ -124,11 +167,11 @@ def query_balance_figure(runs: Sequence[Run], title: str,
     fig.suptitle(f"Query class balance ({what})\n{title}", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
-    return png_bytes(fig)
+    return png_bytes(fig, fmt)
 
 
 def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
-                     class_counts: np.ndarray | None = None) -> bytes:
+                     class_counts: np.ndarray | None = None, fmt: str = "png") -> bytes:
     """Heatmap of the client × class training counts (annotated when small enough); class
     labels carry their group (maj / int / min) by global count."""
     counts = np.asarray(counts)
@@ -162,4 +205,4 @@ def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
                         color="white" if norm(counts[i, j]) > 0.6 else "black")
     ax.set_title(f"Client × class partition ({k} clients, {int(counts.sum())} samples)\n{title}",
                  fontsize=10)
-    return png_bytes(fig)
+    return png_bytes(fig, fmt)
