@@ -3,6 +3,8 @@ its inputs "on cuda" (CPU data that claim to live there) and checks every torch 
 CUDA's device rules. Every strategy must query with the model outputs and weights on another
 device than the CPU and pick exactly what it picks on the CPU."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,9 @@ def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
     fed.device, fed.algorithm = torch.device("cuda", 0), create_algorithm("scaffold")
     fed.oracle = SimulatedOracle(np.zeros(100_000, dtype=np.int64))
     with FakeCuda():
+        fed.known = np.full(100_000, -1, dtype=np.int64)
+        fed.engine = SimpleNamespace(device=fed.device, train_y=torch.zeros(
+            100_000, dtype=torch.int64, device=fed.device))
         st, first = _resume(RunDir.of(cfg), 3, create_strategy("entropy@L"), fed)
     assert first == 1
     tensors = [*st.global_state.values(), *fed.algorithm.c.values()]

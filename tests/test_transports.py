@@ -8,8 +8,8 @@ in-memory Grid; tests/test_flower.py runs the same App under Flower's simulation
 on a loopback deployment."""
 
 import csv
-import itertools
 import json
+import secrets
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,6 @@ SMALL = {
     "fl.rounds": "2", "fl.local_epochs": "1", "fl.lr": "0.05", "local_model.epochs": "2",
     "model.backbone": "resnet8_preact16", "runtime.threads": "1",
 }
-_IDS = itertools.count(1)
 
 
 class MemoryGrid:
@@ -38,7 +37,7 @@ class MemoryGrid:
     Context (node config, state) kept across messages, as a SuperNode keeps it."""
 
     def __init__(self, run_config: dict, nodes: int = 3, run_id: int | None = None):
-        self.run_id = run_id or next(_IDS)
+        self.run_id = run_id or secrets.randbits(62)  # as Flower's: random
         self.run_config = run_config
         self.contexts = {
             100 + i: Context(run_id=self.run_id, node_id=100 + i,

@@ -89,17 +89,33 @@ def create_app(folder: Path, token: str) -> Starlette:
 
 def serve(folder: Path, host: str = "127.0.0.1", port: int = 8765,
           token: str | None = None) -> None:
-    """Serve the page until Ctrl-C (prints its URL with the token)."""
+    """Serve the page until Ctrl-C; the URL (with the token) is printed once the port
+    listens."""
+    import socket
+
     import uvicorn
+
+    from falkit.errors import FalkitError
 
     token = token or labeling.new_token()
     app = create_app(folder, token)
     q = labeling.read_queue(folder)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise FalkitError(f"cannot listen on {host}:{port} ({e.strerror}); choose another "
+                          "--port") from None
+    sock.listen(128)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"labeling client {q['client']}, cycle {q['cycle'] + 1}: "
           f"{len(labeling.read_answers(folder))} / {len(q['ids'])} answered")
     print(f"open http://{shown}:{port}/?token={token}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
 
 
 def _page(state: dict[str, Any], csrf: str) -> str:

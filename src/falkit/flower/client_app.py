@@ -19,6 +19,7 @@ its labels the simulated oracle).
 from __future__ import annotations
 
 import io
+import json
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ POOLS, META = "falkit.pools", "falkit.meta"  # context.state: labeled indices/la
 MODEL = "falkit.model."  # + name: client models kept between messages
 FL_MEMORY = "falkit.fl_memory"  # the FL algorithm's client memory (SCAFFOLD's c_k)
 
-_SITES: OrderedDict[tuple[int, int], Site] = OrderedDict()  # (run id, node id) -> site
+_SITES: OrderedDict[tuple, Site] = OrderedDict()  # (run id, node id, configs) -> site
 _DATA: OrderedDict[str, FederatedData] = OrderedDict()  # a config's federated data
 _KEEP = 16  # sites (and datasets) one ClientApp process keeps
 
@@ -221,7 +222,11 @@ class Site:
 
 
 def site_of(context: Context) -> Site:
-    key = (int(context.run_id), int(context.node_id))
+    # the run config too: a site is never reused for another experiment, even if a run id
+    # came back (Flower's are random; a test's or another runtime's may not be)
+    key = (int(context.run_id), int(context.node_id),
+           json.dumps(dict(context.run_config), sort_keys=True, default=str),
+           json.dumps(dict(context.node_config), sort_keys=True, default=str))
     site = _SITES.get(key)
     if site is None:
         site = Site(context)
