@@ -368,11 +368,13 @@ def test_digits() -> None:
 def test_data_roots_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FALKIT_DATA", str(tmp_path / "env"))
     home = tmp_path / "home" / ".cache" / "falkit"
+    med = tmp_path / "home" / ".medmnist"  # the medmnist package's
+    system = Path("/usr/share/datasets")
     assert data_roots(tmp_path / "explicit") == [
-        tmp_path / "explicit", tmp_path / "env", home, Path("/usr/share/datasets")]
-    assert data_roots() == [tmp_path / "env", home, Path("/usr/share/datasets")]
+        tmp_path / "explicit", tmp_path / "env", home, med, system]
+    assert data_roots() == [tmp_path / "env", home, med, system]
     monkeypatch.delenv("FALKIT_DATA")
-    assert data_roots() == [home, Path("/usr/share/datasets")]
+    assert data_roots() == [home, med, system]
 
 
 def test_first_root_holding_the_data_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -615,3 +617,21 @@ def test_built_in_shapes_match_the_loaders_and_comm_needs_no_files(capsys):
                  "/nonexistent", "--clients", "10", "--rounds", "100"]) == 0
     b = state_bytes(clone_state(create("cnn4", num_classes=10, in_channels=3, image_size=32)))
     assert f"{b:,} bytes per state dict" in capsys.readouterr().out
+
+
+def test_torchvision_and_medmnist_package_layouts_are_found(tmp_path, monkeypatch):
+    """Data already downloaded by torchvision (<root>/FashionMNIST/raw, MNIST/raw, SVHN's
+    .mat in the root) or by the medmnist package (~/.medmnist) is found (issue 18)."""
+    xtr, ytr, xte, yte = _write_idx(tmp_path / "FashionMNIST" / "raw", gz=False)
+    assert find("fmnist", tmp_path) == tmp_path / "FashionMNIST" / "raw"
+    _check(load("fmnist", tmp_path), xtr[:, None], ytr, xte[:, None], yte)
+    _write_idx(tmp_path / "MNIST" / "raw", gz=True)
+    assert find("mnist", tmp_path) == tmp_path / "MNIST" / "raw"
+    home = tmp_path / "home"
+    (home / ".medmnist").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FALKIT_DATA", raising=False)
+    x, y = _images(N_TRAIN, H, W), _labels(N_TRAIN)[:, None]
+    np.savez(home / ".medmnist" / "octmnist.npz", train_images=x, train_labels=y,
+             val_images=x[:2], val_labels=y[:2], test_images=x, test_labels=y)
+    assert find("octmnist") == home / ".medmnist" / "octmnist.npz"

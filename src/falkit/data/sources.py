@@ -138,7 +138,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "fmnist": DatasetInfo(
         name="fmnist", title="Fashion-MNIST", kind="idx",
         description="Fashion-MNIST: 60k/10k 28×28 grayscale clothing images, 10 classes",
-        dirs=("fashion-mnist", "fmnist"), files=_IDX_FILES,
+        dirs=("fashion-mnist", "fmnist", "FashionMNIST/raw"), files=_IDX_FILES,
         urls=tuple(f"{_FMNIST_URL}{f}.gz" for f in _IDX_FILES),
         md5={"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
              "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
@@ -151,7 +151,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
         name="mnist", title="MNIST", kind="idx",
         description="MNIST: 60k/10k 28×28 grayscale handwritten digits, 10 classes",
-        dirs=("mnist",), files=_IDX_FILES, urls=tuple(f"{_MNIST_URL}{f}.gz" for f in _IDX_FILES),
+        dirs=("mnist", "MNIST/raw"), files=_IDX_FILES,
+        urls=tuple(f"{_MNIST_URL}{f}.gz" for f in _IDX_FILES),
         md5={"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
@@ -175,7 +176,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "svhn": DatasetInfo(
         name="svhn", title="SVHN", kind="svhn",
         description="SVHN: 73k/26k 32×32 colour house-number digits, 10 classes",
-        dirs=("svhn",), files=("train_32x32.mat", "test_32x32.mat"),
+        dirs=("svhn", ""), files=("train_32x32.mat", "test_32x32.mat"),
         urls=("http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
               "http://ufldl.stanford.edu/housenumbers/test_32x32.mat"),
         md5={"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
@@ -245,8 +246,11 @@ def describe() -> list[tuple[str, str]]:
 
 def data_roots(data_root: str | Path | None = None) -> list[Path]:
     """Directories searched for data, in order: ``data_root``, ``$FALKIT_DATA`` (several may
-    be joined with ``os.pathsep``), ``~/.cache/falkit``, ``/usr/share/datasets``. They need
-    not exist; callers check."""
+    be joined with ``os.pathsep``), ``~/.cache/falkit``, ``~/.medmnist`` (the medmnist
+    package's), ``/usr/share/datasets``. In each, a dataset's own folders (for
+    torchvision's layout too: ``FashionMNIST/raw``, ``MNIST/raw``, ``cifar-10-batches-py``,
+    ``cifar-100-python``, SVHN's ``.mat`` files in the root). They need not exist; callers
+    check."""
     return _dedupe(_user_roots(data_root) + [SYSTEM_ROOT])
 
 
@@ -351,6 +355,7 @@ def _user_roots(data_root: str | Path | None) -> list[Path]:
             roots.append(Path(part.strip()).expanduser())
     with contextlib.suppress(RuntimeError, KeyError):  # no home directory: skip that root
         roots.append(Path.home() / ".cache" / "falkit")
+        roots.append(Path.home() / ".medmnist")  # the medmnist package's downloads
     return _dedupe(roots)
 
 
