@@ -10,15 +10,22 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: demo test test-fast bench bench-gpu data browser lint clean
 
-$(VENV)/.installed: pyproject.toml
+# what `make demo` needs: torch and falkit's own dependencies
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# what the tests need besides: pytest, ruff, Flower, the labeling page, selenium, pandas,
+# transformers (the extras dev and fm)
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[dev,fm]'
 	touch $@
 
 # Fashion-MNIST: any data root falkit searches will do; on Debian/Ubuntu the package
 # dataset-fashion-mnist provides it offline, elsewhere `falkit data download fmnist`.
-data: $(VENV)/.installed
+data: $(VENV)/.base
 	@if $(VENV)/bin/falkit data find fmnist >/dev/null 2>&1; then \
 	  echo "Fashion-MNIST: found"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
@@ -45,12 +52,12 @@ browser:
 	  echo "chromium: not found and no apt-get; the browser test will be skipped"; \
 	fi
 
-test: data browser
+test: data browser $(VENV)/.installed
 	$(PY) -m pytest -q
 
 # Speed as measured facts (issue 4): ~40 min here; writes benchmarks/RESULTS.md.
 # BENCH_ARGS="--only engine,query --reps 3" runs a part (other sections keep their results).
-bench: data
+bench: data $(VENV)/.installed
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 # The GPU check (issue 14): every strategy, FL algorithm and FAST for two quick cycles on
