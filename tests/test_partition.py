@@ -17,12 +17,14 @@ from falkit.data.partition import (
     dirichlet,
     dirichlet_balanced,
     dirichlet_balanced_counts,
+    dirichlet_flwr,
     format_partition_table,
     from_json,
     iid,
     largest_remainder,
     make_partition,
     partition_counts,
+    pathological,
     rebalance_counts,
     shards,
     write_partition_csv,
@@ -237,15 +239,71 @@ def test_iid() -> None:
     assert {p.size for p in parts} == {10, 11}
 
 
-def test_shards_classes_per_client() -> None:
+def test_shards_per_client() -> None:
     y = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 100))
-    parts = shards(y, 5, rng(0), classes_per_client=2)
+    parts = shards(y, 5, rng(0), shards_per_client=2)
     assert_partition(parts, y.size)
     for p in parts:
         assert p.size == 200
         assert np.unique(y[p]).size <= 2
+    with pytest.raises(ConfigError, match="shards_per_client"):
+        shards(y, 5, rng(0), shards_per_client=0)
+
+
+def _long_tailed_labels(seed: int = 0) -> np.ndarray:
+    counts = [400, 200, 110, 60, 40, 30, 25, 20, 16, 12]  # shards straddle classes here
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(10), counts))
+
+
+def test_pathological_gives_exactly_k_classes_per_client() -> None:
+    """Where `shards` (2 shards per client) gives clients 1..4 classes on long-tailed
+    labels, `pathological` gives each exactly k (issue 18)."""
+    y = _long_tailed_labels()
+    sh = shards(y, 10, rng(0), shards_per_client=2)
+    assert max(np.unique(y[p]).size for p in sh) > 2  # what the issue saw
+    for k in (1, 2, 3):
+        parts = pathological(y, 10, rng(0), classes_per_client=k, seed=3)
+        assert all(np.unique(y[p]).size == k for p in parts), k
+        assert len(np.concatenate(parts)) == len(np.unique(np.concatenate(parts)))
     with pytest.raises(ConfigError, match="classes_per_client"):
-        shards(y, 5, rng(0), classes_per_client=0)
+        pathological(y, 10, rng(0), classes_per_client=11, seed=0)
+    few = np.repeat(np.arange(3), [50, 50, 2])  # class 2: 2 samples, wanted by more clients
+    with pytest.raises(ConfigError, match="class 2 was drawn by"):
+        pathological(few, 6, rng(0), classes_per_client=3, seed=0)
+
+
+def _flwr_partitions(partitioner, y: np.ndarray) -> list[list[int]]:
+    datasets = pytest.importorskip("datasets")
+    partitioner.dataset = datasets.Dataset.from_dict({"label": y.tolist(),
+                                                      "idx": list(range(len(y)))})
+    return [sorted(partitioner.load_partition(i)["idx"])
+            for i in range(partitioner.num_partitions)]
+
+
+@pytest.mark.parametrize("alpha,self_balancing,seed", [(0.3, False, 42), (1.0, True, 7),
+                                                       (100.0, False, 0)])
+def test_dirichlet_flwr_equals_flwr_datasets(alpha, self_balancing, seed) -> None:
+    """The same labels and seed give flwr-datasets' DirichletPartitioner's index sets
+    (skipped where flwr-datasets is not installed)."""
+    fds = pytest.importorskip("flwr_datasets.partitioner")
+    y = _long_tailed_labels(seed)
+    ref = _flwr_partitions(fds.DirichletPartitioner(
+        num_partitions=6, partition_by="label", alpha=alpha, min_partition_size=5,
+        self_balancing=self_balancing, seed=seed), y)
+    ours = dirichlet_flwr(y, 6, rng(99), alpha=alpha, seed=seed, min_partition_size=5,
+                          self_balancing=self_balancing)
+    assert [p.tolist() for p in ours] == ref
+
+
+@pytest.mark.parametrize("k,seed", [(2, 42), (3, 1)])
+def test_pathological_equals_flwr_datasets(k, seed) -> None:
+    fds = pytest.importorskip("flwr_datasets.partitioner")
+    y = _long_tailed_labels(seed)
+    ref = _flwr_partitions(fds.PathologicalPartitioner(
+        num_partitions=8, partition_by="label", num_classes_per_partition=k,
+        class_assignment_mode="random", seed=seed), y)
+    ours = pathological(y, 8, rng(99), classes_per_client=k, seed=seed)
+    assert [p.tolist() for p in ours] == ref
 
 
 def test_json_round_trip_and_validation(tmp_path: Path) -> None:
@@ -284,14 +342,16 @@ def test_json_round_trip_and_validation(tmp_path: Path) -> None:
 
 def test_make_partition_dispatch_and_errors() -> None:
     y = np.repeat(np.arange(4), 25)
-    assert set(PARTITIONERS) == {"dirichlet_balanced", "dirichlet", "iid", "shards", "json"}
+    assert set(PARTITIONERS) == {"dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid",
+                                 "shards", "pathological", "json"}
     assert all(isinstance(desc, str) and desc for _, desc in PARTITIONERS.values())
     direct = dirichlet_balanced(y, 4, 0.3, rng(2))
     via = make_partition("dirichlet_balanced", y, 4, rng(2), alpha=0.3)
     assert all(np.array_equal(a, b) for a, b in zip(direct, via, strict=True))
     assert len(make_partition("iid", y, 7, rng())) == 7
-    with pytest.raises(ConfigError, match="dirichlet_balanced, dirichlet, iid, shards, json"):
-        make_partition("pathological", y, 4, rng())
+    with pytest.raises(ConfigError, match="dirichlet_balanced, dirichlet, iid, "
+                       "dirichlet_flwr, shards, pathological, json"):
+        make_partition("natural", y, 4, rng())
     for alpha in (0, -1.0):
         with pytest.raises(ConfigError, match=r"partition\.alpha must be > 0"):
             make_partition("dirichlet_balanced", y, 4, rng(), alpha=alpha)

@@ -31,13 +31,15 @@ class DataConfig:
 
 @dataclass
 class PartitionConfig:
-    method: str = "dirichlet_balanced"  # dirichlet_balanced | dirichlet | iid | shards | json
+    # dirichlet_balanced | dirichlet | dirichlet_flwr | iid | shards | pathological | json
+    method: str = "dirichlet_balanced"
     num_clients: int = 10
     alpha: float = 0.1
-    min_partition_size: int = 10  # dirichlet (flwr-datasets semantics)
-    self_balancing: bool = False  # dirichlet
-    classes_per_client: int = 2  # shards
+    min_partition_size: int = 10  # dirichlet, dirichlet_flwr (flwr-datasets semantics)
+    self_balancing: bool = False  # dirichlet, dirichlet_flwr
+    classes_per_client: int = 2  # pathological: exactly this many classes per client
     file: str | None = None  # json
+    shards_per_client: int = 2  # shards (McMahan et al.; a client may hold 1..2s classes)
 
 
 @dataclass
@@ -275,7 +277,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES = {
     "oracle": ("simulated", "human"),
     "data.profile": ("exp", "step"),
-    "partition.method": ("dirichlet_balanced", "dirichlet", "iid", "shards", "json"),
+    "partition.method": ("dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid", "shards",
+                         "pathological", "json"),
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
     "fl.on_client_failure": ("stop", "continue"),
@@ -323,6 +326,9 @@ def experiment_dict(cfg: Config) -> dict[str, Any]:
 NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
                 "runtime.threads", "runtime.workers", "runtime.eval_batch",
                 "runtime.tune_allocator", "runtime.batch_clients", "runtime.save_models")
+# settings added after runs were named: part of a run's identity only when not at these
+# defaults, so existing run directories keep their names
+ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 
@@ -334,8 +340,9 @@ def identity(cfg: Config) -> dict[str, Any]:
     d = flatten(experiment_dict(cfg))
     for key in NOT_IDENTITY:
         d.pop(key, None)
-    if d.get("oracle") == "simulated":  # the default: run names from before it stay
-        d.pop("oracle")
+    for key, default in ADDED_LATER.items():  # at their default: run names from before stay
+        if d.get(key) == default:
+            d.pop(key)
     for kind in _BY_PATH:
         if str(d.get("data.dataset", "")).startswith(kind):
             d["data.dataset"] = kind
@@ -492,6 +499,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("partition.alpha", 0, None, False, True),
     ("partition.min_partition_size", 0, None, True, True),
     ("partition.classes_per_client", 1, None, True, True),
+    ("partition.shards_per_client", 1, None, True, True),
     ("budget.fraction", 0, 1, False, False),
     ("budget.cycles", 1, None, True, True),
     ("fl.rounds", 1, None, True, True),

@@ -47,11 +47,15 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])
     p = cfg.partition
     options: dict[str, object] = {}
-    if p.method in ("dirichlet_balanced", "dirichlet"):
+    if p.method in ("dirichlet_balanced", "dirichlet", "dirichlet_flwr"):
         options["alpha"] = p.alpha
-    if p.method == "dirichlet":
+    if p.method in ("dirichlet", "dirichlet_flwr"):
         options.update(min_partition_size=p.min_partition_size, self_balancing=p.self_balancing)
+    if p.method in ("dirichlet_flwr", "pathological"):
+        options["seed"] = cfg.seed  # flwr-datasets' own generator, seeded as it is
     if p.method == "shards":
+        options["shards_per_client"] = p.shards_per_client
+    if p.method == "pathological":
         options["classes_per_client"] = p.classes_per_client
     if p.method == "json":
         options["path"] = p.file

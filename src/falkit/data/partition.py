@@ -269,25 +269,112 @@ def shards(
     labels: np.ndarray,
     num_clients: int,
     rng: np.random.Generator,
-    classes_per_client: int = 2,
+    shards_per_client: int = 2,
 ) -> list[np.ndarray]:
-    """McMahan et al.'s pathological split: sort by label, cut K·s shards, s random per client.
+    """McMahan et al.'s split: sort by label, cut K·s shards, s random shards per client.
 
     Order within a class is shuffled first so that which samples form a shard is seeded too.
+    A shard may straddle two classes and two shards may share one, so a client holds
+    between 1 and 2s classes (s per client only with equal, shard-aligned classes); for
+    exactly k classes per client use `pathological`.
     """
     _check_rng(rng)
     y, _ = _check_labels(labels)
     k = _check_num_clients(num_clients, y.size)
-    if classes_per_client < 1 or k * classes_per_client > y.size:
+    if shards_per_client < 1 or k * shards_per_client > y.size:
         raise ConfigError(
-            f"partition.classes_per_client must be >= 1 with num_clients x classes_per_client "
-            f"<= {y.size} samples (got {classes_per_client})"
+            f"partition.shards_per_client must be >= 1 with num_clients x shards_per_client "
+            f"<= {y.size} samples (got {shards_per_client})"
         )
     perm = rng.permutation(y.size)
     order = perm[np.argsort(y[perm], kind="stable")]
-    pieces = np.array_split(order, k * classes_per_client)
-    owner = rng.permutation(k * classes_per_client).reshape(k, classes_per_client)
+    pieces = np.array_split(order, k * shards_per_client)
+    owner = rng.permutation(k * shards_per_client).reshape(k, shards_per_client)
     return _sorted_parts([np.concatenate([pieces[s] for s in row]) for row in owner])
+
+
+def dirichlet_flwr(
+    labels: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    alpha: float,
+    seed: int,
+    min_partition_size: int = 10,
+    self_balancing: bool = False,
+) -> list[np.ndarray]:
+    """flwr-datasets' `DirichletPartitioner(num_partitions=K, partition_by=label, alpha,
+    min_partition_size, self_balancing, seed)`, exactly: its own `default_rng(seed)` (not
+    falkit's keyed streams, `rng` is unused), classes in sorted order, each class's samples
+    in index order split by the cumulative Dirichlet proportions, the whole draw repeated
+    until every client holds `min_partition_size` (at most 11 draws, as flwr-datasets). The
+    same index sets as `flwr_datasets` for the same labels and seed (its in-partition
+    shuffle only reorders them)."""
+    y, _ = _check_labels(labels)
+    k = _check_num_clients(num_clients, y.size)
+    a = np.full(k, _check_alpha(alpha), dtype=float)
+    gen = np.random.default_rng(seed)
+    avg = y.size / k
+    classes = np.unique(y)
+    for _attempt in range(11):
+        parts: list[list[int]] = [[] for _ in range(k)]
+        for c in classes:
+            members = np.nonzero(y == c)[0]
+            prop = gen.dirichlet(a)
+            if self_balancing:
+                prop = np.array([0.0 if len(parts[i]) > avg else p for i, p in enumerate(prop)])
+                prop = prop / prop.sum()
+            cuts = (np.cumsum(prop) * len(members)).astype(int)[:-1]
+            for i, chunk in enumerate(np.split(members, cuts)):
+                parts[i].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_partition_size:
+            return _sorted_parts([np.asarray(p, dtype=np.int64) for p in parts])
+    raise ConfigError(
+        f"dirichlet_flwr partition: after 11 draws some client still had fewer than "
+        f"min_partition_size={min_partition_size} samples (flwr-datasets gives up there too); "
+        f"use a larger partition.alpha (got {alpha}) or a smaller min_partition_size")
+
+
+def pathological(
+    labels: np.ndarray,
+    num_clients: int,
+    rng: np.random.Generator,
+    classes_per_client: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """Exactly `classes_per_client` classes per client: flwr-datasets'
+    `PathologicalPartitioner(num_classes_per_partition=k, class_assignment_mode="random",
+    seed)` — each client draws k distinct classes (its own `default_rng(seed)`), each class's
+    samples are split evenly (np.array_split, index order) among the clients that drew it.
+    A class no client drew is left out (a warning)."""
+    y, _ = _check_labels(labels)
+    kk = _check_num_clients(num_clients, y.size)
+    classes = np.unique(y)
+    if not 1 <= classes_per_client <= len(classes):
+        raise ConfigError(f"partition.classes_per_client must be in 1..{len(classes)} (the "
+                          f"classes present), got {classes_per_client}")
+    gen = np.random.default_rng(seed)
+    chosen = [gen.choice(classes, size=classes_per_client, replace=False).tolist()
+              for _ in range(kk)]
+    parts: list[list[int]] = [[] for _ in range(kk)]
+    unused = []
+    for c in classes:
+        owners = [i for i in range(kk) if c in chosen[i]]
+        if not owners:
+            unused.append(int(c))
+            continue
+        if len(owners) > int((y == c).sum()):  # as flwr-datasets refuses it
+            raise ConfigError(f"pathological partition: class {int(c)} was drawn by "
+                              f"{len(owners)} clients but has {int((y == c).sum())} samples; "
+                              "lower num_clients or classes_per_client")
+        for i, chunk in zip(owners, np.array_split(np.nonzero(y == c)[0], len(owners)),
+                            strict=True):
+            parts[i].extend(chunk.tolist())
+    if unused:
+        import warnings
+
+        warnings.warn(f"pathological partition: classes {unused} were drawn by no client and "
+                      "are left out", stacklevel=2)
+    return _sorted_parts([np.asarray(p, dtype=np.int64) for p in parts])
 
 
 def from_json(path: str | Path, n: int) -> list[np.ndarray]:
@@ -356,7 +443,15 @@ PARTITIONERS: dict[str, tuple[Callable[..., list[np.ndarray]], str]] = {
         "flwr-datasets DirichletPartitioner: per-class Dirichlet(alpha), unequal sizes",
     ),
     "iid": (iid, "uniformly random, near-equal client sizes"),
-    "shards": (shards, "McMahan et al.: label-sorted shards, classes_per_client per client"),
+    "dirichlet_flwr": (
+        dirichlet_flwr,
+        "flwr-datasets' DirichletPartitioner exactly (its own seed, the same index sets)",
+    ),
+    "shards": (shards, "McMahan et al.: label-sorted shards, shards_per_client per client"),
+    "pathological": (
+        pathological,
+        "exactly classes_per_client classes per client (flwr-datasets' Pathological)",
+    ),
     "json": (_json_partition, "fixed index lists from a JSON file (option: path)"),
 }
 

@@ -49,6 +49,7 @@ _NOT_SETTING = ("name", "out_dir", "seed", "strategy", "data.data_root", "runtim
                 "runtime.channels_last", "runtime.threads", "runtime.eval_batch",
                 "runtime.eval_every")
 _CORE = ("data.dataset", "partition.method", "partition.alpha", "partition.classes_per_client",
+         "partition.shards_per_client",
          "data.rho", "partition.num_clients")
 
 
@@ -204,7 +205,9 @@ def _label(key: dict[str, str], extra: Sequence[str]) -> str:
     if method in ("dirichlet", "dirichlet_balanced"):
         part = f"{method} α={key['partition.alpha']}"
     elif method == "shards":
-        part = f"shards c={key['partition.classes_per_client']}"
+        part = f"shards s={key.get('partition.shards_per_client', 2)}"
+    elif method == "pathological":
+        part = f"pathological c={key['partition.classes_per_client']}"
     else:
         part = method
     bits = [key["data.dataset"], part, f"ρ={key['data.rho']}", f"K={key['partition.num_clients']}"]
