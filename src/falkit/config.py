@@ -215,6 +215,9 @@ class Config:
     # who answers the queries: "simulated" (the dataset's labels) | "human" (people, through
     # per-client queues and `falkit label`; a run waits for their answers)
     oracle: str = "simulated"
+    # experiment trackers fed with every cycle's (and round's) metrics: any of tensorboard,
+    # mlflow, wandb, comma-separated or a TOML list (falkit.tracking)
+    tracking: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -323,9 +326,10 @@ def experiment_dict(cfg: Config) -> dict[str, Any]:
 # failures or on what hardware it computes, not what it computes (the data themselves are
 # checked by their fingerprint, data.json; threads, workers, the device and batched clients
 # can change float rounding)
-NOT_IDENTITY = ("name", "out_dir", "data.data_root", "fl.on_client_failure", "runtime.device",
-                "runtime.threads", "runtime.workers", "runtime.eval_batch",
+NOT_IDENTITY = ("name", "out_dir", "tracking", "data.data_root", "fl.on_client_failure",
+                "runtime.device", "runtime.threads", "runtime.workers", "runtime.eval_batch",
                 "runtime.tune_allocator", "runtime.batch_clients", "runtime.save_models")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # falkit.tracking's sinks
 # settings added after runs were named: part of a run's identity only when not at these
 # defaults, so existing run directories keep their names
 ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2}
@@ -417,6 +421,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if isinstance(value, list):  # a TOML list for a comma-separated setting (tracking)
+            return ",".join(str(v) for v in value)
         return str(value)
     except ValueError:
         raise ConfigError(f"{key} must be {base.__name__}, got {value!r}") from None
@@ -574,6 +580,9 @@ def validate(cfg: Config) -> None:
     for key, valid in CHOICES.items():
         if flat[key] not in valid:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
+    for name in (t.strip() for t in cfg.tracking.split(",") if t.strip()):
+        if name not in TRACKERS:
+            raise ConfigError(f"tracking: {name!r} is not one of {', '.join(TRACKERS)}")
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")

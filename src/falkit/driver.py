@@ -41,6 +41,9 @@ class Reporter:
     def start(self, run_name: str, cycles: int, first_cycle: int) -> None: ...
     def phase(self, description: str, total: int) -> None: ...
     def advance(self, n: int = 1) -> None: ...
+    def round_done(self, cycle: int, r: int, rounds: int, values: dict[str, float]) -> None:
+        """After FL round r of `cycle` (of `rounds`): its lr, model traffic and, when it was
+        evaluated (runtime.eval_every), its accuracy."""
     def cycle_done(self, row: dict[str, Any]) -> None: ...
     def finish(self) -> None: ...
 
@@ -193,6 +196,9 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
         resumed = first if st is not None else None
         if st is None:
             st, first = RunState(), 0
+        from falkit.tracking import with_trackers
+
+        rep = with_trackers(cfg, out, rep)  # TensorBoard, MLflow, W&B (config `tracking`)
         rep.start(out.name, cycles, first)
         saved = first - 1  # the last cycle in the checkpoint
         try:
@@ -272,19 +278,24 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
         comm += round_bytes(global_state, active)
         traffic.append({"round": r + 1, "clients": active,
                         "bytes": state_bytes(global_state) * active})
+        values = {"lr": lr_at(fl, r), "comm_bytes": float(round_bytes(global_state, active))}
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 \
                 and r < fl.rounds - 1:
             t_eval = time.perf_counter()
             acc_r, _ = fed.evaluate(global_state, False, cycle)
             st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
             times["eval"] += time.perf_counter() - t_eval
+            values["accuracy"] = acc_r
+        if r == fl.rounds - 1:
+            t_eval = time.perf_counter()
+            acc, per_class = fed.evaluate(global_state, True, cycle)
+            times["eval"] += time.perf_counter() - t_eval
+            if cfg.runtime.eval_every:
+                values["accuracy"] = acc
+        rep.round_done(cycle, r, fl.rounds, values)
         rep.advance()
     st.global_state = global_state
-    times["train"] = time.perf_counter() - t - times["eval"]  # per-round evals count as eval
-
-    t = time.perf_counter()
-    acc, per_class = fed.evaluate(global_state, True, cycle)
-    times["eval"] += time.perf_counter() - t
+    times["train"] = time.perf_counter() - t - times["eval"]  # evaluations count as eval
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
     row = metrics_row(strategy.target_pct(cfg, cycle), cycle,

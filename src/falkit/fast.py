@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from falkit import config as config_mod
+from falkit import tracking
 from falkit.al.base import create as create_strategy
 from falkit.al.fast import (  # noqa: F401  (the primitives, where users found them)
     MIB,
@@ -225,6 +226,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     rd = RunDir.of(cfg)
     if rd.inspect(cfg, overwrite) == "complete":
         return RunResult(rd.path, read_metrics(rd.path), skipped=True)
+    tracking.check(cfg)
     configure_process(cfg)
     linear = cfg.model.backbone == "linear"  # Table II ① linear probing
     times = {"data": 0.0, "encode": 0.0}

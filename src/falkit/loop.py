@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from falkit import config as config_mod
+from falkit import tracking
 from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import build
@@ -46,6 +47,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     if rd.inspect(cfg, overwrite) == "complete":
         return RunResult(rd.path, read_metrics(rd.path), skipped=True)
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    tracking.check(cfg)  # a tracker's package is missing: say so before anything is written
     data = build(cfg, dataset)
     configure_process(cfg)
     # a strategy may wrap the run's backbone (ll4al: a loss-prediction module trained and

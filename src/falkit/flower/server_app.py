@@ -27,6 +27,7 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from falkit import config as config_mod
+from falkit import tracking
 from falkit.al.base import Strategy
 from falkit.al.base import create as create_strategy
 from falkit.al.fast import refinement_budgets, weak_rows_total
@@ -118,6 +119,7 @@ def validate(cfg: Config) -> Strategy:
     FAST's scope, the backbone on a built-in dataset's images (the budgets need the
     clients' pool sizes: checked right after `query.info`)."""
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    tracking.check(cfg)
     if strategy.initial_query == "fast" and cfg.oracle != "simulated":
         raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
                           "passes is not supported yet)")
