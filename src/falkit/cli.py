@@ -58,6 +58,9 @@ class RichReporter:
         if self.progress is not None and self.task is not None:
             self.progress.advance(self.task, n)
 
+    def round_done(self, cycle: int, r: int, rounds: int, values: dict[str, float]) -> None:
+        """(the progress bar advances per round already)"""
+
     def cycle_done(self, row: dict[str, Any]) -> None:
         msg = (f"  cycle {row['cycle'] + 1}: {row['labeled_pct']:.1f}% labeled, "
                f"accuracy {100 * row['accuracy']:.2f}%  "
