@@ -354,3 +354,40 @@ def test_serving_beyond_loopback_warns(tmp_path, monkeypatch, capsys):
     assert main(["label", str(run_dir)]) == 0
     assert "warning" not in capsys.readouterr().err
     assert [a[1] for a in served] == ["0.0.0.0", "127.0.0.1"]
+
+
+def test_a_used_queue_is_closed_and_undo_is_per_answer(queue, tmp_path):
+    """Undo takes back one named answer (a page undoes its own, never another annotator's);
+    a queue the run used can no longer change (409), so a resumed run trains on what the
+    first one did; a re-ordered queue keeps its answers (review findings)."""
+    folder, http, csrf = queue
+    ok = {"X-CSRF-Token": csrf}
+    post = "/api/answer?token=secret"
+    http.post(post, json={"id": 3, "label": 0}, headers=ok)  # annotator A
+    http.post(post, json={"id": 4, "label": 1}, headers=ok)  # annotator B
+    r = http.post("/api/undo?token=secret", json={"id": 3}, headers=ok)  # A's undo
+    assert r.status_code == 200
+    assert labeling.read_answers(folder) == [{"id": 4, "label": 1}]
+    assert http.post("/api/undo?token=secret", json={"id": 3}, headers=ok).status_code == 409
+    images = np.zeros((5, 1, 4, 4), dtype=np.uint8)
+    labeling.ensure_queue(folder, 0, 1, np.array([4, 1, 3]), images, ["a", "b"])  # reordered
+    assert labeling.read_answers(folder) == [{"id": 4, "label": 1}]
+    labeling.close(folder)
+    assert http.post(post, json={"id": 1, "label": 0}, headers=ok).status_code == 409
+    assert http.post("/api/undo?token=secret", json={"id": 4}, headers=ok).status_code == 409
+    assert http.post(post, json={"id": 9.7, "label": 0}, headers=ok).status_code in (404, 409)
+    assert http.get("/api/queue?token=s\u00e9cret").status_code == 403  # not a 500
+
+
+def test_overwrite_of_a_human_run_keeps_the_new_queues(tmp_path):
+    cfg = _cfg(tmp_path, "oracle=human")
+    with pytest.raises(WaitingForLabels):
+        run(cfg)
+    _label_all(_only(tmp_path))
+    with pytest.raises(WaitingForLabels):
+        run(cfg)  # cycle 0 done; cycle 1's queues
+    with pytest.raises(WaitingForLabels):
+        run(cfg, overwrite=True)  # starts again: it waits for cycle 0's labels
+    run_dir = _only(tmp_path)
+    assert not (run_dir / "checkpoint").exists()  # the old run was not put back
+    assert json.loads((run_dir / "status.json").read_text())["cycles_done"] == 0

@@ -185,6 +185,9 @@ def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
     done = 0
     names: dict[Any, str] = {}
     for cfg in cfgs:
+        if cfg.oracle != "simulated":
+            raise ConfigError("a sweep runs with oracle = simulated; with people labeling, "
+                              "run each experiment with falkit run ... oracle=human")
         if cfg.strategy == "fast":
             encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
         else:

@@ -207,8 +207,8 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
                 st.metrics.append(row)
                 for name, rows in files.items():
                     write_csv(out / name, rows)
-                _checkpoint(out, cycles, cycle, st, strategy, fed)
-                _save_model(out, cfg, cycles, cycle, st, strategy, fed)
+                _save_model(out, cfg, cycles, cycle, st, strategy, fed)  # before the
+                _checkpoint(out, cycles, cycle, st, strategy, fed)  # checkpoint says done
                 saved = cycle
                 rd.commit()
                 rep.cycle_done(row)
@@ -216,6 +216,7 @@ def run(cfg: Config, strategy: Strategy, fed: Federation, rd: RunDir, *,
                     break
         except WaitingForLabels as e:  # people label; the same command continues
             write_status(out, cycles, saved, waiting=e)
+            rd.commit()  # its queues are the new run's: an overwritten run is not put back
             raise
         except Exception as e:
             if saved >= 0:  # the saved cycles stand; say why the run stopped

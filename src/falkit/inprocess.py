@@ -25,7 +25,13 @@ from falkit.data.federation import FederatedData, client_budgets
 from falkit.driver import Queried, to_device
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
-from falkit.oracle import UNSURE, LabelsPending, SimulatedOracle, WaitingForLabels
+from falkit.oracle import (
+    UNSURE,
+    HumanOracle,
+    LabelsPending,
+    SimulatedOracle,
+    WaitingForLabels,
+)
 
 
 class InProcessFederation:
@@ -52,6 +58,7 @@ class InProcessFederation:
         self.last_round: dict[int, State] = {}
         self._contexts: list[QueryContext] = []
         self._initial = initial_labels
+        self.unsure = 0  # "unsure" answers so far: spent budget that labeled nothing
 
     def partition(self) -> tuple[np.ndarray, list[str]]:
         return self.data.partition_counts(), self.data.dataset.classes
@@ -83,6 +90,7 @@ class InProcessFederation:
             answers.append(labels)
         if pending:
             raise WaitingForLabels(pending)
+        self.oracle.commit()
         self._audit(0)
         return Queried(records, self._histogram(answers))
 
@@ -97,6 +105,7 @@ class InProcessFederation:
             pending.append(p)
             return None
         got = labels != UNSURE
+        self.unsure += int((~got).sum())  # spent, not labeled (checkpointed)
         self._reveal(picks[got], labels[got])
         self.labeled[k] = np.union1d(self.labeled[k], picks[got])
         return labels
@@ -159,6 +168,7 @@ class InProcessFederation:
         self._contexts = []
         if pending:
             raise WaitingForLabels(pending)
+        self.oracle.commit()
         self._audit(cycle)
         return Queried(records, self._histogram(answers))
 
@@ -180,12 +190,24 @@ class InProcessFederation:
         return self.engine.evaluate(state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"labeled": self.labeled, "last_round": self.last_round}
+        # the oracle's labels too: a resumed run trains on exactly what this one used
+        return {"labeled": self.labeled, "last_round": self.last_round,
+                "labels": [self.known[lab] for lab in self.labeled], "unsure": self.unsure}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         self.labeled = list(checkpoint["labeled"])
         self.last_round = to_device(checkpoint["last_round"], self.device)
         revealed = np.concatenate(self.labeled)
-        unsure = getattr(self.oracle, "unsure_before", lambda cycle: 0)(checkpoint["cycle"])
-        self.oracle.restore(revealed, spent=unsure)
+        if "labels" in checkpoint:  # the labels the run used, as it used them
+            self.unsure = int(checkpoint.get("unsure", 0))
+            labels = np.concatenate([np.asarray(x, dtype=np.int64)
+                                     for x in checkpoint["labels"]])
+            if isinstance(self.oracle, HumanOracle):
+                self.oracle.restore(revealed, spent=self.unsure, labels=labels)
+            else:
+                self.oracle.restore(revealed, spent=self.unsure)
+        else:  # a checkpoint from before the labels were saved in it
+            self.unsure = getattr(self.oracle, "unsure_before", lambda c: 0)(
+                checkpoint["cycle"])
+            self.oracle.restore(revealed, spent=self.unsure)
         self._reveal(revealed, self.oracle.answers(revealed))

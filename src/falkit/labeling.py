@@ -33,7 +33,7 @@ from falkit.errors import FalkitError
 from falkit.oracle import UNSURE
 from falkit.results import write_atomic
 
-QUEUE, ANSWERS, LOCK = "queue.json", "answers.json", ".lock"
+QUEUE, ANSWERS, LOCK, CLOSED = "queue.json", "answers.json", ".lock", "closed"
 MIN_SIDE = 192  # images are scaled up (nearest neighbour) to at least this many pixels
 
 
@@ -105,15 +105,32 @@ def ensure_queue(folder: Path, client: int, cycle: int, ids: np.ndarray, images,
             queue = read_queue(folder)
         except (FileNotFoundError, ValueError):
             queue = None
-        if queue is None or queue.get("ids") != ids:
+        if queue is None or sorted(queue.get("ids", [])) != sorted(ids):
             for i in ids:
                 write_atomic(folder / f"img_{i}.png", png_bytes(_image(images, i)))
-            (folder / ANSWERS).unlink(missing_ok=True)  # answers to another queue
+            old = read_answers(folder)
+            if old:  # another query: the answers to samples still queued are kept, all of
+                # them are kept aside
+                write_atomic(folder / f"answers.{len(list(folder.glob('answers.*.json')))}"
+                             ".json", (folder / ANSWERS).read_bytes())
+                _write_answers(folder, [a for a in old if a["id"] in set(ids)])
+            (folder / CLOSED).unlink(missing_ok=True)
             write_atomic(folder / QUEUE, json.dumps(
                 {"client": client, "cycle": cycle, "classes": list(classes), "ids": ids},
                 indent=1) + "\n")
-            return {}
         return {a["id"]: a["label"] for a in read_answers(folder)}
+
+
+def close(folder: Path) -> None:
+    """The run used this queue's answers: from now on they cannot change (409)."""
+    with _locked(folder):
+        write_atomic(folder / CLOSED, "the run used these answers\n")
+
+
+def _check_open(folder: Path) -> None:
+    if (folder / CLOSED).exists():
+        raise QueueError("this queue's answers were used by the run; they can no longer "
+                         "change", 409)
 
 
 def _image(images, i: int) -> np.ndarray:
@@ -124,6 +141,7 @@ def _image(images, i: int) -> np.ndarray:
 def answer(folder: Path, sample: Any, label: Any) -> dict[str, Any]:
     """Record one answer (a class index, or "unsure"); the queue's progress."""
     with _locked(folder):
+        _check_open(folder)
         queue = read_queue(folder)
         sid = _sample(queue, sample)
         if label == "unsure":
@@ -142,17 +160,27 @@ def answer(folder: Path, sample: Any, label: Any) -> dict[str, Any]:
         return progress(queue, answers)
 
 
-def undo(folder: Path) -> dict[str, Any]:
-    """Take back the last answer given."""
+def undo(folder: Path, sample: Any = None) -> dict[str, Any]:
+    """Take back the answer to `sample` (a page undoes its own last answer, so two
+    annotators never undo each other's), or the last answer given."""
     with _locked(folder):
+        _check_open(folder)
         queue, answers = read_queue(folder), read_answers(folder)
-        if answers:
-            answers.pop()
-            _write_answers(folder, answers)
+        if sample is None:
+            if answers:
+                answers.pop()
+        else:
+            sid = _sample(queue, sample)
+            if not any(a["id"] == sid for a in answers):
+                raise QueueError(f"sample {sid} has no answer to undo", 409)
+            answers = [a for a in answers if a["id"] != sid]
+        _write_answers(folder, answers)
         return progress(queue, answers)
 
 
 def _sample(queue: dict[str, Any], sample: Any) -> int:
+    if isinstance(sample, float) and not sample.is_integer():
+        raise QueueError(f"unknown sample {sample!r}", 404)
     try:
         sid = int(sample)
     except (TypeError, ValueError):
@@ -184,7 +212,8 @@ def latest_queue(run_dir: Path, client: int) -> Path:
 def all_answers(root: Path) -> dict[int, int]:
     """Every answer in every queue under `root` (sample id -> label)."""
     out: dict[int, int] = {}
-    for folder in sorted(Path(root).glob("client_*/cycle_*")):
+    folders = [f for f in Path(root).glob("client_*/cycle_*") if f.name[6:].isdigit()]
+    for folder in sorted(folders, key=lambda f: int(f.name[6:])):  # cycle 10 after cycle 2
         out.update({a["id"]: a["label"] for a in read_answers(folder)})
     return out
 

@@ -32,9 +32,10 @@ def create_app(folder: Path, token: str) -> Starlette:
         given = request.query_params.get("token") or request.headers.get("x-token")
         if not given:
             return JSONResponse({"error": "the access token is missing"}, 401)
-        if not secrets.compare_digest(given, token):
+        if not secrets.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"error": "wrong access token"}, 403)
-        if post and not secrets.compare_digest(request.headers.get("x-csrf-token", ""), csrf):
+        if post and not secrets.compare_digest(
+                request.headers.get("x-csrf-token", "").encode(), csrf.encode()):
             return JSONResponse({"error": "missing or wrong CSRF token"}, 403)
         return None
 
@@ -77,7 +78,7 @@ def create_app(folder: Path, token: str) -> Starlette:
                                                              b.get("label")))
 
     async def undo(request: Request) -> Response:
-        return await post(request, lambda b: labeling.undo(folder))
+        return await post(request, lambda b: labeling.undo(folder, b.get("id")))
 
     return Starlette(routes=[
         Route("/", page), Route("/api/queue", queue),
@@ -175,6 +176,7 @@ const token = new URLSearchParams(location.search).get("token");
 const csrf = document.querySelector('meta[name="csrf"]').content;
 let state = JSON.parse(document.getElementById("state").textContent);
 let busy = false;
+const mine = [];  // this page's answers, newest last: undo takes back only these
 function show(s) {
   state = s;
   document.getElementById("progress").textContent = s.answered + " / " + s.total;
@@ -203,7 +205,12 @@ async function call(path, body) {
       headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
       body: JSON.stringify(body || {})});
     const data = await r.json();
-    if (r.ok) { document.getElementById("msg").textContent = ""; show(data); }
+    if (r.ok) {
+      document.getElementById("msg").textContent = "";
+      if (path === "/api/answer") mine.push(body.id);
+      else if (path === "/api/undo") mine.pop();
+      show(data);
+    }
     else {
       document.getElementById("msg").textContent = data.error;
       const q = await fetch("/api/queue?token=" + encodeURIComponent(token));
@@ -217,11 +224,14 @@ function give(label) {
 document.querySelectorAll("button.cls").forEach(b =>
   b.addEventListener("click", () => give(Number(b.dataset.label))));
 document.getElementById("unsure").addEventListener("click", () => give("unsure"));
-document.getElementById("undo").addEventListener("click", () => call("/api/undo"));
+function undo() {
+  if (mine.length) call("/api/undo", {id: mine[mine.length - 1]});
+}
+document.getElementById("undo").addEventListener("click", undo);
 document.addEventListener("keydown", e => {
   if (/^[0-9]$/.test(e.key) && Number(e.key) < state.classes.length) give(Number(e.key));
   else if (e.key === "u") give("unsure");
-  else if (e.key === "Backspace") { e.preventDefault(); call("/api/undo"); }
+  else if (e.key === "Backspace") { e.preventDefault(); undo(); }
 });
 show(state);
 </script>

@@ -73,6 +73,9 @@ class SimulatedOracle:
         self._revealed[np.asarray(revealed, dtype=np.int64)] = True
         self.count = int(self._revealed.sum()) + spent
 
+    def commit(self) -> None:
+        """The query phase is over and its answers are used (people's queues close)."""
+
     def answers(self, indices: np.ndarray) -> np.ndarray:
         """The labels this oracle gave for `indices` (revealed ones only are meaningful)."""
         return self._labels[np.asarray(indices, dtype=np.int64)].copy()
@@ -89,6 +92,15 @@ class HumanOracle(SimulatedOracle):
     def __init__(self, root: Path, images, classes: list[str], num_samples: int):
         super().__init__(np.full(num_samples, UNSURE, dtype=np.int64))
         self.root, self.images, self.classes = Path(root), images, list(classes)
+        self._used: list[Path] = []  # queues answered in the current query phase
+
+    def commit(self) -> None:
+        """The query phase took every client's answers: they can no longer change."""
+        from falkit import labeling
+
+        for folder in self._used:
+            labeling.close(folder)
+        self._used = []
 
     def label(self, client: int, indices: np.ndarray, cycle: int = 0) -> np.ndarray:
         from falkit import labeling
@@ -99,18 +111,24 @@ class HumanOracle(SimulatedOracle):
         if len(answers) < len(idx):
             raise LabelsPending(client, len(answers), len(idx), folder)
         labels = np.array([answers[int(i)] for i in idx], dtype=np.int64)
+        self._used.append(folder)
         self._revealed[idx[labels != UNSURE]] = True
         self._labels[idx] = labels
         self.count += len(idx)
         return labels
 
-    def restore(self, revealed: np.ndarray, spent: int = 0) -> None:
-        """Resume: the answers on disk give the labels of the revealed samples."""
+    def restore(self, revealed: np.ndarray, spent: int = 0,
+                labels: np.ndarray | None = None) -> None:
+        """Resume: the labels of the revealed samples as the checkpoint saved them (older
+        checkpoints: as the answers on disk give them)."""
         from falkit import labeling
 
-        for i, label in labeling.all_answers(self.root).items():
-            if 0 <= i < len(self._labels):
-                self._labels[i] = label
+        if labels is not None:
+            self._labels[np.asarray(revealed, dtype=np.int64)] = labels
+        else:
+            for i, label in labeling.all_answers(self.root).items():
+                if 0 <= i < len(self._labels):
+                    self._labels[i] = label
         super().restore(revealed, spent)
 
     def unsure_before(self, cycle: int) -> int:

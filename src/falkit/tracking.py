@@ -140,7 +140,8 @@ class Fanout(Reporter):
 
     def round_done(self, *a: Any) -> None:
         for r in self.reporters:
-            r.round_done(*a)
+            if hasattr(r, "round_done"):  # a reporter of one's own may not have this hook
+                r.round_done(*a)
 
     def cycle_done(self, row: dict[str, Any]) -> None:
         for r in self.reporters:

@@ -54,6 +54,10 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     if p.method in ("dirichlet_flwr", "pathological"):
         options["seed"] = cfg.seed  # flwr-datasets' own generator, seeded as it is
     if p.method == "shards":
+        if p.classes_per_client != 2:  # before the rename, shards read classes_per_client
+            raise ConfigError("partition.method = shards takes partition.shards_per_client "
+                              "(classes_per_client is pathological's: exactly k classes per "
+                              f"client); got classes_per_client = {p.classes_per_client}")
         options["shards_per_client"] = p.shards_per_client
     if p.method == "pathological":
         options["classes_per_client"] = p.classes_per_client

@@ -138,6 +138,7 @@ class Site:
         self.label_root = (self.state_dir / name / "labeling" if self.state_dir is not None
                            else RunDir.of(cfg).path / "labeling")
         self.labeled = np.zeros(0, dtype=np.int64)
+        self.unsure = 0
         self._reset_labels()
         self.phase_a: tuple[int, QueryContext] | None = None  # this cycle's, for select
 
@@ -154,12 +155,16 @@ class Site:
         self.context = context
         pools = record_arrays(context.state[POOLS]) if POOLS in context.state else {}
         labeled = pools.get("labeled", np.zeros(0, dtype=np.int64)).astype(np.int64)
-        if not np.array_equal(labeled, self.labeled):
+        unsure = int(self.meta().get("unsure", 0))  # spent budget that labeled nothing
+        if not np.array_equal(labeled, self.labeled) or unsure != self.unsure:
             self._reset_labels()
-            self.labeled = labeled
+            self.labeled, self.unsure = labeled, unsure
             if len(labeled):
                 self.reveal(labeled, pools["labels"].astype(np.int64))
-                self.oracle.restore(labeled, spent=int(self.meta().get("unsure", 0)))
+            self.oracle.restore(labeled, spent=unsure,
+                                **({"labels": pools["labels"].astype(np.int64)}
+                                   if isinstance(self.oracle, HumanOracle) and len(labeled)
+                                   else {}))
         return self
 
     def reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
@@ -346,7 +351,8 @@ def select_(msg: Message, context: Context) -> Message:
     site.labeled = np.union1d(site.labeled, picks[got]).astype(np.int64)
     site.reveal(picks[got], labels[got])
     if not got.all():
-        site.set_meta(unsure=int(site.meta().get("unsure", 0)) + int((~got).sum()))
+        site.unsure = int(site.meta().get("unsure", 0)) + int((~got).sum())
+        site.set_meta(unsure=site.unsure)
     site.oracle.audit(min(budget * (cycle + 1), len(site.pool)))
     site.save_pools()
     site.save_labels(k, cycle, picks[got])
@@ -445,6 +451,9 @@ def train(msg: Message, context: Context) -> Message:
     site = site_of(context)
     conf = _conf(msg)
     cycle, r, k, lr = conf["cycle"], conf["round"], conf["client"], conf["lr"]
+    queue = labeling.queue_folder(site.label_root, k, cycle)
+    if site.cfg.oracle == "human" and (queue / labeling.QUEUE).is_file():
+        labeling.close(queue)  # the query phase is over: its answers are used
     engine, cfg = site.engine, site.cfg
     algo = engine.algorithm
     # the global weights, the FL algorithm's downlink (SCAFFOLD's c) and this client's memory
