@@ -44,28 +44,16 @@ class Result:
         return load_model(model_file(self.run_dir, c))
 
 
-def _overrides(items: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`fl={"rounds": 3}` and `**{"fl.rounds": 3}` alike, as dotted keys."""
-    out: dict[str, Any] = {}
-    for k, v in items.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_overrides(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def run(config: str | Path | Config | None = None, *, preset: str | None = None,
         quiet: bool = False, overwrite: bool = False, **overrides: Any) -> Result:
     """Run (or resume, or skip if finished) one experiment: a TOML file, a `Config`, or the
     defaults, with a preset and settings on top (`strategy="fairfal"`, `fl={"rounds": 3}`,
     `**{"partition.alpha": 100}`). Shows progress bars unless `quiet`. FAST runs too."""
     if isinstance(config, Config):  # its TOML, with the preset and settings on top
-        cfg = config_mod.load(None, preset, _overrides(overrides),
+        cfg = config_mod.load(None, preset, config_mod.flatten(overrides),
                               text=config_mod.dumps(config))
     else:
-        cfg = config_mod.load(config, preset, _overrides(overrides))
+        cfg = config_mod.load(config, preset, config_mod.flatten(overrides))
     from falkit.cli import RichReporter
 
     reporter = RichReporter(quiet)

@@ -27,7 +27,6 @@ from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
 from falkit.oracle import (
     UNSURE,
-    HumanOracle,
     LabelsPending,
     SimulatedOracle,
     WaitingForLabels,
@@ -198,16 +197,12 @@ class InProcessFederation:
         self.labeled = list(checkpoint["labeled"])
         self.last_round = to_device(checkpoint["last_round"], self.device)
         revealed = np.concatenate(self.labeled)
+        labels = None
         if "labels" in checkpoint:  # the labels the run used, as it used them
             self.unsure = int(checkpoint.get("unsure", 0))
             labels = np.concatenate([np.asarray(x, dtype=np.int64)
                                      for x in checkpoint["labels"]])
-            if isinstance(self.oracle, HumanOracle):
-                self.oracle.restore(revealed, spent=self.unsure, labels=labels)
-            else:
-                self.oracle.restore(revealed, spent=self.unsure)
         else:  # a checkpoint from before the labels were saved in it
-            self.unsure = getattr(self.oracle, "unsure_before", lambda c: 0)(
-                checkpoint["cycle"])
-            self.oracle.restore(revealed, spent=self.unsure)
+            self.unsure = self.oracle.unsure_before(checkpoint["cycle"])
+        self.oracle.restore(revealed, spent=self.unsure, labels=labels)
         self._reveal(revealed, self.oracle.answers(revealed))

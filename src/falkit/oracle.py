@@ -66,15 +66,21 @@ class SimulatedOracle:
             raise BudgetViolation(f"client {client} asked for labels it already has")
         return idx
 
-    def restore(self, revealed: np.ndarray, spent: int = 0) -> None:
+    def restore(self, revealed: np.ndarray, spent: int = 0,
+                labels: np.ndarray | None = None) -> None:
         """Resume: mark labels revealed before the checkpoint (`spent`: answers that gave
-        no label, "unsure", also counted against the budget)."""
+        no label, "unsure", also counted against the budget; `labels`: what they were —
+        the simulated oracle knows them anyway)."""
         self._revealed[:] = False
         self._revealed[np.asarray(revealed, dtype=np.int64)] = True
         self.count = int(self._revealed.sum()) + spent
 
     def commit(self) -> None:
         """The query phase is over and its answers are used (people's queues close)."""
+
+    def unsure_before(self, cycle: int) -> int:
+        """"unsure" answers up to `cycle` (none: the simulated oracle always knows)."""
+        return 0
 
     def answers(self, indices: np.ndarray) -> np.ndarray:
         """The labels this oracle gave for `indices` (revealed ones only are meaningful)."""
@@ -129,7 +135,7 @@ class HumanOracle(SimulatedOracle):
             for i, label in labeling.all_answers(self.root).items():
                 if 0 <= i < len(self._labels):
                     self._labels[i] = label
-        super().restore(revealed, spent)
+        super().restore(revealed, spent, labels)
 
     def unsure_before(self, cycle: int) -> int:
         """"unsure" answers of the cycles up to `cycle` (they count as spent on resume)."""

@@ -161,10 +161,8 @@ class Site:
             self.labeled, self.unsure = labeled, unsure
             if len(labeled):
                 self.reveal(labeled, pools["labels"].astype(np.int64))
-            self.oracle.restore(labeled, spent=unsure,
-                                **({"labels": pools["labels"].astype(np.int64)}
-                                   if isinstance(self.oracle, HumanOracle) and len(labeled)
-                                   else {}))
+            self.oracle.restore(labeled, spent=unsure, labels=pools["labels"].astype(
+                np.int64) if len(labeled) else None)
         return self
 
     def reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
