@@ -222,6 +222,96 @@ def test_medmnist(tmp_path: Path, name: str, where: str, channels: int) -> None:
                              "dermamnist": "basal cell carcinoma"}[name]
 
 
+def _medmnist_npz(path: Path, size: int, channels: int, n_classes: int,
+                  multilabel: bool = False) -> dict[str, np.ndarray]:
+    """A miniature MedMNIST file as the medmnist package writes it (N×H×W[×3] uint8 images,
+    N×1 labels; ChestMNIST: N×14 0/1 findings)."""
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    arrays = {}
+    for i, (split, n) in enumerate((("train", 9), ("val", 4), ("test", 5))):
+        arrays[f"{split}_images"] = _images(n, *shape, seed=i)
+        if multilabel:
+            arrays[f"{split}_labels"] = (np.random.default_rng(i).random((n, 14)) < 0.1) \
+                .astype(np.uint8)
+        else:
+            arrays[f"{split}_labels"] = ((np.arange(n) + i) % n_classes)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_every_medmnist_2d_set_at_every_size(tmp_path: Path) -> None:
+    """All twelve 2D sets of MedMNIST v3, at 28 (plain name) and 64/128/224 (`<name>_64` ...,
+    the medmnist package's file names): found, read with their label names, channels and
+    size, and the shapes `falkit comm` uses match what the loader gives (issue 18)."""
+    from falkit.data import medmnist
+    from falkit.data.sources import image_shape
+
+    assert len(medmnist.SETS) == 12
+    for name, m in medmnist.SETS.items():
+        assert len(m.md5) == 4 and all(len(h) == 32 for h in m.md5)
+        for size in (28, 64):
+            stem = name if size == 28 else f"{name}_{size}"
+            arrays = _medmnist_npz(tmp_path / "medmnist" / f"{stem}.npz", size, m.channels,
+                                   len(m.classes), multilabel=name == "chestmnist")
+            ds = load(stem, tmp_path)
+            assert ds.classes == list(m.classes) and ds.in_channels == m.channels
+            assert ds.image_size == size and len(ds.y_train) == 9 and len(ds.y_test) == 5
+            assert image_shape(stem) == (ds.num_classes, ds.in_channels, ds.image_size)
+            assert ds.hflip == (not name.startswith("organ"))  # left/right organ labels
+            want = arrays["train_images"]
+            want = want[:, None] if m.channels == 1 else want.transpose(0, 3, 1, 2)
+            assert np.array_equal(ds.x_train.numpy(), want)
+        for size in (128, 224):
+            assert image_shape(f"{name}_{size}") == (len(m.classes), m.channels, size)
+    assert load("pathmnist_28", tmp_path).source == str(tmp_path / "medmnist" / "pathmnist.npz")
+    names = [n for n, _ in describe()]
+    assert "pathmnist_64" not in names and "bloodmnist" in names  # sizes: not listed apart
+    with pytest.raises(ConfigError, match="pathmnist_64"):
+        load("pathmnist_32", tmp_path)
+    info = sources._info("organsmnist_224")
+    assert info.urls == ("https://zenodo.org/records/10519652/files/organsmnist_224.npz"
+                         "?download=1",)
+    assert info.md5 == {"organsmnist_224.npz": "b354719e553fbbb2513d5533f52a4cb1"}
+
+
+def test_chestmnist_is_binary_any_finding(tmp_path: Path) -> None:
+    arrays = _medmnist_npz(tmp_path / "chestmnist.npz", 28, 1, 2, multilabel=True)
+    ds = load("chestmnist", tmp_path)
+    assert ds.classes == ["no finding", "finding"]
+    assert ds.y_train.tolist() == arrays["train_labels"].any(1).astype(int).tolist()
+    assert 0 < ds.y_test.sum() or 0 < ds.y_train.sum()
+    np.savez(tmp_path / "chestmnist.npz",
+             **{**arrays, "train_labels": arrays["train_labels"][:, :3]})
+    with pytest.raises(FalkitError, match="ChestMNIST labels must be N×14"):
+        load("chestmnist", tmp_path)
+
+
+def test_medmnist_val_split(tmp_path: Path) -> None:
+    """`val_split`: ignore (train/test), train (train+val, test) or test (train, val)."""
+    arrays = _medmnist_npz(tmp_path / "bloodmnist.npz", 28, 3, 8)
+    nchw = lambda x: x.transpose(0, 3, 1, 2)  # noqa: E731
+    base = load("bloodmnist", tmp_path)
+    _check(base, nchw(arrays["train_images"]), arrays["train_labels"][:, 0],
+           nchw(arrays["test_images"]), arrays["test_labels"][:, 0])
+    both = load("bloodmnist", tmp_path, val_split="train")
+    _check(both, nchw(np.concatenate([arrays["train_images"], arrays["val_images"]])),
+           np.concatenate([arrays["train_labels"], arrays["val_labels"]])[:, 0],
+           nchw(arrays["test_images"]), arrays["test_labels"][:, 0])
+    tune = load("bloodmnist", tmp_path, val_split="test")
+    _check(tune, nchw(arrays["train_images"]), arrays["train_labels"][:, 0],
+           nchw(arrays["val_images"]), arrays["val_labels"][:, 0])
+    with pytest.raises(ConfigError, match="no official validation split"):
+        load("digits", val_split="train")
+    with pytest.raises(ConfigError, match="is not one of"):
+        load("bloodmnist", tmp_path, val_split="both")
+    np.savez(tmp_path / "bloodmnist.npz", **{k: v for k, v in arrays.items()
+                                             if not k.startswith("val")})
+    assert len(load("bloodmnist", tmp_path).y_train) == 9  # val not needed when ignored
+    with pytest.raises(FalkitError, match="missing arrays val_images, val_labels"):
+        load("bloodmnist", tmp_path, val_split="test")
+
+
 # -- Tiny-ImageNet -------------------------------------------------------------------------
 
 def _png(path: Path, arr: np.ndarray) -> None:

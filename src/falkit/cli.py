@@ -62,8 +62,10 @@ class RichReporter:
         """(the progress bar advances per round already)"""
 
     def cycle_done(self, row: dict[str, Any]) -> None:
+        auc = row.get("auc")
+        auc_text = f", AUC {100 * auc:.2f}%" if isinstance(auc, float) and auc == auc else ""
         msg = (f"  cycle {row['cycle'] + 1}: {row['labeled_pct']:.1f}% labeled, "
-               f"accuracy {100 * row['accuracy']:.2f}%  "
+               f"accuracy {100 * row['accuracy']:.2f}%{auc_text}  "
                f"(train {row['time_train']:.1f}s, query {row['time_query']:.1f}s, "
                f"local model {row['time_local_model']:.1f}s, eval {row['time_eval']:.1f}s)")
         console = self.progress.console if self.progress is not None else self.console

@@ -27,6 +27,9 @@ class DataConfig:
     data_root: str | None = None
     rho: float | None = 20.0  # global long tail n_max / n_min; None = keep the dataset as it is
     profile: str = "exp"  # exp | step
+    # an official validation split (MedMNIST's): ignore | train (train on train+val) |
+    # test (evaluate on val instead of test, for tuning)
+    val_split: str = "ignore"
 
 
 @dataclass
@@ -280,6 +283,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES = {
     "oracle": ("simulated", "human"),
     "data.profile": ("exp", "step"),
+    "data.val_split": ("ignore", "train", "test"),
     "partition.method": ("dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid", "shards",
                          "pathological", "json"),
     "budget.rule": ("fairfal", "proportional"),
@@ -332,7 +336,8 @@ NOT_IDENTITY = ("name", "out_dir", "tracking", "data.data_root", "fl.on_client_f
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # falkit.tracking's sinks
 # settings added after runs were named: part of a run's identity only when not at these
 # defaults, so existing run directories keep their names
-ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2}
+ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
+               "data.val_split": "ignore"}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 

@@ -29,6 +29,7 @@ from falkit.config import Config, FLConfig
 from falkit.data.partition import write_partition_csv
 from falkit.errors import FalkitError
 from falkit.fl.algorithms import FedAvg, State, check_finite, state_bytes
+from falkit.metrics import Evaluation
 from falkit.oracle import WaitingForLabels
 from falkit.results import read_metrics, save_torch, write_atomic, write_csv, write_jsonl
 from falkit.rundir import RunDir, load_checkpoint
@@ -123,8 +124,9 @@ class Federation(Protocol):
                     lr: float, keep_last: bool) -> State:
         """One FL round of `clients` from `global_state`; the aggregated state."""
 
-    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
-        """Accuracy and per-class accuracy on the test data; `final` for the cycle's last."""
+    def evaluate(self, state: State, final: bool, cycle: int) -> Evaluation:
+        """Accuracy, per-class accuracy and AUC on the test data; `final` for the cycle's
+        last."""
 
     def state_dict(self) -> dict[str, Any]:
         """The clients' side of a checkpoint (merged into it)."""
@@ -155,8 +157,8 @@ def round_bytes(state: State, clients: int) -> int:
     return 2 * state_bytes(state) * clients
 
 
-def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int, acc: float,
-                per_class: np.ndarray, queried: np.ndarray | None, comm: int,
+def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int,
+                result: Evaluation, queried: np.ndarray | None, comm: int,
                 times: dict[str, float]) -> dict[str, Any]:
     """One metrics.csv row; `queried` None leaves out the queried-class columns (they need
     true labels)."""
@@ -165,9 +167,10 @@ def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int, acc
         "target_pct": round(target_pct, 6),
         "labeled": labeled,
         "labeled_pct": round(100 * labeled / num_train, 4),
-        "accuracy": round(acc, 6),
+        "accuracy": round(result.accuracy, 6),
+        "auc": round(result.auc, 6),  # MedMNIST's AUC (falkit.metrics.macro_auc)
     }
-    row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(per_class)})
+    row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(result.per_class)})
     if queried is not None:
         row.update({f"queried_{c}": int(n) for c, n in enumerate(queried)})
     row["comm_bytes"] = comm
@@ -283,13 +286,14 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
         if cfg.runtime.eval_every and (r + 1) % cfg.runtime.eval_every == 0 \
                 and r < fl.rounds - 1:
             t_eval = time.perf_counter()
-            acc_r, _ = fed.evaluate(global_state, False, cycle)
+            acc_r = fed.evaluate(global_state, False, cycle).accuracy
             st.rounds.append({"cycle": cycle, "round": r + 1, "accuracy": acc_r})
             times["eval"] += time.perf_counter() - t_eval
             values["accuracy"] = acc_r
         if r == fl.rounds - 1:
             t_eval = time.perf_counter()
-            acc, per_class = fed.evaluate(global_state, True, cycle)
+            result = fed.evaluate(global_state, True, cycle)
+            acc = result.accuracy
             times["eval"] += time.perf_counter() - t_eval
             if cfg.runtime.eval_every:
                 values["accuracy"] = acc
@@ -301,7 +305,7 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
     row = metrics_row(strategy.target_pct(cfg, cycle), cycle,
-                      sum(fed.labeled_counts().values()), fed.num_train, acc, per_class,
+                      sum(fed.labeled_counts().values()), fed.num_train, result,
                       q.classes, comm, times)
     return strategy.finish_cycle(cfg, row, q.extra, traffic, fed.num_train)
 

@@ -234,7 +234,8 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch,
                           device=cfg.runtime.device)  # runs on the run's device
     t = time.perf_counter()
-    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)
+    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
+                                                  cfg.data.val_split)
     data = build(cfg, ds)
     times["data"] = time.perf_counter() - t
     if not linear:  # the backbone fits the images, before anything is written

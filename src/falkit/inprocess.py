@@ -25,6 +25,7 @@ from falkit.data.federation import FederatedData, client_budgets
 from falkit.driver import Queried, to_device
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
+from falkit.metrics import Evaluation
 from falkit.oracle import (
     UNSURE,
     LabelsPending,
@@ -185,7 +186,7 @@ class InProcessFederation:
         self.last_round.update(kept)  # with fl.fraction < 1 a client's last update may be earlier
         return state
 
-    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
+    def evaluate(self, state: State, final: bool, cycle: int) -> Evaluation:
         return self.engine.evaluate(state)
 
     def state_dict(self) -> dict[str, Any]:

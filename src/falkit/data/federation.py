@@ -41,7 +41,8 @@ class FederatedData:
 
 def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     """Load, apply the global long tail, and partition — deterministic in cfg.seed."""
-    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root)
+    ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
+                                                  cfg.data.val_split)
     keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,
                      rng(cfg.seed, "long_tail"))
     ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])

@@ -7,7 +7,9 @@ files. Names users type: see :data:`DATASETS`, plus ``npz:<file>`` and ``imagefo
 
 Conventions the rest of falkit relies on:
 
-* MedMNIST: the official ``val`` split is ignored; train = ``train``, test = ``test``.
+* MedMNIST: train = ``train``, test = ``test``; the official ``val`` split is ignored unless
+  ``val_split`` asks for it (train on train+val, or evaluate on val). ``chestmnist`` is
+  binary (no finding vs any of its 14 findings); see :mod:`falkit.data.medmnist`.
 * Tiny-ImageNet: classes are the sorted wnids (ImageFolder order); ``val`` is the test set.
 * ``digits``: a fixed split with no RNG, so it cannot drift across library versions: in each
   class, every 5th image (file order) is test, the rest train (1442 train / 355 test);
@@ -42,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from falkit.data import medmnist
 from falkit.errors import ConfigError, DataNotFoundError, FalkitError
 
 #: Shared, read-only data root of Debian's ``dataset-*`` packages; searched last.
@@ -124,14 +127,19 @@ _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
 
 
-def _medmnist(name: str, title: str, md5: str, classes: tuple[str, ...], what: str,
-              channels: int) -> DatasetInfo:
+def _medmnist(name: str, size: int = 28) -> DatasetInfo:
+    m = medmnist.SETS[name]
+    stem = medmnist.file_stem(name, size)
     return DatasetInfo(
-        name=name, title=title, kind="medmnist",
-        description=f"{title}: {what}, {len(classes)} classes (MedMNIST v2 28×28 npz)",
-        dirs=("medmnist", ""), files=(f"{name}.npz",), urls=(_MEDMNIST_URL.format(name),),
-        md5={f"{name}.npz": md5}, mean=(0.5,) * channels, std=(0.5,) * channels, hflip=True,
-        classes=classes, shape=(len(classes), channels, 28))
+        name=stem, title=m.title if size == 28 else f"{m.title} {size}×{size}",
+        kind="medmnist",
+        description=f"{m.title}: {m.train}/{m.val}/{m.test} (train/val/test) {m.what}, "
+                    f"{len(m.classes)} classes (MedMNIST npz, {size}×{size}"
+                    + (f"; {name}_64/_128/_224 for MedMNIST+)" if size == 28 else ")"),
+        dirs=("medmnist", ""), files=(f"{stem}.npz",), urls=(medmnist.URL.format(stem),),
+        md5={f"{stem}.npz": m.md5[medmnist.SIZES.index(size)]}, mean=(0.5,) * m.channels,
+        std=(0.5,) * m.channels, hflip=m.hflip, classes=m.classes,
+        shape=(len(m.classes), m.channels, size))
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -183,22 +191,6 @@ DATASETS: dict[str, DatasetInfo] = {
              "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"},
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), hflip=False,
         classes=_DIGITS),
-    "octmnist": _medmnist(
-        "octmnist", "OCTMNIST", "c68d92d5b585d8d81f7112f81e2d0842",
-        ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
-        "97k/1k grayscale retinal OCT scans", channels=1),
-    "dermamnist": _medmnist(
-        "dermamnist", "DermaMNIST", "0744692d530f8e62ec473284d019b0c7",
-        ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
-         "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
-         "vascular lesions"),
-        "7k/2k colour dermatoscopy images", channels=3),
-    "pathmnist": _medmnist(
-        "pathmnist", "PathMNIST", "a8b06965200029087d5bd730944a56c1",
-        ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
-         "normal colon mucosa", "cancer-associated stroma",
-         "colorectal adenocarcinoma epithelium"),
-        "90k/7k colour colon histology patches", channels=3),
     "tinyimagenet": DatasetInfo(
         name="tinyimagenet", title="Tiny-ImageNet", kind="tinyimagenet",
         description="Tiny-ImageNet-200: 100k/10k 64×64 colour images, 200 classes (val = test)",
@@ -211,7 +203,12 @@ DATASETS: dict[str, DatasetInfo] = {
         description="digits: 1442/355 8×8 grayscale digits bundled with scikit-learn "
                     "(no download), 10 classes",
         hflip=False, classes=_DIGITS),
+    **{name: _medmnist(name) for name in medmnist.SETS},
 }
+#: MedMNIST+ at 64/128/224 (``pathmnist_64`` ...): named like the files, not listed one by one
+SIZED: dict[str, DatasetInfo] = {
+    f"{name}_{size}": _medmnist(name, size) for name in medmnist.SETS
+    for size in medmnist.SIZES[1:]}
 
 # the built-in datasets' shapes, known without their files (`image_shape`)
 for _name, _shape in {"fmnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (10, 3, 32),
@@ -222,8 +219,17 @@ for _name, _shape in {"fmnist": (10, 1, 28), "mnist": (10, 1, 28), "cifar10": (1
 
 def image_shape(dataset: str) -> tuple[int, int, int] | None:
     """(classes, channels, image size) of a built-in dataset, None for any other."""
-    info = DATASETS.get(dataset)
+    key = dataset.strip().lower()
+    info = _info(_ALIASES.get(key, key))
     return info.shape if info is not None else None
+
+
+def _info(key: str) -> DatasetInfo | None:
+    """A named dataset's info: DATASETS, or a MedMNIST+ size (``pathmnist_64``; ``_28`` is
+    the plain name)."""
+    if key.endswith("_28") and key[:-3] in medmnist.SETS:
+        key = key[:-3]
+    return DATASETS.get(key) or SIZED.get(key)
 
 
 _ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist": "fmnist",
@@ -261,26 +267,43 @@ def find(name: str, data_root: str | Path | None = None) -> Path | None:
         return _existing_local(arg, data_root, want_dir=False)
     if kind == "imagefolder":
         return _existing_local(arg, data_root, want_dir=True)
-    info = DATASETS[arg]
+    info = _info(arg)
+    assert info is not None  # _parse checked
     if info.kind == "digits":
         return _digits_file()
     return _locate(info, data_roots(data_root))
 
 
-def load(name: str, data_root: str | Path | None = None) -> ImageDataset:
-    """Read dataset ``name`` from the first data root holding it."""
+#: data.val_split: what to do with an official validation split (MedMNIST's)
+VAL_SPLITS = ("ignore", "train", "test")
+
+
+def load(name: str, data_root: str | Path | None = None,
+         val_split: str = "ignore") -> ImageDataset:
+    """Read dataset ``name`` from the first data root holding it. ``val_split``, for datasets
+    with an official validation split (MedMNIST): ``ignore`` it, add it to the ``train``
+    split, or evaluate on it instead of the ``test`` split (for tuning)."""
     kind, arg = _parse(name)
+    if val_split not in VAL_SPLITS:
+        raise ConfigError(f"data.val_split = {val_split!r} is not one of "
+                          f"{', '.join(VAL_SPLITS)}")
+    if val_split != "ignore" and (kind != "named" or _info(arg).kind != "medmnist"):
+        raise ConfigError(f"data.val_split = {val_split!r}: {name.strip()} has no official "
+                          "validation split (only the MedMNIST sets have one)")
     if kind == "npz":
         return _load_npz(_local(name, arg, data_root, want_dir=False), name.strip())
     if kind == "imagefolder":
         return _load_imagefolder(_local(name, arg, data_root, want_dir=True), name.strip())
-    info = DATASETS[arg]
+    info = _info(arg)
+    assert info is not None  # _parse checked
     if info.kind == "digits":
         return _load_digits(info)
     roots = data_roots(data_root)
     where = _locate(info, roots)
     if where is None:
         raise DataNotFoundError(_not_found(info, roots, data_root))
+    if info.kind == "medmnist":
+        return _load_medmnist(info, where, val_split)
     return _LOADERS[info.kind](info, where)
 
 
@@ -292,7 +315,8 @@ def download(name: str, data_root: str | Path | None = None) -> Path:
     kind, arg = _parse(name)
     if kind != "named":
         raise ConfigError(f"{name.strip()} is a local dataset; there is nothing to download")
-    info = DATASETS[arg]
+    info = _info(arg)
+    assert info is not None  # _parse checked
     found = find(arg, data_root)
     if found is not None:
         return found
@@ -335,10 +359,12 @@ def _parse(name: str) -> tuple[str, str]:
                 raise ConfigError(f"{text}: give a path after '{prefix}:'")
             return prefix, arg
     key = _ALIASES.get(text.lower(), text.lower())
-    if key not in DATASETS:
+    info = _info(key)
+    if info is None:
         raise ConfigError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}, "
-                          f"npz:<file> or imagefolder:<dir>")
-    return "named", key
+                          "a MedMNIST set at 64/128/224 (e.g. pathmnist_64), npz:<file> or "
+                          "imagefolder:<dir>")
+    return "named", info.name
 
 
 def _user_roots(data_root: str | Path | None) -> list[Path]:
@@ -741,15 +767,33 @@ def _npz_arrays(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -
         return {k: z[k] for k in [*keys, *optional] if k in z.files}
 
 
-def _load_medmnist(info: DatasetInfo, path: Path) -> ImageDataset:
-    # the official val split is not used: falkit's train set is MedMNIST's train
-    keys = ("train_images", "train_labels", "test_images", "test_labels")
-    a = _npz_arrays(path, keys)
+def _medmnist_labels(y: np.ndarray, where: str, multilabel: bool) -> np.ndarray:
+    if not multilabel:
+        return _to_labels(y, where)
+    # ChestMNIST: N × 14 findings (0/1) -> falkit's binary task, 1 = any finding
+    y = np.asarray(y)
+    if y.ndim != 2 or y.shape[1] != len(medmnist.CHEST_FINDINGS) or \
+            not np.isin(y, (0, 1)).all():
+        raise FalkitError(f"{where}: ChestMNIST labels must be N×14 of 0/1, got {y.dtype} "
+                          f"{y.shape}")
+    return y.any(axis=1).astype(np.int64)
+
+
+def _load_medmnist(info: DatasetInfo, path: Path, val_split: str = "ignore") -> ImageDataset:
+    """MedMNIST's train and test splits; its val split left out ("ignore"), added to the
+    train split ("train") or evaluated on instead of the test split ("test")."""
+    splits = ("train", "test") + (("val",) if val_split != "ignore" else ())
+    a = _npz_arrays(path, [f"{s}_{k}" for s in splits for k in ("images", "labels")])
     where = str(path)
-    return _build_named(info, path, _to_uint8(_to_nchw(a["train_images"], where), where),
-                        _to_labels(a["train_labels"], f"{where}: train_labels"),
-                        _to_uint8(_to_nchw(a["test_images"], where), where),
-                        _to_labels(a["test_labels"], f"{where}: test_labels"))
+    multilabel = info.name.partition("_")[0] == "chestmnist"
+    x = {s: _to_uint8(_to_nchw(a[f"{s}_images"], where), where) for s in splits}
+    y = {s: _medmnist_labels(a[f"{s}_labels"], f"{where}: {s}_labels", multilabel)
+         for s in splits}
+    if val_split == "train":  # train on train + val (MedMNIST's final-model protocol)
+        x["train"] = np.concatenate([x["train"], x["val"]])
+        y["train"] = np.concatenate([y["train"], y["val"]])
+    test = "val" if val_split == "test" else "test"  # "test": tune on val, never on test
+    return _build_named(info, path, x["train"], y["train"], x[test], y[test])
 
 
 def _load_npz(path: Path, name: str) -> ImageDataset:
@@ -905,7 +949,7 @@ def _load_digits(info: DatasetInfo) -> ImageDataset:
 
 
 _LOADERS = {"idx": _load_idx, "cifar10": _load_cifar10, "cifar100": _load_cifar100,
-            "svhn": _load_svhn, "medmnist": _load_medmnist, "tinyimagenet": _load_tinyimagenet}
+            "svhn": _load_svhn, "tinyimagenet": _load_tinyimagenet}  # medmnist: load()
 
 
 # -- download ------------------------------------------------------------------------------

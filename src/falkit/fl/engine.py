@@ -27,6 +27,7 @@ from torch import nn
 from falkit.config import Config
 from falkit.fl.algorithms import Client, State, client_weight, clone_state
 from falkit.fl.algorithms import create as create_algorithm
+from falkit.metrics import Evaluation, evaluation
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
 
@@ -756,15 +757,10 @@ class Engine:
         return torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
 
     @torch.inference_mode()
-    def evaluate(self, state: State) -> tuple[float, np.ndarray]:
-        """Accuracy and per-class accuracy of a model on the full test set."""
+    def evaluate(self, state: State) -> Evaluation:
+        """Accuracy, per-class accuracy and AUC of a model on the full test set."""
         probs, _ = self.predict(state, split="test")
-        pred = probs.argmax(1)
-        y = self.test_y.cpu()
-        correct = (pred == y).to(torch.float64)
-        per_class = np.array([float(correct[y == c].mean()) if (y == c).any() else np.nan
-                              for c in range(self.num_classes)])
-        return float(correct.mean()), per_class
+        return evaluation(self.test_y.cpu().numpy(), probs.numpy(), self.num_classes)
 
 
 def _equal_pools(ids: list[int], pools: Sequence[np.ndarray]) -> list[list[int]]:

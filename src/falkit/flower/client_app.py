@@ -90,7 +90,8 @@ class Site:
         cfg, node = self.cfg, context.node_config
         self.partition_id = int(node.get("partition-id", -1))
         if "data-root" in node:  # a real site: its own data, all of it
-            ds = full = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]))
+            ds = full = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]),
+                             cfg.data.val_split)
             rows = np.arange(len(ds.y_train), dtype=np.int64)
             self.pool = rows
             self.num_train = len(ds.y_train)
@@ -98,7 +99,7 @@ class Site:
         else:  # simulation: this partition of the configured dataset
             key = config_mod.dumps(cfg)  # the whole config: data, seed, partition
             if key not in _DATA:
-                full = load(cfg.data.dataset, cfg.data.data_root)
+                full = load(cfg.data.dataset, cfg.data.data_root, cfg.data.val_split)
                 _remember(_DATA, key, (full, build(cfg, full)))
             full, data = _DATA[key]
             rows = data.source_indices
@@ -488,20 +489,22 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-class correct and total counts of the global model on this client's test data;
-    after a cycle's last evaluation, the site saves what resuming after it needs."""
+    """Per-class correct and total counts of the global model on this client's test data
+    (and, as simulation metrics, the test labels and softmax scores, for the AUC); after a
+    cycle's last evaluation, the site saves what resuming after it needs."""
     site = site_of(context)
     conf = _conf(msg)
     state = record_state(msg.content["global"], site.device)
     C = site.num_classes
     y = site.dataset.y_test[site.test]
     if len(site.test):
-        probs, _ = site.engine.predict(state, site.test, split="test")
-        pred = probs.argmax(1).cpu().numpy()
+        probs = site.engine.predict(state, site.test, split="test")[0].numpy()
     else:
-        pred = np.zeros(0, dtype=np.int64)
+        probs = np.zeros((0, C), dtype=np.float32)
+    pred = probs.argmax(1)
     correct = np.bincount(y[pred == y], minlength=C).tolist()
     total = np.bincount(y, minlength=C).tolist()
     if conf.get("final"):
         site.save_cycle(conf["client"], conf["cycle"])
-    return _reply(msg, eval=MetricRecord({"correct": correct, "total": total}))
+    return _reply(msg, eval=MetricRecord({"correct": correct, "total": total}),
+                  **site.diagnostics(labels=y.tolist(), probs=probs.tolist()))

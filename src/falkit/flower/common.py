@@ -10,7 +10,8 @@ A client sends the server only
 * `query.info`, `query.select`, `query.restore`, `evaluate`: counts (pool size, data shape,
   labeled count, per-class correct/total on its test data).
 With `simulation-metrics = true` a `diagnostics` record may add what needs the true labels
-(selected indices and labels, strategy diagnostics, class histograms); `audit` rejects
+(selected indices and labels, strategy diagnostics, class histograms, the test labels and
+scores the AUC needs); `audit` rejects
 anything else.
 """
 
@@ -102,7 +103,8 @@ def app_config_toml() -> str:
     lines = ["[tool.flwr.app.config]",
              "# true: clients also send what needs true labels (selected indices and their "
              "labels,", "# queried-class histograms, strategy diagnostics, class counts per "
-             "client) - simulation only", "simulation-metrics = false",
+             "client,", "# test labels and scores for the AUC) - simulation only",
+             "simulation-metrics = false",
              "round-timeout = 600.0  # seconds to wait for the replies of one round",
              "node-wait = 120.0  # seconds to wait for partition.num_clients SuperNodes",
              "overwrite = false  # replace an unfinished run directory of the same name",
@@ -165,6 +167,7 @@ def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
     if simulation_metrics:
         out[INFO]["diagnostics"] = ("class-counts", "classes")
         out[SELECT]["diagnostics"] = ("record", "queried-classes", "weak-row")
+        out[EVALUATE]["diagnostics"] = ("labels", "probs")  # the AUC needs every score
     return out
 
 

@@ -59,6 +59,7 @@ from falkit.flower.common import (
     record_state,
     state_record,
 )
+from falkit.metrics import Evaluation, macro_auc
 from falkit.models.backbones import create as create_backbone
 from falkit.oracle import LabelsPending, WaitingForLabels
 from falkit.rundir import RunDir
@@ -424,11 +425,12 @@ class FlowerFederation:
             check_finite(global_state, f"cycle {cycle + 1}, round {r + 1}")
         return global_state
 
-    def evaluate(self, state: State, final: bool, cycle: int) -> tuple[float, np.ndarray]:
+    def evaluate(self, state: State, final: bool, cycle: int) -> Evaluation:
         """Accuracy and per-class accuracy over the clients' test data (falkit run's test
-        set, dealt out in its evaluation batches, in simulation). After the cycle's last
-        evaluation every client saves what a resumed run needs (its last-round model, its
-        FL memory)."""
+        set, dealt out in its evaluation batches, in simulation), from their per-class
+        counts; the AUC needs every test sample's scores, so only simulation metrics give
+        it (NaN otherwise). After the cycle's last evaluation every client saves what a
+        resumed run needs (its last-round model, its FL memory)."""
         replies = self._round(EVALUATE, {k: RecordDict({
             "global": state_record(state),
             "config": json_config(cycle=cycle, client=k, final=final)}) for k in self.nodes},
@@ -442,7 +444,15 @@ class FlowerFederation:
             raise FlowerRunError("no client holds test data to evaluate on")
         per_class = np.array([int(c) / int(n) if n else np.nan
                               for c, n in zip(correct, total, strict=True)])
-        return int(correct.sum()) / int(total.sum()), per_class
+        auc = float("nan")
+        if self.opts.simulation_metrics:
+            diag = [rep["diagnostics"] for rep in replies.values()]
+            labels = np.concatenate([np.asarray(config_json(d, "labels"), np.int64)
+                                     for d in diag])
+            probs = np.concatenate([np.asarray(config_json(d, "probs"), np.float32)
+                                    .reshape(-1, self.num_classes) for d in diag])
+            auc = macro_auc(labels, probs)
+        return Evaluation(int(correct.sum()) / int(total.sum()), per_class, auc)
 
     def state_dict(self) -> dict[str, Any]:
         return {"labeled": dict(self.labeled), "generation": self.generation,

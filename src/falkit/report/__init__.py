@@ -107,12 +107,21 @@ class Run:
         y = np.array([100.0 * float(r["accuracy"]) for r in self.metrics])
         return x, y
 
-    def accuracy_at(self, pct: float) -> float | None:
-        """Accuracy (%) at the cycle whose target labeled fraction is ``pct`` %, if reached."""
+    def accuracy_at(self, pct: float, metric: str = "accuracy") -> float | None:
+        """Accuracy (or another metric: "auc") in % at the cycle whose target labeled
+        fraction is ``pct`` %, if reached and recorded (runs before falkit recorded the AUC,
+        and Flower runs without simulation metrics, have none)."""
         for r in self.metrics:
             if math.isclose(float(r["target_pct"]), pct, abs_tol=1e-6):
-                return 100.0 * float(r["accuracy"])
+                value = r.get(metric)
+                if value is None or value == "" or math.isnan(float(value)):
+                    return None
+                return 100.0 * float(value)
         return None
+
+    def has_auc(self) -> bool:
+        return any(self.accuracy_at(float(r["target_pct"]), "auc") is not None
+                   for r in self.metrics)
 
     def aulc(self) -> float:
         return stats.aulc(*self.curve())

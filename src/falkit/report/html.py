@@ -48,8 +48,16 @@ def _tidy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                          "cycle": m["cycle"], "target_pct": m["target_pct"],
                          "labeled": m["labeled"], "labeled_pct": m["labeled_pct"],
                          "accuracy_pct": round(100 * float(m["accuracy"]), 4),
+                         "auc_pct": _pct(m.get("auc")),
                          "complete": r.complete, "run_dir": str(r.dir)})
     return rows
+
+
+def _pct(value: Any) -> float | str:
+    """A fraction as a rounded %; "" where none was recorded (or NaN)."""
+    if value is None or value == "" or np.isnan(float(value)):
+        return ""
+    return round(100 * float(value), 4)
 
 
 def _figure_html(png: bytes, caption: str) -> str:
@@ -75,7 +83,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
                  pcts: Sequence[float] | None = REPORT_PCTS,
                  include_initial: bool = False,
                  formats: Sequence[str] = ("png",)) -> Path:
-    """Write accuracy.md, paired.md, accuracy.csv (tidy: one row per run and cycle),
+    """Write accuracy.md, auc.md (where runs recorded the AUC), paired.md, accuracy.csv
+    (tidy: one row per run and cycle),
     figures/*.png (and .pdf/.svg for each of `formats`: vector figures for a paper) and a
     self-contained report.html under ``out_dir``; return the HTML path."""
     for fmt in formats:
@@ -86,6 +95,10 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     acc = accuracy_table(runs, pcts)
     paired = paired_table(runs)
     write_atomic(out / "accuracy.md", acc.to_markdown())
+    auc = accuracy_table([r for r in runs if r.has_auc()], pcts, "auc") \
+        if any(r.has_auc() for r in runs) else None
+    if auc is not None:
+        write_atomic(out / "auc.md", auc.to_markdown())
     write_atomic(out / "paired.md", paired.to_markdown())
     write_atomic(out / "accuracy.csv", csv_text(_tidy_rows(runs)))
 
@@ -119,7 +132,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
             if fmt == "png":
                 figures.append((section, f"{stem}.png", data))
 
-    page = _html_page(runs, acc.to_html(), paired.to_html(), figures, list(groups))
+    page = _html_page(runs, acc.to_html() + (auc.to_html() if auc else ""), paired.to_html(),
+                      figures, list(groups))
     path = out / "report.html"
     write_atomic(path, page)
     return path
@@ -153,9 +167,11 @@ def _html_page(runs: Sequence[Run], acc_html: str, paired_html: str,
     rows = "".join(
         f"<tr><td>{e(r.setting)}</td><td>{e(r.method)}</td><td class='num'>{r.seed}</td>"
         f"<td class='num'>{len(r.metrics)}</td><td>{'yes' if r.complete else 'no'}</td>"
-        f"<td class='num'>{_final_acc(r)}</td><td>{e(str(r.dir))}</td></tr>" for r in runs)
+        f"<td class='num'>{_final_acc(r)}</td><td class='num'>{_final_auc(r)}</td>"
+        f"<td>{e(str(r.dir))}</td></tr>" for r in runs)
     body.append('<table class="falkit"><thead><tr><th>setting</th><th>method</th><th>seed</th>'
-                "<th>cycles</th><th>complete</th><th>final acc. (%)</th><th>directory</th>"
+                "<th>cycles</th><th>complete</th><th>final acc. (%)</th><th>final AUC (%)</th>"
+                "<th>directory</th>"
                 f"</tr></thead><tbody>{rows}</tbody></table>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -166,3 +182,8 @@ def _html_page(runs: Sequence[Run], acc_html: str, paired_html: str,
 def _final_acc(r: Run) -> str:
     y = r.curve()[1]
     return f"{float(y[-1]):.2f}" if np.size(y) else "–"
+
+
+def _final_auc(r: Run) -> str:
+    auc = _pct(r.metrics[-1].get("auc")) if r.metrics else ""
+    return f"{auc:.2f}" if auc != "" else "–"

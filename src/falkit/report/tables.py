@@ -160,8 +160,10 @@ def _target_pcts(runs: Sequence[Run]) -> list[float]:
     return sorted({round(float(m["target_pct"]), 6) for r in runs for m in r.metrics})
 
 
-def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PCTS) -> Table:
-    """Accuracy (%) at each target labeled fraction, mean ± std over seeds, per setting.
+def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PCTS,
+                   metric: str = "accuracy") -> Table:
+    """Accuracy (%) at each target labeled fraction, mean ± std over seeds, per setting
+    (``metric = "auc"``: MedMNIST's AUC (%) instead, without the AULC column).
 
     Rows are methods (``n`` = runs of the method), columns the fractions in ``pcts``, then
     AULC (complete runs only). If the runs of a setting did not reach every one of ``pcts``
@@ -170,6 +172,7 @@ def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PC
     is the sample std (ddof = 1) over seeds.
     """
     sections = []
+    aulc = metric == "accuracy"
     for setting, group in by_setting(runs).items():
         present = _target_pcts(group)
         cols = [p for p in (pcts or []) if any(math.isclose(p, q, abs_tol=1e-6) for q in present)]
@@ -181,20 +184,25 @@ def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PC
             mruns = [r for r in group if r.method == m]
             row = [Cell(m), Cell(str(len(mruns)), float(len(mruns)), n=len(mruns))]
             for p in cols:
-                vals = [a for a in (r.accuracy_at(p) for r in mruns) if a is not None]
+                vals = [a for a in (r.accuracy_at(p, metric) for r in mruns) if a is not None]
                 row.append(_mean_std_cell(vals, len(mruns)))
-            # AULC needs two points: a one-cycle run (FAST's single AL round) has none
-            row.append(_mean_std_cell([r.aulc() for r in mruns
-                                       if r.complete and len(r.metrics) > 1], len(mruns)))
+            if aulc:  # AULC needs two points: a one-cycle run (FAST's single AL round) has none
+                row.append(_mean_std_cell([r.aulc() for r in mruns
+                                           if r.complete and len(r.metrics) > 1], len(mruns)))
             rows.append(row)
-        for col in range(2, 2 + len(cols) + 1):
+        for col in range(2, 2 + len(cols) + aulc):
             _bold_best(rows, col)
         incomplete = sum(not r.complete for r in group)
         if incomplete:
             note.append(f"{incomplete} incomplete run(s): counted where they reached a fraction, "
                         "not in AULC.")
-        columns = ["method", "n", *[f"{p:g}%" for p in cols], "AULC"]
+        columns = ["method", "n", *[f"{p:g}%" for p in cols], *(["AULC"] if aulc else [])]
         sections.append(Section(setting, columns, rows, note))
+    if not aulc:
+        return Table("AUC (%) at labeled fraction, mean ± std over seeds", sections,
+                     ["Bold (in plain text: a trailing *) = best mean in the column. AUC = "
+                      "MedMNIST's: the positive class's ROC AUC (binary), else the mean "
+                      "one-vs-rest ROC AUC over classes."])
     return Table("Accuracy (%) at labeled fraction, mean ± std over seeds", sections,
                  ["Bold (in plain text: a trailing *) = best mean in the column. AULC = area "
                   "under accuracy (%) vs labeled (%)."])
