@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
+from falkit.metrics import evaluation
 from falkit.seeding import torch_seed
 
 
@@ -173,16 +174,14 @@ class ReferenceEngine(Engine):
     def evaluate(self, state):
         model = self._model(state)
         model.eval()
-        preds = []
+        probs = []
         with torch.no_grad():
             for xb, _ in self.ref._loader(np.arange(len(self.ref.y_test)), False, self.ref.bs,
                                           test=True):
-                preds.append(model(xb)[0].argmax(1))
-        y = self.ref.y_test
-        correct = (torch.cat(preds) == y).double()
-        per_class = np.array([float(correct[y == c].mean()) if (y == c).any() else np.nan
-                              for c in range(self.num_classes)])
-        return float(correct.mean()), per_class
+                probs.append(torch.softmax(model(xb)[0].float(), 1))
+        # the same metrics as falkit's engine (accuracy, per class, AUC), so both time alike
+        return evaluation(np.asarray(self.ref.y_test), torch.cat(probs).numpy(),
+                          self.num_classes)
 
     def predict(self, state, idx=None, split="train"):
         assert split == "train"

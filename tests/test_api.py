@@ -93,7 +93,8 @@ def test_medmnist_run_records_auc_and_the_report_tabulates_it(tmp_path):
     assert runs[both.run_dir].class_counts.sum() == 160 + 48
     out = report.write_report([plain.run_dir, both.run_dir], tmp_path / "report")
     auc_md = (tmp_path / "report" / "auc.md").read_text()
-    assert "AUC (%)" in auc_md and "AULC" not in auc_md.split("\n\n")[1]
+    assert "AUC (%)" in auc_md and "| AULC" not in auc_md
+    assert "K=2, train+val" in auc_md  # the setting names the split it trained on
     final = 100 * float(plain.metrics[-1]["auc"])
     assert f"{final:.2f}" in out.read_text()  # the runs table's final AUC
     df = falkit.load_runs([plain.run_dir])

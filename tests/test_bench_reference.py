@@ -52,3 +52,21 @@ def test_training_view_flips_about_half_the_images_left_to_right():
         flipped += torch.equal(a, p.flip(2))
         same += torch.equal(a, p)
     assert flipped + same == 400 and 150 < flipped < 250
+
+
+def test_reference_engine_evaluates_like_falkit():
+    """The reference-style evaluation returns what falkit's does (accuracy, per class, AUC)
+    for the same model, so `make bench`'s slice compares like with like."""
+    from reference_style import ReferenceEngine
+
+    cfg = config_mod.Config()
+    cfg.model.backbone = "resnet8_preact16"
+    x, y = _images(1, 48), torch.arange(48) % 4
+    train = ImageTensors(x, y, (0.5,), (0.25,))
+    test = ImageTensors(_images(1, 30), torch.arange(30) % 4, (0.5,), (0.25,))
+    ours = Engine(cfg, train, test, num_classes=4)
+    ref = ReferenceEngine(cfg, train, test, num_classes=4)
+    state = ours.init_state(0)
+    a, b = ours.evaluate(state), ref.evaluate(state)
+    assert a.accuracy == b.accuracy and np.allclose(a.per_class, b.per_class, equal_nan=True)
+    assert abs(a.auc - b.auc) < 1e-6 and 0.0 <= a.auc <= 1.0

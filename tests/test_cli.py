@@ -21,7 +21,20 @@ def test_data_list_and_find(capsys):
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert any(line.startswith("fmnist") and "present" in line for line in out.splitlines())
+    assert not any(line.startswith("pathmnist_64") for line in out.splitlines())  # if present
     assert main(["data", "find", "fmnist"]) == 0
+
+
+def test_data_list_shows_a_present_medmnist_size(capsys, tmp_path, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    x, y = np.zeros((2, 64, 64, 3), np.uint8), np.zeros((2, 1), np.uint8)
+    np.savez(tmp_path / "pathmnist_64.npz", train_images=x, train_labels=y, test_images=x,
+             test_labels=y)
+    assert main(["data", "list", "--data-root", str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("pathmnist_64"))
+    assert "present" in line and str(tmp_path / "pathmnist_64.npz") in line and "64×64" in line
 
 
 def test_missing_dataset_says_how_to_get_it(capsys, tmp_path, monkeypatch):

@@ -120,6 +120,9 @@ def test_every_server_bound_message_is_declared(tmp_path):
                                            "out_dir": str(tmp_path / "inproc")})).run_dir
     got = only_dir(tmp_path / "flower")
     assert [r["accuracy"] for r in metrics(got)] == [r["accuracy"] for r in metrics(ref)]
+    # the AUC needs every test score: without simulation metrics the server has none
+    assert {r["auc"] for r in metrics(got)} == {"nan"}
+    assert all(0 < float(r["auc"]) < 1 for r in metrics(ref))
     assert not (got / "partition.csv").exists()  # class counts need simulation metrics
     records = [json.loads(x) for x in (got / "queries.jsonl").read_text().splitlines()]
     assert all(set(r) == {"cycle", "client", "strategy", "count"} for r in records)

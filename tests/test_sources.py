@@ -303,6 +303,12 @@ def test_medmnist_val_split(tmp_path: Path) -> None:
            nchw(arrays["val_images"]), arrays["val_labels"][:, 0])
     with pytest.raises(ConfigError, match="no official validation split"):
         load("digits", val_split="train")
+    from falkit import config
+
+    with pytest.raises(ConfigError, match="fmnist has no official validation split"):
+        config.load(None, overrides={"data.val_split": "test"})  # refused before any run
+    assert config.load(None, overrides={"data.dataset": "bloodmnist_64",
+                                        "data.val_split": "test"}).data.val_split == "test"
     with pytest.raises(ConfigError, match="is not one of"):
         load("bloodmnist", tmp_path, val_split="both")
     np.savez(tmp_path / "bloodmnist.npz", **{k: v for k, v in arrays.items()

@@ -72,9 +72,9 @@ def load_runs(paths: str | Path | list[str | Path]):
     """Every run under `paths` (run directories, or folders searched for them) as one tidy
     pandas DataFrame: a row per run × cycle with the run, its method (strategy and its
     non-default options), setting, seed, every setting that differs between the runs, the
-    cycle, target and labeled %, accuracy, per-class accuracy (`acc_<class>`), the share of
-    each class among the cycle's queries (`share_<class>`), times and communication. The
-    same loader as `falkit report` (falkit.report.load_runs)."""
+    cycle, target and labeled %, accuracy, AUC (NaN where not recorded), per-class accuracy
+    (`acc_<class>`), the share of each class among the cycle's queries (`share_<class>`),
+    times and communication. The same loader as `falkit report` (falkit.report.load_runs)."""
     try:
         import pandas as pd
     except ImportError:
@@ -106,4 +106,7 @@ def load_runs(paths: str | Path | list[str | Path]):
                 row.update({f"share_{n}": (q / total if total else 0.0)
                             for n, q in zip(names, queried, strict=True)})
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if "auc" in df.columns:  # a run resumed across the upgrade has "" in its early rows
+        df["auc"] = pd.to_numeric(df["auc"], errors="coerce")
+    return df

@@ -510,6 +510,10 @@ def cmd_data(args: argparse.Namespace) -> int:
         for name, desc in sources.describe():
             where = sources.find(name, args.data_root)
             print(f"{name:<14} {'present' if where else 'missing':<8} {where or ''}  {desc}")
+        for name, info in sources.SIZED.items():  # MedMNIST+ sizes: listed where present
+            where = sources.find(name, args.data_root)
+            if where is not None:
+                print(f"{name:<14} {'present':<8} {where}  {info.description}")
         return 0
     if not args.name:
         raise ConfigError(f"falkit data {args.action} needs a dataset NAME")

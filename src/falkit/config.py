@@ -618,6 +618,10 @@ def validate(cfg: Config) -> None:
                           f"{fast.budget:g}")
     if cfg.partition.method == "json" and not cfg.partition.file:
         raise ConfigError("partition.method = json needs partition.file = PATH")
+    if cfg.data.val_split != "ignore":
+        from falkit.data.sources import check_val_split  # lazily: torch, the registry
+
+        check_val_split(cfg.data.dataset, cfg.data.val_split)
     _check_device(cfg.runtime.device)
 
 

@@ -124,7 +124,6 @@ _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 _DIGITS = tuple(str(i) for i in range(10))
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-_MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
 
 
 def _medmnist(name: str, size: int = 28) -> DatasetInfo:
@@ -278,18 +277,25 @@ def find(name: str, data_root: str | Path | None = None) -> Path | None:
 VAL_SPLITS = ("ignore", "train", "test")
 
 
+def check_val_split(name: str, val_split: str) -> None:
+    """ConfigError unless ``val_split`` is one of VAL_SPLITS and, if not ``ignore``, dataset
+    ``name`` has an official validation split."""
+    if val_split not in VAL_SPLITS:
+        raise ConfigError(f"data.val_split = {val_split!r} is not one of "
+                          f"{', '.join(VAL_SPLITS)}")
+    kind, arg = _parse(name)
+    if val_split != "ignore" and (kind != "named" or _info(arg).kind != "medmnist"):
+        raise ConfigError(f"data.val_split = {val_split!r}: {name.strip()} has no official "
+                          "validation split (only the MedMNIST sets have one)")
+
+
 def load(name: str, data_root: str | Path | None = None,
          val_split: str = "ignore") -> ImageDataset:
     """Read dataset ``name`` from the first data root holding it. ``val_split``, for datasets
     with an official validation split (MedMNIST): ``ignore`` it, add it to the ``train``
     split, or evaluate on it instead of the ``test`` split (for tuning)."""
     kind, arg = _parse(name)
-    if val_split not in VAL_SPLITS:
-        raise ConfigError(f"data.val_split = {val_split!r} is not one of "
-                          f"{', '.join(VAL_SPLITS)}")
-    if val_split != "ignore" and (kind != "named" or _info(arg).kind != "medmnist"):
-        raise ConfigError(f"data.val_split = {val_split!r}: {name.strip()} has no official "
-                          "validation split (only the MedMNIST sets have one)")
+    check_val_split(name, val_split)
     if kind == "npz":
         return _load_npz(_local(name, arg, data_root, want_dir=False), name.strip())
     if kind == "imagefolder":
@@ -782,17 +788,19 @@ def _medmnist_labels(y: np.ndarray, where: str, multilabel: bool) -> np.ndarray:
 def _load_medmnist(info: DatasetInfo, path: Path, val_split: str = "ignore") -> ImageDataset:
     """MedMNIST's train and test splits; its val split left out ("ignore"), added to the
     train split ("train") or evaluated on instead of the test split ("test")."""
-    splits = ("train", "test") + (("val",) if val_split != "ignore" else ())
+    # only the splits used are read: the 224×224 files hold gigabytes
+    test = "val" if val_split == "test" else "test"  # "test": tune on val, never on test
+    splits = ("train", test) + (("val",) if val_split == "train" else ())
     a = _npz_arrays(path, [f"{s}_{k}" for s in splits for k in ("images", "labels")])
     where = str(path)
     multilabel = info.name.partition("_")[0] == "chestmnist"
-    x = {s: _to_uint8(_to_nchw(a[f"{s}_images"], where), where) for s in splits}
-    y = {s: _medmnist_labels(a[f"{s}_labels"], f"{where}: {s}_labels", multilabel)
-         for s in splits}
+    x, y = {}, {}
+    for s in splits:  # each raw array is dropped once converted (peak: one extra copy)
+        x[s] = _to_uint8(_to_nchw(a.pop(f"{s}_images"), where), where)
+        y[s] = _medmnist_labels(a.pop(f"{s}_labels"), f"{where}: {s}_labels", multilabel)
     if val_split == "train":  # train on train + val (MedMNIST's final-model protocol)
-        x["train"] = np.concatenate([x["train"], x["val"]])
-        y["train"] = np.concatenate([y["train"], y["val"]])
-    test = "val" if val_split == "test" else "test"  # "test": tune on val, never on test
+        x["train"] = np.concatenate([x["train"], x.pop("val")])
+        y["train"] = np.concatenate([y["train"], y.pop("val")])
     return _build_named(info, path, x["train"], y["train"], x[test], y[test])
 
 

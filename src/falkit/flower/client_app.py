@@ -489,9 +489,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Per-class correct and total counts of the global model on this client's test data
-    (and, as simulation metrics, the test labels and softmax scores, for the AUC); after a
-    cycle's last evaluation, the site saves what resuming after it needs."""
+    """Per-class correct and total counts of the global model on this client's test data;
+    after a cycle's last evaluation, the site saves what resuming after it needs and (as
+    simulation metrics) adds its test labels and softmax scores, for the cycle's AUC."""
     site = site_of(context)
     conf = _conf(msg)
     state = record_state(msg.content["global"], site.device)
@@ -504,7 +504,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     pred = probs.argmax(1)
     correct = np.bincount(y[pred == y], minlength=C).tolist()
     total = np.bincount(y, minlength=C).tolist()
+    scores = {}
     if conf.get("final"):
         site.save_cycle(conf["client"], conf["cycle"])
-    return _reply(msg, eval=MetricRecord({"correct": correct, "total": total}),
-                  **site.diagnostics(labels=y.tolist(), probs=probs.tolist()))
+        if site.opts.simulation_metrics:  # the cycle's AUC (metrics.csv) needs every score
+            scores = site.diagnostics(labels=y.tolist(), probs=probs.tolist())
+    return _reply(msg, eval=MetricRecord({"correct": correct, "total": total}), **scores)

@@ -429,8 +429,9 @@ class FlowerFederation:
         """Accuracy and per-class accuracy over the clients' test data (falkit run's test
         set, dealt out in its evaluation batches, in simulation), from their per-class
         counts; the AUC needs every test sample's scores, so only simulation metrics give
-        it (NaN otherwise). After the cycle's last evaluation every client saves what a
-        resumed run needs (its last-round model, its FL memory)."""
+        it, for the cycle's last evaluation (NaN otherwise: rounds.csv has accuracy only).
+        After the cycle's last evaluation every client saves what a resumed run needs (its
+        last-round model, its FL memory)."""
         replies = self._round(EVALUATE, {k: RecordDict({
             "global": state_record(state),
             "config": json_config(cycle=cycle, client=k, final=final)}) for k in self.nodes},
@@ -445,7 +446,7 @@ class FlowerFederation:
         per_class = np.array([int(c) / int(n) if n else np.nan
                               for c, n in zip(correct, total, strict=True)])
         auc = float("nan")
-        if self.opts.simulation_metrics:
+        if self.opts.simulation_metrics and final:
             diag = [rep["diagnostics"] for rep in replies.values()]
             labels = np.concatenate([np.asarray(config_json(d, "labels"), np.int64)
                                      for d in diag])

@@ -50,7 +50,7 @@ _NOT_SETTING = ("name", "out_dir", "seed", "strategy", "data.data_root", "runtim
                 "runtime.eval_every")
 _CORE = ("data.dataset", "partition.method", "partition.alpha", "partition.classes_per_client",
          "partition.shards_per_client",
-         "data.rho", "partition.num_clients")
+         "data.rho", "partition.num_clients", "data.val_split")
 
 
 def _fmt(v: Any) -> str:
@@ -220,6 +220,9 @@ def _label(key: dict[str, str], extra: Sequence[str]) -> str:
     else:
         part = method
     bits = [key["data.dataset"], part, f"ρ={key['data.rho']}", f"K={key['partition.num_clients']}"]
+    split = key.get("data.val_split", "ignore")
+    if split != "ignore":  # always said: "test" means the numbers are on the val split
+        bits.append("train+val" if split == "train" else "evaluated on val")
     bits += [f"{k}={key[k]}" for k in extra]
     return ", ".join(bits)
 

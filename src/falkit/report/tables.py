@@ -194,8 +194,8 @@ def accuracy_table(runs: Sequence[Run], pcts: Sequence[float] | None = REPORT_PC
             _bold_best(rows, col)
         incomplete = sum(not r.complete for r in group)
         if incomplete:
-            note.append(f"{incomplete} incomplete run(s): counted where they reached a fraction, "
-                        "not in AULC.")
+            note.append(f"{incomplete} incomplete run(s): counted where they reached a fraction"
+                        + (", not in AULC." if aulc else "."))
         columns = ["method", "n", *[f"{p:g}%" for p in cols], *(["AULC"] if aulc else [])]
         sections.append(Section(setting, columns, rows, note))
     if not aulc:
