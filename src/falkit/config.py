@@ -334,6 +334,12 @@ NOT_IDENTITY = ("name", "out_dir", "tracking", "data.data_root", "fl.on_client_f
                 "runtime.device", "runtime.threads", "runtime.workers", "runtime.eval_batch",
                 "runtime.tune_allocator", "runtime.batch_clients", "runtime.save_models")
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # falkit.tracking's sinks
+
+
+def tracker_names(cfg: Config) -> list[str]:
+    """The trackers `tracking` names ("tensorboard,mlflow" or a TOML list)."""
+    return [t.strip() for t in cfg.tracking.split(",") if t.strip()]
+
 # settings added after runs were named: part of a run's identity only when not at these
 # defaults, so existing run directories keep their names
 ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
@@ -585,7 +591,7 @@ def validate(cfg: Config) -> None:
     for key, valid in CHOICES.items():
         if flat[key] not in valid:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
-    for name in (t.strip() for t in cfg.tracking.split(",") if t.strip()):
+    for name in tracker_names(cfg):
         if name not in TRACKERS:
             raise ConfigError(f"tracking: {name!r} is not one of {', '.join(TRACKERS)}")
     for key, value in flat.items():
@@ -618,6 +624,9 @@ def validate(cfg: Config) -> None:
                           f"{fast.budget:g}")
     if cfg.partition.method == "json" and not cfg.partition.file:
         raise ConfigError("partition.method = json needs partition.file = PATH")
+    if cfg.strategy == "fast" and cfg.oracle != "simulated":
+        raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
+                          "passes is not supported yet)")
     if cfg.data.val_split != "ignore":
         from falkit.data.sources import check_val_split  # lazily: torch, the registry
 

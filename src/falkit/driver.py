@@ -297,8 +297,7 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
             times["eval"] += time.perf_counter() - t_eval
             if cfg.runtime.eval_every:
                 values["accuracy"] = acc
-        if hasattr(rep, "round_done"):  # a reporter of one's own may not have this hook
-            rep.round_done(cycle, r, fl.rounds, values)
+        rep.round_done(cycle, r, fl.rounds, values)  # (a tracking.Fanout: see `run`)
         rep.advance()
     st.global_state = global_state
     times["train"] = time.perf_counter() - t - times["eval"]  # evaluations count as eval

@@ -220,9 +220,6 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     (one round of training; the embeddings come from the cache)."""
     if cfg.strategy != "fast":
         raise ConfigError(f"FAST runs need strategy = fast, got {cfg.strategy!r}")
-    if cfg.oracle != "simulated":
-        raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
-                          "passes is not supported yet)")
     rd = RunDir.of(cfg)
     if rd.inspect(cfg, overwrite) == "complete":
         return RunResult(rd.path, read_metrics(rd.path), skipped=True)

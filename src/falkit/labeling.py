@@ -113,7 +113,8 @@ def ensure_queue(folder: Path, client: int, cycle: int, ids: np.ndarray, images,
                 # them are kept aside
                 write_atomic(folder / f"answers.{len(list(folder.glob('answers.*.json')))}"
                              ".json", (folder / ANSWERS).read_bytes())
-                _write_answers(folder, [a for a in old if a["id"] in set(ids)])
+                queued = set(ids)
+                _write_answers(folder, [a for a in old if a["id"] in queued])
             (folder / CLOSED).unlink(missing_ok=True)
             write_atomic(folder / QUEUE, json.dumps(
                 {"client": client, "cycle": cycle, "classes": list(classes), "ids": ids},
@@ -143,7 +144,7 @@ def answer(folder: Path, sample: Any, label: Any) -> dict[str, Any]:
     with _locked(folder):
         _check_open(folder)
         queue = read_queue(folder)
-        sid = _sample(queue, sample)
+        sid = sample_id(queue, sample)
         if label == "unsure":
             value = UNSURE
         elif isinstance(label, int) and not isinstance(label, bool) \
@@ -170,7 +171,7 @@ def undo(folder: Path, sample: Any = None) -> dict[str, Any]:
             if answers:
                 answers.pop()
         else:
-            sid = _sample(queue, sample)
+            sid = sample_id(queue, sample)
             if not any(a["id"] == sid for a in answers):
                 raise QueueError(f"sample {sid} has no answer to undo", 409)
             answers = [a for a in answers if a["id"] != sid]
@@ -178,7 +179,8 @@ def undo(folder: Path, sample: Any = None) -> dict[str, Any]:
         return progress(queue, answers)
 
 
-def _sample(queue: dict[str, Any], sample: Any) -> int:
+def sample_id(queue: dict[str, Any], sample: Any) -> int:
+    """The queued sample a request names (404 if none)."""
     if isinstance(sample, float) and not sample.is_integer():
         raise QueueError(f"unknown sample {sample!r}", 404)
     try:
@@ -198,22 +200,31 @@ def progress(queue: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, 
             "last": answers[-1] if answers else None}
 
 
+def _queues(root: Path, client: int | None = None) -> list[tuple[int, Path]]:
+    """(cycle, folder) of the queues under a labeling root (of every client, or of
+    `client`), in numeric cycle order (cycle 10 after cycle 2)."""
+    found = []
+    for folder in Path(root).glob(f"client_{'*' if client is None else client}/cycle_*"):
+        c = folder.name[len("cycle_"):]
+        if c.isdigit():
+            found.append((int(c), folder))
+    return sorted(found)
+
+
 def latest_queue(run_dir: Path, client: int) -> Path:
     """The newest queue of client k in a run directory."""
-    base = Path(run_dir) / "labeling" / f"client_{client}"
-    cycles = sorted((int(p.name.split("_")[1]), p) for p in base.glob("cycle_*")
-                    if p.name.split("_")[1].isdigit() and (p / QUEUE).is_file())
+    cycles = [f for _, f in _queues(Path(run_dir) / "labeling", client)
+              if (f / QUEUE).is_file()]
     if not cycles:
         raise FalkitError(f"{run_dir} has no label queue for client {client} (run it with "
                           "oracle=human first)")
-    return cycles[-1][1]
+    return cycles[-1]
 
 
 def all_answers(root: Path) -> dict[int, int]:
     """Every answer in every queue under `root` (sample id -> label)."""
     out: dict[int, int] = {}
-    folders = [f for f in Path(root).glob("client_*/cycle_*") if f.name[6:].isdigit()]
-    for folder in sorted(folders, key=lambda f: int(f.name[6:])):  # cycle 10 after cycle 2
+    for _, folder in _queues(root):
         out.update({a["id"]: a["label"] for a in read_answers(folder)})
     return out
 
@@ -221,12 +232,8 @@ def all_answers(root: Path) -> dict[int, int]:
 def count_unsure(root: Path, cycle: int, client: int | None = None) -> int:
     """"unsure" answers in the queues of the cycles up to `cycle` (of every client, or of
     `client`)."""
-    n = 0
-    for folder in Path(root).glob(f"client_{'*' if client is None else client}/cycle_*"):
-        c = folder.name.split("_")[1]
-        if c.isdigit() and int(c) <= cycle:
-            n += sum(1 for a in read_answers(folder) if a["label"] == UNSURE)
-    return n
+    return sum(1 for c, folder in _queues(root, client) if c <= cycle
+               for a in read_answers(folder) if a["label"] == UNSURE)
 
 
 # -- Label Studio ---------------------------------------------------------------------------

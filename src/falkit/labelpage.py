@@ -53,7 +53,7 @@ def create_app(folder: Path, token: str) -> Starlette:
         if denied:
             return denied
         try:
-            sid = labeling._sample(labeling.read_queue(folder), request.path_params["sample"])
+            sid = labeling.sample_id(labeling.read_queue(folder), request.path_params["sample"])
         except labeling.QueueError as e:
             return JSONResponse({"error": str(e)}, e.status)
         return Response((folder / f"img_{sid}.png").read_bytes(), media_type="image/png",

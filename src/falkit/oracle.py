@@ -37,9 +37,8 @@ class WaitingForLabels(FalkitError):
 
     def __init__(self, pending: list[LabelsPending]):
         self.pending = pending
-        left = sum(p.total - p.answered for p in pending)
         clients = ", ".join(str(p.client) for p in pending)
-        super().__init__(f"waiting for {left} labels (clients {clients})")
+        super().__init__(f"waiting for {self.left} labels (clients {clients})")
 
     @property
     def left(self) -> int:

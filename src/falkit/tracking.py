@@ -17,24 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from falkit import config as config_mod
-from falkit.config import (
-    Config,
-)
+from falkit.config import Config, tracker_names
 from falkit.driver import Reporter
 from falkit.errors import ConfigError
 
 _PACKAGE = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
-def names(cfg: Config) -> list[str]:
-    return [t.strip() for t in cfg.tracking.split(",") if t.strip()]
-
-
 def check(cfg: Config) -> None:
     """Unknown trackers and missing packages, before a run starts."""
     import importlib.util
 
-    for name in names(cfg):
+    for name in tracker_names(cfg):
         if importlib.util.find_spec(_PACKAGE[name]) is None:
             raise ConfigError(f"tracking = {name} needs the {_PACKAGE[name]} package: "
                               f"pip install 'falkit[{name}]'")
@@ -153,6 +147,6 @@ class Fanout(Reporter):
 
 
 def with_trackers(cfg: Config, run_dir: Path, reporter: Reporter) -> Reporter:
-    """`reporter` and the run's trackers as one reporter (just `reporter` without any)."""
-    sinks = [_SINKS[name](cfg, run_dir) for name in names(cfg)]
-    return Fanout([reporter, *sinks]) if sinks else reporter
+    """`reporter` and the run's trackers as one reporter (a reporter of one's own may lack
+    the newer hooks: the Fanout calls only those it has)."""
+    return Fanout([reporter, *(_SINKS[name](cfg, run_dir) for name in tracker_names(cfg))])

@@ -314,11 +314,10 @@ def dirichlet_flwr(
     a = np.full(k, _check_alpha(alpha), dtype=float)
     gen = np.random.default_rng(seed)
     avg = y.size / k
-    classes = np.unique(y)
+    by_class = [np.nonzero(y == c)[0] for c in np.unique(y)]  # the same for every draw
     for _attempt in range(11):
         parts: list[list[int]] = [[] for _ in range(k)]
-        for c in classes:
-            members = np.nonzero(y == c)[0]
+        for members in by_class:
             prop = gen.dirichlet(a)
             if self_balancing:
                 prop = np.array([0.0 if len(parts[i]) > avg else p for i, p in enumerate(prop)])
@@ -362,12 +361,12 @@ def pathological(
         if not owners:
             unused.append(int(c))
             continue
-        if len(owners) > int((y == c).sum()):  # as flwr-datasets refuses it
+        members = np.nonzero(y == c)[0]
+        if len(owners) > len(members):  # as flwr-datasets refuses it
             raise ConfigError(f"pathological partition: class {int(c)} was drawn by "
-                              f"{len(owners)} clients but has {int((y == c).sum())} samples; "
+                              f"{len(owners)} clients but has {len(members)} samples; "
                               "lower num_clients or classes_per_client")
-        for i, chunk in zip(owners, np.array_split(np.nonzero(y == c)[0], len(owners)),
-                            strict=True):
+        for i, chunk in zip(owners, np.array_split(members, len(owners)), strict=True):
             parts[i].extend(chunk.tolist())
     if unused:
         import warnings

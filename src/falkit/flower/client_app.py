@@ -350,7 +350,7 @@ def select_(msg: Message, context: Context) -> Message:
     site.labeled = np.union1d(site.labeled, picks[got]).astype(np.int64)
     site.reveal(picks[got], labels[got])
     if not got.all():
-        site.unsure = int(site.meta().get("unsure", 0)) + int((~got).sum())
+        site.unsure += int((~got).sum())  # (sync read it from the node state)
         site.set_meta(unsure=site.unsure)
     site.oracle.audit(min(budget * (cycle + 1), len(site.pool)))
     site.save_pools()

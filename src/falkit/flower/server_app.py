@@ -121,9 +121,6 @@ def validate(cfg: Config) -> Strategy:
     clients' pool sizes: checked right after `query.info`)."""
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     tracking.check(cfg)
-    if strategy.initial_query == "fast" and cfg.oracle != "simulated":
-        raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
-                          "passes is not supported yet)")
     if strategy.initial_query == "fast" and cfg.fast.scope != "client":
         raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
                           "samples in one place; on Flower use fast.scope = client")

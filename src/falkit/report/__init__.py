@@ -39,7 +39,7 @@ from falkit.errors import FalkitError
 from falkit.results import read_metrics, read_status
 
 __all__ = [
-    "Run", "load_runs", "find_run_dirs", "by_setting", "method_order",
+    "Run", "load_runs", "find_run_dirs", "by_setting", "method_order", "recorded",
     "accuracy_table", "paired_table", "compare_text", "write_report",
     "Table", "Section", "Cell",
 ]
@@ -55,6 +55,13 @@ _CORE = ("data.dataset", "partition.method", "partition.alpha", "partition.class
 
 def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v).lower() if v is None else str(v)
+
+
+def recorded(value: Any) -> float | None:
+    """A metrics.csv value as a number; None where none was recorded ("", NaN, absent)."""
+    if value is None or value == "" or math.isnan(float(value)):
+        return None
+    return float(value)
 
 
 @dataclass
@@ -113,10 +120,8 @@ class Run:
         and Flower runs without simulation metrics, have none)."""
         for r in self.metrics:
             if math.isclose(float(r["target_pct"]), pct, abs_tol=1e-6):
-                value = r.get(metric)
-                if value is None or value == "" or math.isnan(float(value)):
-                    return None
-                return 100.0 * float(value)
+                value = recorded(r.get(metric))
+                return None if value is None else 100.0 * value
         return None
 
     def has_auc(self) -> bool:

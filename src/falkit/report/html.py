@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from falkit.errors import FalkitError
-from falkit.report import Run, by_setting, load_runs, method_order
+from falkit.report import Run, by_setting, load_runs, method_order, recorded
 from falkit.report import plots as P
 from falkit.report.tables import REPORT_PCTS, accuracy_table, paired_table
 from falkit.results import csv_text, write_atomic
@@ -55,9 +55,8 @@ def _tidy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 def _pct(value: Any) -> float | str:
     """A fraction as a rounded %; "" where none was recorded (or NaN)."""
-    if value is None or value == "" or np.isnan(float(value)):
-        return ""
-    return round(100 * float(value), 4)
+    number = recorded(value)
+    return "" if number is None else round(100 * number, 4)
 
 
 def _figure_html(png: bytes, caption: str) -> str:
@@ -95,8 +94,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     acc = accuracy_table(runs, pcts)
     paired = paired_table(runs)
     write_atomic(out / "accuracy.md", acc.to_markdown())
-    auc = accuracy_table([r for r in runs if r.has_auc()], pcts, "auc") \
-        if any(r.has_auc() for r in runs) else None
+    with_auc = [r for r in runs if r.has_auc()]
+    auc = accuracy_table(with_auc, pcts, "auc") if with_auc else None
     if auc is not None:
         write_atomic(out / "auc.md", auc.to_markdown())
     write_atomic(out / "paired.md", paired.to_markdown())

@@ -26,7 +26,7 @@ _GROUP_TITLE = {"majority": "Majority classes (top 30 %)",
 FORMATS = ("png", "pdf", "svg")  # raster for the HTML page; vector for papers
 
 
-def png_bytes(fig: Figure, fmt: str = "png") -> bytes:
+def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     """The figure as PNG (at the report's resolution), PDF or SVG bytes."""
     if fmt not in FORMATS:
         raise ValueError(f"figure format {fmt!r} is not one of {', '.join(FORMATS)}")
@@ -82,7 +82,7 @@ def accuracy_figure(runs: Sequence[Run], title: str,
     ax.grid(alpha=0.3)
     ax.set_title(f"Accuracy vs labeled fraction (mean ± std over seeds)\n{title}", fontsize=10)
     fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
-    return png_bytes(fig, fmt)
+    return figure_bytes(fig, fmt)
 
 
 def rounds_figure(runs: Sequence[Run], title: str,
@@ -119,7 +119,7 @@ def rounds_figure(runs: Sequence[Run], title: str,
     ax.grid(alpha=0.3)
     ax.set_title(f"Accuracy per FL round (mean over seeds)\n{title}", fontsize=10)
     fig.legend(loc="outside right upper", fontsize=8, title="method", title_fontsize=8)
-    return png_bytes(fig, fmt)
+    return figure_bytes(fig, fmt)
 
 
 def query_balance_figure(runs: Sequence[Run], title: str,
@@ -167,7 +167,7 @@ def query_balance_figure(runs: Sequence[Run], title: str,
     fig.suptitle(f"Query class balance ({what})\n{title}", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
-    return png_bytes(fig, fmt)
+    return figure_bytes(fig, fmt)
 
 
 def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
@@ -205,4 +205,4 @@ def partition_figure(counts: np.ndarray, class_names: Sequence[str], title: str,
                         color="white" if norm(counts[i, j]) > 0.6 else "black")
     ax.set_title(f"Client × class partition ({k} clients, {int(counts.sum())} samples)\n{title}",
                  fontsize=10)
-    return png_bytes(fig, fmt)
+    return figure_bytes(fig, fmt)
