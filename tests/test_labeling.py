@@ -113,6 +113,88 @@ def test_a_partial_answer_set_is_never_used_and_unsure_goes_back_to_the_pool(tmp
     assert run(cfg).metrics[-1]["cycle"] == 2
 
 
+
+@pytest.mark.parametrize("transport", ["inprocess", "flower"])
+def test_the_labels_a_run_uses_are_the_labels_on_disk_whatever_comes_between(
+        tmp_path, monkeypatch, transport):
+    """Issue 23.1: at every point where the run takes or gives back a queue's lock, an
+    annotator undoes an answer of every queue and answers it again with another class.
+    Before the run read a queue the change is what the run uses; once it read it, the
+    queue is closed (409). Either way the labels the run used are the labels on disk
+    (the old code read the answers, let go of the lock and closed the queue later: an undo
+    in between was accepted and the run trained on labels the files no longer showed).
+    On Flower each site reads its own queue (the ClientApp's oracle), in the same way."""
+    import contextlib
+
+    if transport == "flower":
+        pytest.importorskip("flwr")
+        from tests.test_transports import MemoryGrid, flower_run, run_config
+
+        from falkit.flower import client_app
+
+        def go():
+            client_app._SITES.clear()  # new SuperNodes each time: state only on their disks
+            over = {"strategy": "entropy@G", "oracle": "human"}
+            flower_run(tmp_path, grid=MemoryGrid(run_config(tmp_path, **over)), **over)
+    else:
+        cfg = _cfg(tmp_path, "oracle=human")
+
+        def go():
+            run(cfg)
+    real = labeling._locked
+    active, seen = [], {"changed": 0, "refused": 0}
+
+    def tamper(folder: Path) -> None:
+        if not active or len(active) > 1:
+            return
+        active.append("tampering")  # the annotator's own calls take the lock too
+        try:
+            for _, queue in labeling._queues(folder.parent.parent):
+                answers = labeling.read_answers(queue)
+                if not answers:
+                    continue
+                a = answers[(seen["changed"] + seen["refused"]) % len(answers)]
+                try:
+                    labeling.undo(queue, a["id"])
+                except labeling.QueueError as e:
+                    assert e.status == 409  # the run read it: closed
+                    seen["refused"] += 1
+                    continue
+                labeling.answer(queue, a["id"], (max(a["label"], 0) + 1) % 10)
+                seen["changed"] += 1
+        finally:
+            active.pop()
+
+    @contextlib.contextmanager
+    def locked(folder):
+        tamper(folder)
+        with real(folder):
+            yield
+        tamper(folder)
+
+    monkeypatch.setattr(labeling, "_locked", locked)
+    for _ in range(3):
+        active.append("run")
+        try:
+            go()
+            break
+        except WaitingForLabels:
+            pass
+        finally:
+            active.clear()
+        _label_all(_only(tmp_path))
+    else:
+        raise AssertionError("the run never finished")
+    run_dir = _only(tmp_path)
+    assert json.loads((run_dir / "status.json").read_text())["complete"] is True
+    assert seen["changed"] > 0 and seen["refused"] > 0  # both kinds of point were reached
+    records = [json.loads(x) for x in (run_dir / "queries.jsonl").read_text().splitlines()]
+    assert len(records) == 6  # 3 clients x 2 cycles
+    for r in records:
+        on_disk = {a["id"]: a["label"] for a in labeling.read_answers(
+            labeling.queue_folder(run_dir / "labeling", r["client"], r["cycle"]))}
+        assert dict(zip(r["indices"], r["labels"], strict=True)) == on_disk, r["client"]
+
 # -- the page's security -----------------------------------------------------------------------
 @pytest.fixture
 def queue(tmp_path):

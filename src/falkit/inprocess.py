@@ -90,7 +90,6 @@ class InProcessFederation:
             answers.append(labels)
         if pending:
             raise WaitingForLabels(pending)
-        self.oracle.commit()
         self._audit(0)
         return Queried(records, self._histogram(answers))
 
@@ -168,7 +167,6 @@ class InProcessFederation:
         self._contexts = []
         if pending:
             raise WaitingForLabels(pending)
-        self.oracle.commit()
         self._audit(cycle)
         return Queried(records, self._histogram(answers))
 

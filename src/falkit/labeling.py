@@ -99,33 +99,54 @@ def ensure_queue(folder: Path, client: int, cycle: int, ids: np.ndarray, images,
                  classes: list[str]) -> dict[int, int]:
     """Client k's queue of cycle c holds exactly `ids` (written now if it did not, images
     first, queue.json last); the answers given so far, by sample id."""
+    with _locked(folder):
+        return _ensure(folder, client, cycle, [int(i) for i in ids], images, classes)
+
+
+def take(folder: Path, client: int, cycle: int, ids: np.ndarray, images,
+         classes: list[str]) -> dict[int, int]:
+    """What a run reads: `ensure_queue`'s answers, and if every queued sample has one, the
+    queue closes in the same step, under the same lock, so the answers the run uses are
+    the answers on disk: no undo or new answer can come between the read and the close."""
     ids = [int(i) for i in ids]
     with _locked(folder):
-        try:
-            queue = read_queue(folder)
-        except (FileNotFoundError, ValueError):
-            queue = None
-        if queue is None or sorted(queue.get("ids", [])) != sorted(ids):
-            for i in ids:
-                write_atomic(folder / f"img_{i}.png", png_bytes(_image(images, i)))
-            old = read_answers(folder)
-            if old:  # another query: the answers to samples still queued are kept, all of
-                # them are kept aside
-                write_atomic(folder / f"answers.{len(list(folder.glob('answers.*.json')))}"
-                             ".json", (folder / ANSWERS).read_bytes())
-                queued = set(ids)
-                _write_answers(folder, [a for a in old if a["id"] in queued])
-            (folder / CLOSED).unlink(missing_ok=True)
-            write_atomic(folder / QUEUE, json.dumps(
-                {"client": client, "cycle": cycle, "classes": list(classes), "ids": ids},
-                indent=1) + "\n")
-        return {a["id"]: a["label"] for a in read_answers(folder)}
+        answers = _ensure(folder, client, cycle, ids, images, classes)
+        if all(i in answers for i in ids):
+            _seal(folder)
+        return answers
+
+
+def _ensure(folder: Path, client: int, cycle: int, ids: list[int], images,
+            classes: list[str]) -> dict[int, int]:
+    try:
+        queue = read_queue(folder)
+    except (FileNotFoundError, ValueError):
+        queue = None
+    if queue is None or sorted(queue.get("ids", [])) != sorted(ids):
+        for i in ids:
+            write_atomic(folder / f"img_{i}.png", png_bytes(_image(images, i)))
+        old = read_answers(folder)
+        if old:  # another query: the answers to samples still queued are kept, all of
+            # them are kept aside
+            write_atomic(folder / f"answers.{len(list(folder.glob('answers.*.json')))}"
+                         ".json", (folder / ANSWERS).read_bytes())
+            queued = set(ids)
+            _write_answers(folder, [a for a in old if a["id"] in queued])
+        (folder / CLOSED).unlink(missing_ok=True)
+        write_atomic(folder / QUEUE, json.dumps(
+            {"client": client, "cycle": cycle, "classes": list(classes), "ids": ids},
+            indent=1) + "\n")
+    return {a["id"]: a["label"] for a in read_answers(folder)}
 
 
 def close(folder: Path) -> None:
     """The run used this queue's answers: from now on they cannot change (409)."""
     with _locked(folder):
-        write_atomic(folder / CLOSED, "the run used these answers\n")
+        _seal(folder)
+
+
+def _seal(folder: Path) -> None:
+    write_atomic(folder / CLOSED, "the run used these answers\n")
 
 
 def _check_open(folder: Path) -> None:

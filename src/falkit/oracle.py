@@ -74,9 +74,6 @@ class SimulatedOracle:
         self._revealed[np.asarray(revealed, dtype=np.int64)] = True
         self.count = int(self._revealed.sum()) + spent
 
-    def commit(self) -> None:
-        """The query phase is over and its answers are used (people's queues close)."""
-
     def unsure_before(self, cycle: int) -> int:
         """"unsure" answers up to `cycle` (none: the simulated oracle always knows)."""
         return 0
@@ -97,26 +94,17 @@ class HumanOracle(SimulatedOracle):
     def __init__(self, root: Path, images, classes: list[str], num_samples: int):
         super().__init__(np.full(num_samples, UNSURE, dtype=np.int64))
         self.root, self.images, self.classes = Path(root), images, list(classes)
-        self._used: list[Path] = []  # queues answered in the current query phase
-
-    def commit(self) -> None:
-        """The query phase took every client's answers: they can no longer change."""
-        from falkit import labeling
-
-        for folder in self._used:
-            labeling.close(folder)
-        self._used = []
 
     def label(self, client: int, indices: np.ndarray, cycle: int = 0) -> np.ndarray:
         from falkit import labeling
 
         idx = self._check(client, indices)
         folder = labeling.queue_folder(self.root, client, cycle)
-        answers = labeling.ensure_queue(folder, client, cycle, idx, self.images, self.classes)
+        # read and closed in one step: the labels used are the labels on disk
+        answers = labeling.take(folder, client, cycle, idx, self.images, self.classes)
         if len(answers) < len(idx):
             raise LabelsPending(client, len(answers), len(idx), folder)
         labels = np.array([answers[int(i)] for i in idx], dtype=np.int64)
-        self._used.append(folder)
         self._revealed[idx[labels != UNSURE]] = True
         self._labels[idx] = labels
         self.count += len(idx)

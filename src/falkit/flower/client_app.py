@@ -450,9 +450,6 @@ def train(msg: Message, context: Context) -> Message:
     site = site_of(context)
     conf = _conf(msg)
     cycle, r, k, lr = conf["cycle"], conf["round"], conf["client"], conf["lr"]
-    queue = labeling.queue_folder(site.label_root, k, cycle)
-    if site.cfg.oracle == "human" and (queue / labeling.QUEUE).is_file():
-        labeling.close(queue)  # the query phase is over: its answers are used
     engine, cfg = site.engine, site.cfg
     algo = engine.algorithm
     # the global weights, the FL algorithm's downlink (SCAFFOLD's c) and this client's memory
