@@ -18,6 +18,7 @@ from falkit.oracle import UNSURE, WaitingForLabels
 starlette = pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
+from falkit import labelpage  # noqa: E402
 from falkit.labelpage import create_app  # noqa: E402
 
 SMALL = ["data.dataset=digits", "data.rho=5", "partition.num_clients=3",
@@ -40,18 +41,25 @@ def _only(parent: Path) -> Path:
     return d
 
 
+def _page_client(folder: Path, token: str, annotator: str = "annotator-a-0123456789"):
+    """A client of the page as a browser tab is one: the served host name, the page's CSRF
+    token and its annotator id (the headers every POST needs)."""
+    http = TestClient(create_app(folder, token), base_url="http://127.0.0.1:8765")
+    page = http.get(f"/?token={token}").text
+    csrf = re.search(r'name="csrf" content="([^"]+)"', page).group(1)
+    return http, {"X-CSRF-Token": csrf, "X-Annotator": annotator}
+
+
 def _label_all(run_dir: Path, answer=lambda sid: int(Y[sid])) -> int:
     """Answer every queued sample of every client through the page's HTTP API."""
     n = 0
     for client in sorted(run_dir.glob("labeling/client_*")):
         folder = labeling.latest_queue(run_dir, int(client.name.split("_")[1]))
-        http = TestClient(create_app(folder, "tok"))
-        page = http.get("/?token=tok").text
-        csrf = re.search(r'name="csrf" content="([^"]+)"', page).group(1)
+        http, ok = _page_client(folder, "tok")
         while (state := http.get("/api/queue?token=tok").json())["next"]:
             sid = state["next"][0]
             r = http.post("/api/answer?token=tok", json={"id": sid, "label": answer(sid)},
-                          headers={"X-CSRF-Token": csrf})
+                          headers=ok)
             assert r.status_code == 200, r.text
             n += 1
     return n
@@ -155,7 +163,7 @@ def test_the_labels_a_run_uses_are_the_labels_on_disk_whatever_comes_between(
                     continue
                 a = answers[(seen["changed"] + seen["refused"]) % len(answers)]
                 try:
-                    labeling.undo(queue, a["id"])
+                    labeling.undo(queue, a["id"], a["by"])
                 except labeling.QueueError as e:
                     assert e.status == 409  # the run read it: closed
                     seen["refused"] += 1
@@ -201,25 +209,23 @@ def queue(tmp_path):
     images = np.arange(5 * 1 * 4 * 4, dtype=np.uint8).reshape(5, 1, 4, 4)
     folder = labeling.queue_folder(tmp_path / "labeling", 0, 1)
     labeling.ensure_queue(folder, 0, 1, np.array([1, 3, 4]), images, ["a", "b"])
-    http = TestClient(create_app(folder, "secret"))
-    csrf = re.search(r'name="csrf" content="([^"]+)"', http.get("/?token=secret").text)[1]
-    return folder, http, csrf
+    http, ok = _page_client(folder, "secret")
+    return folder, http, ok
 
 
 def test_every_request_needs_the_token(queue):
-    folder, http, csrf = queue
+    folder, http, ok = queue
     for path in ("/", "/api/queue", "/image/1"):
         assert http.get(path).status_code == 401
         assert http.get(path + "?token=wrong").status_code == 403
         assert http.get(path, headers={"X-Token": "secret"}).status_code == 200
     assert http.post("/api/answer", json={"id": 1, "label": 0},
-                     headers={"X-CSRF-Token": csrf}).status_code == 401
+                     headers=ok).status_code == 401
     assert labeling.read_answers(folder) == []
 
 
 def test_posts_need_the_csrf_token_and_valid_answers(queue):
-    folder, http, csrf = queue
-    ok = {"X-CSRF-Token": csrf}
+    folder, http, ok = queue
     post = "/api/answer?token=secret"
     assert http.post(post, json={"id": 1, "label": 0}).status_code == 403  # no CSRF token
     assert http.post(post, json={"id": 1, "label": 0},
@@ -250,12 +256,12 @@ def test_no_path_reaches_the_file_system(queue):
 
 
 def test_two_annotators_never_lose_or_duplicate_an_answer(queue):
-    folder, http, csrf = queue
+    folder, http, ok = queue
     codes = []
 
     def give(label):
         codes.append(http.post("/api/answer?token=secret", json={"id": 4, "label": label},
-                               headers={"X-CSRF-Token": csrf}).status_code)
+                               headers=ok).status_code)
 
     threads = [threading.Thread(target=give, args=(i % 2,)) for i in range(8)]
     for t in threads:
@@ -267,7 +273,7 @@ def test_two_annotators_never_lose_or_duplicate_an_answer(queue):
     # and in parallel on different samples, every answer is kept
     threads = [threading.Thread(target=lambda s=s: http.post(
         "/api/answer?token=secret", json={"id": s, "label": 0},
-        headers={"X-CSRF-Token": csrf})) for s in (1, 3)]
+        headers=ok)) for s in (1, 3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -289,27 +295,90 @@ def test_png_images_decode_to_the_sample():
     assert (gray == img[0]).all()
 
 
-def test_label_studio_export_and_import(queue, tmp_path):
-    folder, _, _ = queue
+def _ls_task(sample: int, *choices: str, when: list[str] | None = None) -> dict:
+    """A task as Label Studio's JSON export writes it (labelstud.io/guide/export, the
+    `annotations[].result[]` of a Choices control named "label" on "image")."""
+    return {"id": 100 + sample, "data": {"image": "data:image/png;base64,", "sample": sample},
+            "annotations": [{"id": 7 + n, "completed_by": 1, "was_cancelled": False,
+                             "created_at": (when or [""] * len(choices))[n],
+                             "updated_at": (when or [""] * len(choices))[n],
+                             "result": [{"id": "r1", "from_name": "label",
+                                         "to_name": "image", "type": "choices",
+                                         "origin": "manual", "value": {"choices": [c]}}]}
+                            for n, c in enumerate(choices)], "predictions": []}
+
+
+def test_label_studio_config_is_valid_xml_with_the_page_keys(tmp_path):
+    """Issue 23.9-10: each choice's hotkey is its class key (without, Label Studio numbers
+    choices from 1: pressing 2 chose class "1"), "unsure" is a choice on u, and names
+    with & " < > are escaped: the config parses as XML and gives the names back."""
+    import xml.etree.ElementTree as ET
+
+    classes = ['T-shirt & top', 'say "hi"', "<b>old</b>", "it's"] + [f"c{i}" for i in range(9)]
+    root = ET.fromstring(labeling.label_studio_config(classes))
+    (control,) = root.iter("Choices")
+    assert (control.get("name"), control.get("toName"), control.get("choice")) == \
+        ("label", "image", "single")
+    got = [(c.get("value"), c.get("hotkey")) for c in control.iter("Choice")]
+    assert got == [*zip(classes, labeling.class_keys(13), strict=True), ("unsure", "u")]
+    assert got[2] == ("<b>old</b>", "2") and got[10] == ("c6", "a")
+    assert labeling.unsure_choice(["unsure", "b"]) != "unsure"
+
+
+def test_label_studio_import_is_all_or_nothing_and_follows_its_rule(queue, tmp_path, capsys):
+    """Issue 23.11: a bad choice or a malformed file writes nothing (one line, exit 2);
+    JSON and JSON_MIN exports both import; a label corrected in Label Studio after a first
+    import updates it, the page's own answers are kept over Label Studio's, and of two
+    disagreeing annotations the newest counts; the CLI says each count."""
+    folder, http, ok = queue
+    run_dir = folder.parent.parent.parent
     tasks = labeling.export_label_studio(folder)
     assert [t["data"]["sample"] for t in tasks] == [1, 3, 4]
     assert tasks[0]["data"]["image"].startswith("data:image/png;base64,")
-    assert "<Choice value=\"b\"/>" in labeling.label_studio_config(["a", "b"])
-    exported = [{**t, "annotations": [{"result": [{"type": "choices", "value": {
-        "choices": ["b" if t["data"]["sample"] == 3 else "a"]}}]}]} for t in tasks[:2]]
     path = tmp_path / "export.json"
-    path.write_text(json.dumps(exported))
-    run_dir = folder.parent.parent.parent
-    assert main(["label", str(run_dir), "--client", "0", "--import-label-studio",
-                 str(path)]) == 0
-    assert labeling.read_answers(folder) == [{"id": 1, "label": 0}, {"id": 3, "label": 1}]
-    bad = [{"data": {"sample": 4}, "annotations": [{"result": [
-        {"type": "choices", "value": {"choices": ["zebra"]}}]}]}]
-    with pytest.raises(labeling.QueueError, match="zebra"):
-        labeling.import_label_studio(folder, bad)
+
+    def imported(data) -> int:
+        path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+        return main(["label", str(run_dir), "--client", "0", "--import-label-studio",
+                     str(path)])
+
+    bad = [_ls_task(1, "a"), _ls_task(3, "b"), _ls_task(4, "zebra")]
+    assert imported(bad) == 2 and "'zebra' is not one of the run's classes" in \
+        capsys.readouterr().err
+    for malformed in ({"tasks": []}, ["a", "b"], [1, 2],
+                      [{**_ls_task(1, "a"), "annotations": [{"result": [
+                          {"type": "choices", "value": {"choices": []}}]}]}],
+                      [{**_ls_task(1, "a"), "annotations": [{"result": [
+                          {"type": "choices", "val": {"choices": ["a"]}}]}]}],
+                      [{"data": {"image": "x"}, "annotations": []}],
+                      [{"data": {"sample": 2}, "annotations": []}],  # not in this queue
+                      [{"image": "x", "id": 1, "label": "a"}], "{" * 5, "[" * 50000):
+        assert imported(malformed) == 2, malformed
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("falkit: error:"), err
+    assert labeling.read_answers(folder) == []  # nothing half-written
+    minimal = [{"image": "x", "sample": 1, "id": 101, "label": "a", "annotator": 1,
+                "annotation_id": 7, "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-01T00:00:00Z", "lead_time": 2.0}]  # JSON_MIN
+    assert imported(minimal) == 0
+    assert "1 new answers" in capsys.readouterr().out and _given(folder) == [(1, 0)]
+    assert http.post("/api/answer?token=secret", json={"id": 4, "label": 1},
+                     headers=ok).status_code == 200  # sample 4 answered on the page
+    again = [_ls_task(1, "b"), _ls_task(3, "a", "unsure", when=["2026-01-02", "2026-01-03"]),
+             _ls_task(4, "a"), {**_ls_task(9, "a"), "data": {"sample": 3},
+                                "annotations": []}]
+    assert imported(again) == 0
+    out = capsys.readouterr().out
+    assert "1 updated (corrected in Label Studio) (sample 1)" in out
+    assert "1 tasks with disagreeing annotations took the newest (sample 3)" in out
+    assert "1 answers given on the page kept over Label Studio's (sample 4)" in out
+    assert _given(folder) == [(1, 1), (4, 1), (3, UNSURE)]  # 3: the newest, "unsure"
+    labeling.close(folder)
+    assert imported([_ls_task(1, "a")]) == 2  # a used queue cannot change
+    assert imported([_ls_task(1, "b")]) == 0  # unchanged is fine
     out = tmp_path / "tasks.json"
     assert main(["label", str(run_dir), "--export-label-studio", str(out)]) == 0
-    assert [t["data"]["sample"] for t in json.loads(out.read_text())] == [4]
+    assert json.loads(out.read_text()) == []
     assert out.with_suffix(".xml").is_file()
 
 
@@ -438,27 +507,135 @@ def test_serving_beyond_loopback_warns(tmp_path, monkeypatch, capsys):
     assert [a[1] for a in served] == ["0.0.0.0", "127.0.0.1"]
 
 
-def test_a_used_queue_is_closed_and_undo_is_per_answer(queue, tmp_path):
-    """Undo takes back one named answer (a page undoes its own, never another annotator's);
-    a queue the run used can no longer change (409), so a resumed run trains on what the
-    first one did; a re-ordered queue keeps its answers (review findings)."""
-    folder, http, csrf = queue
-    ok = {"X-CSRF-Token": csrf}
-    post = "/api/answer?token=secret"
-    http.post(post, json={"id": 3, "label": 0}, headers=ok)  # annotator A
-    http.post(post, json={"id": 4, "label": 1}, headers=ok)  # annotator B
-    r = http.post("/api/undo?token=secret", json={"id": 3}, headers=ok)  # A's undo
-    assert r.status_code == 200
-    assert labeling.read_answers(folder) == [{"id": 4, "label": 1}]
-    assert http.post("/api/undo?token=secret", json={"id": 3}, headers=ok).status_code == 409
+def _given(folder: Path) -> list[tuple[int, int]]:
+    return [(a["id"], a["label"]) for a in labeling.read_answers(folder)]
+
+
+def test_undo_takes_back_only_what_that_page_answered(queue):
+    """Issue 23.4: a page (an annotator id, kept across reloads of the tab) undoes only its
+    own answers, by name or its last; another page's undo of them is refused (409), also
+    `undo {}`; the queue API tells each page its own answers only, so the page can show
+    the answer just given; a queue the run used can no longer change (409)."""
+    folder, a, ok_a = queue
+    b, ok_b = _page_client(folder, "secret", annotator="annotator-b-0123456789")
+    post, undo = "/api/answer?token=secret", "/api/undo?token=secret"
+    assert a.post(post, json={"id": 3, "label": 0}, headers=ok_a).status_code == 200
+    r = b.post(post, json={"id": 4, "label": 1}, headers=ok_b)
+    assert r.json()["mine"] == [{"id": 4, "label": 1}]  # B sees its own answer, not A's
+    assert b.post(undo, json={"id": 3}, headers=ok_b).status_code == 409  # A's
+    assert b.post(undo, json={}, headers=ok_b).json()["mine"] == []  # B's last: its own 4
+    assert b.post(undo, json={}, headers=ok_b).status_code == 409  # nothing of B's left
+    assert _given(folder) == [(3, 0)]
+    missing = {"X-CSRF-Token": ok_a["X-CSRF-Token"]}
+    assert a.post(undo, json={"id": 3}, headers=missing).status_code == 400  # no annotator
+    reloaded, _ = _page_client(folder, "secret")  # A's tab reloaded: the same annotator id
+    assert reloaded.get("/api/queue?token=secret", headers={"X-Annotator": ok_a[
+        "X-Annotator"]}).json()["mine"] == [{"id": 3, "label": 0}]
+    assert reloaded.post(undo, json={"id": 3}, headers=ok_a).status_code == 200
+    assert _given(folder) == []
+    assert a.post(post, json={"id": 1, "label": 1}, headers=ok_a).status_code == 200
+    assert ok_a["X-Annotator"] not in (folder / labeling.ANSWERS).read_text()  # hashed
     images = np.zeros((5, 1, 4, 4), dtype=np.uint8)
     labeling.ensure_queue(folder, 0, 1, np.array([4, 1, 3]), images, ["a", "b"])  # reordered
-    assert labeling.read_answers(folder) == [{"id": 4, "label": 1}]
+    assert _given(folder) == [(1, 1)]
     labeling.close(folder)
-    assert http.post(post, json={"id": 1, "label": 0}, headers=ok).status_code == 409
-    assert http.post("/api/undo?token=secret", json={"id": 4}, headers=ok).status_code == 409
-    assert http.post(post, json={"id": 9.7, "label": 0}, headers=ok).status_code in (404, 409)
-    assert http.get("/api/queue?token=s\u00e9cret").status_code == 403  # not a 500
+    assert a.post(post, json={"id": 3, "label": 0}, headers=ok_a).status_code == 409
+    assert a.post(undo, json={"id": 1}, headers=ok_a).status_code == 409
+    assert a.get("/api/queue?token=secret").json()["closed"] is True
+    assert a.post(post, json={"id": 9.7, "label": 0}, headers=ok_a).status_code in (404, 409)
+    assert a.get("/api/queue?token=s\u00e9cret").status_code == 403  # not a 500
+
+
+def test_bodies_json_headers_and_host_names(queue):
+    """Issue 23.5-6: bodies over 4 KiB 413 (whatever Content-Length says), deeply nested or
+    malformed JSON 400 (was a 500); every response has the security headers (the page a
+    CSP with a nonce for its own script); a Host that is not a served name 400."""
+    folder, http, ok = queue
+    post = "/api/answer?token=secret"
+    assert http.post(post, content=b"[" * 2000 + b"]" * 2000, headers=ok).status_code == 400
+    assert http.post(post, content=b"{" * 100, headers=ok).status_code == 400
+    big = b'{"id": 1, "label": 0, "pad": "' + b"x" * 5000 + b'"}'
+    assert http.post(post, content=big, headers=ok).status_code == 413
+
+    def chunks():  # no Content-Length: the size is counted as the body streams in
+        for _ in range(100):
+            yield b"x" * 100
+
+    assert http.post(post, content=chunks(), headers=ok).status_code == 413
+    assert labeling.read_answers(folder) == []
+    for path in ("/?token=secret", "/api/queue?token=secret", "/image/1?token=secret",
+                 "/api/queue", "/nowhere"):
+        h = http.get(path).headers
+        assert h["x-frame-options"] == "DENY" and h["x-content-type-options"] == "nosniff"
+        assert h["referrer-policy"] == "no-referrer" and h["cache-control"] == "no-store"
+        assert "frame-ancestors 'none'" in h["content-security-policy"]
+    page = http.get("/?token=secret")
+    nonce = re.search(r"'nonce-([^']+)'", page.headers["content-security-policy"])[1]
+    assert page.text.count(f'nonce="{nonce}"') == 2 and "unsafe-inline" not in \
+        page.headers["content-security-policy"]
+    assert http.get("/api/queue?token=secret", headers={"Host": "evil.example"}
+                    ).status_code == 400  # DNS rebinding: the attacker's name
+    assert http.get("/api/queue?token=secret", headers={"Host": "localhost:8765"}
+                    ).status_code == 200
+    assert http.get("/api/queue?token=secret", headers={"Host": "[::1]:8765"}
+                    ).status_code == 200
+    assert http.get("/api/queue?token=secret", headers={"Host": "10.0.0.7:8765"}
+                    ).status_code == 400  # loopback-only: not another address either
+    lan = TestClient(create_app(folder, "secret", labelpage.served_hosts("0.0.0.0")),
+                     base_url="http://10.0.0.7:8765")
+    assert lan.get("/api/queue?token=secret").status_code == 200  # 0.0.0.0: any address
+    assert lan.get("/api/queue?token=secret", headers={"Host": "evil.example"}
+                   ).status_code == 400
+
+
+def test_a_restarted_server_with_the_same_token_keeps_open_pages(queue, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Issue 23.7: --token-file keeps the token across restarts (made 0600 the first time);
+    the CSRF token follows from it, so a tab served by the first server posts to the
+    second; --port outside 1..65535 is a one-line error (exit 2)."""
+    import os
+
+    import falkit.labelpage
+
+    folder, first, ok = queue
+    again = TestClient(create_app(folder, "secret"), base_url="http://127.0.0.1:8765")
+    assert again.post("/api/answer?token=secret", json={"id": 1, "label": 0},
+                      headers=ok).status_code == 200  # the old tab's CSRF token
+    served = []
+    monkeypatch.setattr(falkit.labelpage, "serve", lambda *a: served.append(a))
+    run_dir = folder.parent.parent.parent
+    tf = tmp_path / "token"
+    assert main(["label", str(run_dir), "--client", "0", "--token-file", str(tf)]) == 0
+    assert main(["label", str(run_dir), "--client", "0", "--token-file", str(tf)]) == 0
+    assert served[0][3] == served[1][3] == tf.read_text().strip()
+    assert os.stat(tf).st_mode & 0o777 == 0o600
+    assert main(["label", str(run_dir), "--token", "short"]) == 2
+    assert main(["label", str(run_dir), "--token", "x" * 20, "--token-file", str(tf)]) == 2
+    for port in ("-1", "70000", "http"):
+        with pytest.raises(SystemExit) as e:
+            main(["label", str(run_dir), "--port", port])
+        assert e.value.code == 2
+    assert "a port is 1..65535" in capsys.readouterr().err
+    assert len(served) == 2
+
+
+def test_more_than_ten_classes_each_get_a_key_and_a_filter(tmp_path):
+    """Issue 23.8: 0-9, then the letters but u, one per class; the page shows each class's
+    key, a filter for every class, and the queue API hands the keys to the page."""
+    classes = [f"class {i}" for i in range(40)]
+    keys = labeling.class_keys(40)
+    assert keys[:12] == [*"0123456789", "a", "b"] and "u" not in keys
+    assert len(set(k for k in keys if k)) == 35 and keys[35:] == [""] * 5
+    images = np.zeros((3, 1, 3, 5), dtype=np.uint8)  # not square
+    folder = labeling.queue_folder(tmp_path / "labeling", 0, 0)
+    labeling.ensure_queue(folder, 0, 0, np.array([0, 2]), images, classes)
+    http, ok = _page_client(folder, "secret")
+    page = http.get("/?token=secret").text
+    assert '<kbd>z</kbd> class 34' in page and '<kbd>a</kbd> class 10' in page
+    assert 'id="filter"' in page and "object-fit: contain" in page
+    assert http.get("/api/queue?token=secret").json()["keys"] == keys
+    r = http.post("/api/answer?token=secret", json={"id": 2, "label": 39}, headers=ok)
+    assert r.status_code == 200 and _given(folder) == [(2, 39)]
 
 
 def test_overwrite_of_a_human_run_keeps_the_new_queues(tmp_path):

@@ -411,20 +411,91 @@ def cmd_label(args: argparse.Namespace) -> int:
         return 0
     if args.import_label_studio:
         try:
-            tasks = json.loads(Path(args.import_label_studio).read_text())
-        except ValueError as e:
+            tasks = json.loads(Path(args.import_label_studio).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:
             raise FalkitError(f"{args.import_label_studio}: not a JSON export ({e})") from None
-        new = labeling.import_label_studio(folder, tasks)
+        got = labeling.import_label_studio(folder, tasks)
         q = labeling.progress(labeling.read_queue(folder), labeling.read_answers(folder))
-        print(f"{new} answers imported; {q['answered']} / {q['total']} answered")
+        print(f"Label Studio: {_ls_summary(got)}; {q['answered']} / {q['total']} answered")
         return 0
+    token = _label_token(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"falkit: warning: serving on {args.host}: anyone who can reach this machine "
               "and has the token can label this queue", file=sys.stderr)
+        if not args.certfile:
+            print("falkit: warning: the page is plain HTTP: the token and the answers "
+                  "cross the network unencrypted (use --certfile/--keyfile, or an SSH "
+                  "tunnel to 127.0.0.1)", file=sys.stderr)
     from falkit.labelpage import serve
 
-    serve(folder, args.host, args.port)
+    serve(folder, args.host, args.port, token, args.certfile, args.keyfile)
     return 0
+
+
+def _ls_summary(got: dict[str, list[int]]) -> str:
+    """One line on what a Label Studio import did (labeling.import_label_studio's rule)."""
+    def ids(k: str) -> str:
+        shown = ", ".join(str(i) for i in got[k][:5])
+        return f" (sample {shown}{', ...' if len(got[k]) > 5 else ''})"
+
+    parts = [f"{len(got['new'])} new answers"]
+    if got["updated"]:
+        parts.append(f"{len(got['updated'])} updated (corrected in Label Studio){ids('updated')}")
+    if got["unchanged"]:
+        parts.append(f"{len(got['unchanged'])} unchanged")
+    if got["conflicting"]:
+        parts.append(f"{len(got['conflicting'])} tasks with disagreeing annotations took the "
+                     f"newest{ids('conflicting')}")
+    if got["kept"]:
+        parts.append(f"{len(got['kept'])} answers given on the page kept over Label "
+                     f"Studio's{ids('kept')}")
+    if got["unannotated"]:
+        parts.append(f"{len(got['unannotated'])} tasks without an annotation")
+    return ", ".join(parts)
+
+
+def _label_token(args: argparse.Namespace) -> str:
+    """The page's access token: --token, or the one in --token-file (written there, 0600,
+    if the file does not exist yet), or a new random one."""
+    import os
+    import re
+    from pathlib import Path
+
+    from falkit import labeling
+
+    def checked(t: str, where: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", t):
+            raise FalkitError(f"{where}: a token is 16-128 letters, digits, - or _")
+        return t
+
+    if args.token and args.token_file:
+        raise FalkitError("give --token or --token-file, not both")
+    if args.token:
+        return checked(args.token, "--token")
+    if not args.token_file:
+        return labeling.new_token()
+    path = Path(args.token_file)
+    try:
+        return checked(path.read_text(encoding="utf-8").strip(), str(path))
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        raise FalkitError(f"{path}: cannot read the token ({e})") from None
+    token = labeling.new_token()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {text!r}")
+    return port
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -661,7 +732,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default: loopback only; any other is "
                          "reachable over the network, guarded by the printed token)")
-    sp.add_argument("--port", type=int, default=8765)
+    sp.add_argument("--port", type=_port, default=8765)
+    sp.add_argument("--token-file", metavar="FILE",
+                    help="keep the access token in FILE (made, mode 0600, if missing): a "
+                         "restarted server keeps it, and open pages keep working")
+    sp.add_argument("--token", help="the access token to use (visible to other users of "
+                                    "this machine in the process list: prefer --token-file)")
+    sp.add_argument("--certfile", help="serve HTTPS with this certificate (PEM)")
+    sp.add_argument("--keyfile", help="the certificate's private key (PEM)")
     sp.add_argument("--export-label-studio", metavar="FILE",
                     help="write the queue's unanswered samples as a Label Studio import "
                          "file (and the labeling config beside it) instead of serving")

@@ -26,6 +26,7 @@ import struct
 import zlib
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from falkit.oracle import UNSURE
 from falkit.results import write_atomic
 
 QUEUE, ANSWERS, LOCK, CLOSED = "queue.json", "answers.json", ".lock", "closed"
+LOCAL, LABEL_STUDIO = "local", "label-studio"  # who answered, besides the pages' annotators
 MIN_SIDE = 192  # images are scaled up (nearest neighbour) to at least this many pixels
 
 
@@ -160,44 +162,51 @@ def _image(images, i: int) -> np.ndarray:
     return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
 
-def answer(folder: Path, sample: Any, label: Any) -> dict[str, Any]:
-    """Record one answer (a class index, or "unsure"); the queue's progress."""
+def answer(folder: Path, sample: Any, label: Any, by: str = LOCAL) -> dict[str, Any]:
+    """Record one answer (a class index, or "unsure") given by annotator `by` (the page's
+    hashed annotator id; LOCAL for Python callers); the queue's progress as `by` sees it."""
     with _locked(folder):
         _check_open(folder)
         queue = read_queue(folder)
         sid = sample_id(queue, sample)
-        if label == "unsure":
-            value = UNSURE
-        elif isinstance(label, int) and not isinstance(label, bool) \
-                and 0 <= label < len(queue["classes"]):
-            value = label
-        else:
-            raise QueueError(f"label must be a class index 0..{len(queue['classes']) - 1} "
-                             f"or \"unsure\", got {label!r}")
+        value = check_label(queue, label)
         answers = read_answers(folder)
         if any(a["id"] == sid for a in answers):
             raise QueueError(f"sample {sid} is already answered", 409)
-        answers.append({"id": sid, "label": value})
+        answers.append({"id": sid, "label": value, "by": by})
         _write_answers(folder, answers)
-        return progress(queue, answers)
+        return progress(queue, answers, by)
 
 
-def undo(folder: Path, sample: Any = None) -> dict[str, Any]:
-    """Take back the answer to `sample` (a page undoes its own last answer, so two
-    annotators never undo each other's), or the last answer given."""
+def check_label(queue: dict[str, Any], label: Any) -> int:
+    """A class index of the queue, or "unsure" (-> UNSURE); anything else is refused."""
+    if label == "unsure":
+        return UNSURE
+    if isinstance(label, int) and not isinstance(label, bool) \
+            and 0 <= label < len(queue["classes"]):
+        return label
+    raise QueueError(f"label must be a class index 0..{len(queue['classes']) - 1} "
+                     f"or \"unsure\", got {label!r}")
+
+
+def undo(folder: Path, sample: Any = None, by: str = LOCAL) -> dict[str, Any]:
+    """Take back one of annotator `by`'s answers: the one to `sample`, or `by`'s last. Another
+    annotator's answer is never taken back (409), so two pages never undo each other's."""
     with _locked(folder):
         _check_open(folder)
         queue, answers = read_queue(folder), read_answers(folder)
+        own = [a for a in answers if a.get("by", LOCAL) == by]
         if sample is None:
-            if answers:
-                answers.pop()
+            if not own:
+                raise QueueError("this page has no answer to undo", 409)
+            sid = own[-1]["id"]
         else:
             sid = sample_id(queue, sample)
-            if not any(a["id"] == sid for a in answers):
-                raise QueueError(f"sample {sid} has no answer to undo", 409)
-            answers = [a for a in answers if a["id"] != sid]
+            if not any(a["id"] == sid for a in own):
+                raise QueueError(f"sample {sid} has no answer of this page to undo", 409)
+        answers = [a for a in answers if a["id"] != sid]
         _write_answers(folder, answers)
-        return progress(queue, answers)
+        return progress(queue, answers, by)
 
 
 def sample_id(queue: dict[str, Any], sample: Any) -> int:
@@ -213,12 +222,25 @@ def sample_id(queue: dict[str, Any], sample: Any) -> int:
     return sid
 
 
-def progress(queue: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def progress(queue: dict[str, Any], answers: list[dict[str, Any]], by: str | None = None
+             ) -> dict[str, Any]:
+    """What a page shows: counts, the next sample, and `by`'s own answers (oldest first; no
+    page sees what another annotator answered)."""
     done = {a["id"] for a in answers}
     left = [i for i in queue["ids"] if i not in done]
     return {"client": queue["client"], "cycle": queue["cycle"], "classes": queue["classes"],
-            "total": len(queue["ids"]), "answered": len(done), "next": left[:1],
-            "last": answers[-1] if answers else None}
+            "keys": class_keys(len(queue["classes"])), "total": len(queue["ids"]),
+            "answered": len(done), "next": left[:1],
+            "mine": [{"id": a["id"], "label": a["label"]} for a in answers
+                     if by is not None and a.get("by", LOCAL) == by]}
+
+
+def class_keys(n: int) -> list[str]:
+    """The key that answers each of n classes: 0-9, then the letters but u (unsure), one
+    each (35 classes); classes beyond have none (the page's filter reaches every class).
+    The labeling page and the exported Label Studio config use the same keys."""
+    keys = [*"0123456789", *(c for c in "abcdefghijklmnopqrstvwxyz")]
+    return keys[:n] + [""] * max(0, n - len(keys))
 
 
 def _queues(root: Path, client: int | None = None) -> list[tuple[int, Path]]:
@@ -258,11 +280,24 @@ def count_unsure(root: Path, cycle: int, client: int | None = None) -> int:
 
 
 # -- Label Studio ---------------------------------------------------------------------------
+def unsure_choice(classes: list[str]) -> str:
+    """The Label Studio choice that means "unsure" ("unsure", unless a class has that
+    name)."""
+    return "unsure" if "unsure" not in classes else "unsure (not a class)"
+
+
 def label_studio_config(classes: list[str]) -> str:
-    """The labeling interface to paste into a Label Studio project."""
-    choices = "".join(f'    <Choice value="{c}"/>\n' for c in classes)
+    """The labeling interface to paste into a Label Studio project: each class a choice
+    whose hotkey is the page's key for it (without one, Label Studio numbers the choices
+    from 1, so pressing 2 would choose class 1), and an "unsure" choice on `u`. Names are
+    XML-escaped (a class named `a & "b"` is a valid attribute)."""
+    keys = class_keys(len(classes))
+    choices = "".join(
+        f"    <Choice value={quoteattr(c)}{f' hotkey={quoteattr(k)}' if k else ''}/>\n"
+        for c, k in zip(classes, keys, strict=True))
+    choices += f'    <Choice value={quoteattr(unsure_choice(classes))} hotkey="u"/>\n'
     return ('<View>\n  <Image name="image" value="$image"/>\n'
-            '  <Choices name="label" toName="image" choice="single">\n'
+            '  <Choices name="label" toName="image" choice="single" showInline="true">\n'
             f"{choices}  </Choices>\n</View>\n")
 
 
@@ -275,27 +310,100 @@ def export_label_studio(folder: Path) -> list[dict[str, Any]]:
             for i in queue["ids"] if i not in done]
 
 
-def import_label_studio(folder: Path, tasks: list[dict[str, Any]]) -> int:
-    """Answers from a Label Studio JSON export (one choice per task); how many were new."""
-    queue = read_queue(folder)
-    names = {c: i for i, c in enumerate(queue["classes"])}
-    new = 0
-    for task in tasks:
-        sample = task.get("data", {}).get("sample")
-        anns = [r for a in task.get("annotations", []) if not a.get("was_cancelled")
-                for r in a.get("result", []) if r.get("type") == "choices"]
-        if sample is None or not anns:
-            continue
-        choice = anns[-1]["value"]["choices"][0]
-        if choice not in names:
-            raise QueueError(f"sample {sample}: {choice!r} is not one of the run's classes")
-        try:
-            answer(folder, sample, names[choice])
-            new += 1
-        except QueueError as e:
-            if e.status != 409:  # already answered: the queue keeps the first answer
-                raise
-    return new
+def _ls_choice(where: str, value: Any, names: dict[str, int]) -> int:
+    """One annotation's class (or UNSURE) from its choices; a malformed one is refused."""
+    choices = value.get("choices") if isinstance(value, dict) else value
+    if isinstance(choices, str):
+        choices = [choices]
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], str):
+        raise QueueError(f"{where}: expected exactly one choice, got {choices!r}")
+    if choices[0] not in names:
+        raise QueueError(f"{where}: {choices[0]!r} is not one of the run's classes")
+    return names[choices[0]]
+
+
+def _ls_annotations(tasks: Any, names: dict[str, int]) -> list[tuple[Any, list[int]]]:
+    """(sample, its annotations' labels, oldest first) of every task of a Label Studio
+    export: the JSON export (tasks with `data` and `annotations`) or JSON_MIN (one flat row
+    per annotation: the task's data fields and the choice under the control's name,
+    `label`). Anything else is refused in one line, before anything is written."""
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise QueueError("not a Label Studio export: expected a JSON list of tasks (export "
+                         "the project as JSON or JSON_MIN)")
+    out: dict[Any, list[tuple[tuple[str, int], int]]] = {}
+    for n, task in enumerate(tasks):
+        where = f"task {task.get('id', n + 1)}"
+        if "data" in task or "annotations" in task:  # the JSON export
+            data, anns = task.get("data"), task.get("annotations", [])
+            if not isinstance(data, dict) or not isinstance(anns, list):
+                raise QueueError(f"{where}: 'data' must be an object and 'annotations' a list")
+            sample = data.get("sample")
+            labels = []
+            for m, a in enumerate(anns):
+                if not isinstance(a, dict) or not isinstance(a.get("result", []), list):
+                    raise QueueError(f"{where}: annotation {m + 1} is not a Label Studio "
+                                     "annotation")
+                if a.get("was_cancelled"):
+                    continue
+                for r in a.get("result", []):
+                    if isinstance(r, dict) and r.get("type") == "choices":
+                        if "value" not in r:
+                            raise QueueError(f"{where}: a choices result without 'value'")
+                        when = str(a.get("updated_at") or a.get("created_at") or "")
+                        labels.append(((when, m), _ls_choice(where, r["value"], names)))
+        elif "sample" in task:  # JSON_MIN: the choice under the control's name
+            sample = task["sample"]
+            when = str(task.get("updated_at") or task.get("created_at") or "")
+            labels = ([((when, n), _ls_choice(where, task["label"], names))]
+                      if task.get("label") not in (None, "", []) else [])
+        else:
+            raise QueueError(f"{where}: no data.sample: not a task falkit exported (export "
+                             "the Label Studio project as JSON or JSON_MIN)")
+        if sample is None:
+            raise QueueError(f"{where}: no data.sample: not a task falkit exported")
+        out.setdefault(sample, []).extend(labels)
+    return [(s, [label for _, label in sorted(got)]) for s, got in out.items()]
+
+
+def import_label_studio(folder: Path, tasks: Any) -> dict[str, list[int]]:
+    """Answers from a Label Studio export, all or nothing: every task is checked first, the
+    answers are written in one step. The rule, per sample: of its annotations the newest
+    (Label Studio's `updated_at`, else `created_at`, else the order in the file) counts,
+    and if they disagree the sample is reported `conflicting`; a new answer is `new`; an
+    answer an earlier import gave and Label Studio now corrects is `updated` (while the
+    queue is open); the same label is `unchanged`; an answer given on the page that Label
+    Studio contradicts is `kept` (the page's stands); tasks without an annotation are
+    `unannotated`. Returns the sample ids of each."""
+    with _locked(folder):
+        queue = read_queue(folder)
+        names = {c: i for i, c in enumerate(queue["classes"])}
+        names.setdefault(unsure_choice(queue["classes"]), UNSURE)
+        found = [(sample_id(queue, s), labels) for s, labels in _ls_annotations(tasks, names)]
+        answers = read_answers(folder)
+        given = {a["id"]: a for a in answers}
+        out: dict[str, list[int]] = {k: [] for k in (
+            "new", "updated", "unchanged", "kept", "conflicting", "unannotated")}
+        for sid, labels in found:
+            if not labels:
+                out["unannotated"].append(sid)
+                continue
+            if len(set(labels)) > 1:
+                out["conflicting"].append(sid)
+            label, old = labels[-1], given.get(sid)
+            if old is None:
+                out["new"].append(sid)
+                answers.append({"id": sid, "label": label, "by": LABEL_STUDIO})
+            elif old["label"] == label:
+                out["unchanged"].append(sid)
+            elif old.get("by") == LABEL_STUDIO:
+                out["updated"].append(sid)
+                old["label"] = label
+            else:
+                out["kept"].append(sid)
+        if out["new"] or out["updated"]:
+            _check_open(folder)
+            _write_answers(folder, answers)
+        return out
 
 
 def new_token() -> str:
