@@ -650,3 +650,43 @@ def test_overwrite_of_a_human_run_keeps_the_new_queues(tmp_path):
     run_dir = _only(tmp_path)
     assert not (run_dir / "checkpoint").exists()  # the old run was not put back
     assert json.loads((run_dir / "status.json").read_text())["cycles_done"] == 0
+
+
+def test_https_with_a_certificate_and_a_one_line_error_for_a_bad_one(tmp_path):
+    """Issue 23.6: --certfile/--keyfile serve the page over HTTPS (the URL says https);
+    a certificate that cannot be used is one line, exit 2."""
+    import shutil
+    import ssl
+    import subprocess
+    import sys
+    import urllib.request
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    run_dir = tmp_path / "r"
+    labeling.ensure_queue(labeling.queue_folder(run_dir / "labeling", 0, 0), 0, 0,
+                          np.array([0, 2]), np.zeros((3, 1, 2, 2), dtype=np.uint8), ["a", "b"])
+    falkit = str(Path(sys.executable).parent / "falkit")
+    proc = subprocess.Popen([falkit, "label", str(run_dir), "--port", "8793", "--certfile",
+                             str(cert), "--keyfile", str(key)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = re.search(r"open (https://\S+)", "".join(lines))[1]
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        with urllib.request.urlopen(url.replace("/?", "/api/queue?"), context=ctx) as r:
+            assert json.loads(r.read())["total"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    key.write_text("not a key")
+    res = subprocess.run([falkit, "label", str(run_dir), "--port", "8794", "--certfile",
+                          str(cert), "--keyfile", str(key)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("falkit: error: cannot use "), res.stderr
+    assert res.stderr.count("\n") == 1
