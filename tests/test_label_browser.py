@@ -265,3 +265,45 @@ def test_keys_answer_only_the_sample_on_screen_once(tmp_path):
     finally:
         browser.quit()
         served.stop()
+
+
+def test_forty_classes_each_reachable_and_the_controls_on_screen(tmp_path):
+    """Item 8: with 40 classes, key z answers class 34 and the filter (/, type, Enter)
+    class 39, which has no key; a non-square image keeps its aspect ratio; unsure and undo
+    stay inside the window although the buttons run below it."""
+    import numpy as np
+    from selenium.webdriver.common.keys import Keys
+
+    from falkit import labeling
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 20, 40), dtype=np.uint8)
+    folder = labeling.queue_folder(tmp_path / "labeling", 0, 0)
+    labeling.ensure_queue(folder, 0, 0, [0, 1, 2], images, [f"class {i}" for i in range(40)])
+    token = labeling.new_token()
+    served = _Served(folder, token, 8792, delay=0.0)
+    browser = _browser()
+
+    def given():
+        return {a["id"]: a["label"] for a in labeling.read_answers(folder)}
+
+    try:
+        browser.get(f"http://127.0.0.1:8792/?token={token}")
+        img = browser.find_element(By.ID, "img")
+        _until(lambda: img.get_attribute("data-sample") == "0", "no image shown")
+        w, h = browser.execute_script("return [arguments[0].naturalWidth, "
+                                      "arguments[0].naturalHeight]", img)
+        assert w == 2 * h  # 40 x 20, scaled evenly; shown with object-fit: contain
+        inner = browser.execute_script("return window.innerHeight")
+        for control in ("unsure", "undo"):
+            rect = browser.find_element(By.ID, control).rect
+            assert rect["y"] + rect["height"] <= inner, control
+        browser.find_element(By.TAG_NAME, "body").send_keys("z")
+        _until(lambda: given() == {0: 34}, "key z did not answer class 34")
+        _until(lambda: img.get_attribute("data-sample") == "1", "no next image")
+        browser.find_element(By.TAG_NAME, "body").send_keys("/")
+        browser.switch_to.active_element.send_keys("class 39")
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        _until(lambda: given() == {0: 34, 1: 39}, "the filter did not answer class 39")
+    finally:
+        browser.quit()
+        served.stop()
