@@ -6,7 +6,11 @@ A queue lives on the client's own disk, `runs/<name>/labeling/client_<k>/cycle_<
 up to be judged), `answers.json` (the answers so far, in the order given). Every write is
 atomic and made under a file lock, so answers survive a crash of the server or the
 browser, and two annotators on one queue never lose or duplicate an answer: the second
-answer to a sample is refused (409).
+answer to a sample is refused (409). Each answer records who gave it (`by`: a page's hashed
+annotator id, "label-studio" or "local"), and an undo takes back only its giver's answers.
+A run reads a queue with `take`: the answers and, once every queued sample has one, the
+queue's closing (`closed`; 409 from then on) are one step under the queue's lock, so the
+labels a run uses are the labels on disk.
 
 The page is a Starlette app served by uvicorn on 127.0.0.1 by default. Every request needs
 the run's random access token (printed in the URL at start); answers and undo are POSTs
