@@ -7,17 +7,25 @@ keeps that name. Validation turns impossible settings into one-line `ConfigError
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import math
+import numbers
+import os
 import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from falkit.errors import ConfigError
+
+# the declared type of a setting that holds comma-separated names: a TOML list of strings
+# (or a Python list, through falkit.run) is accepted too and joined with commas
+NAMES = "comma-separated names"
+Names = Annotated[str, NAMES]
 
 
 @dataclass
@@ -220,7 +228,7 @@ class Config:
     oracle: str = "simulated"
     # experiment trackers fed with every cycle's (and round's) metrics: any of tensorboard,
     # mlflow, wandb, comma-separated or a TOML list (falkit.tracking)
-    tracking: str = ""
+    tracking: Names = ""
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -372,11 +380,13 @@ def strategy_options(cfg: Config) -> dict[str, Any]:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as one level of dotted keys: {"fl": {"lr": 0.1}} -> {"fl.lr": 0.1}."""
+    """A nested dict as one level of dotted keys: {"fl": {"lr": 0.1}} -> {"fl.lr": 0.1}. An
+    empty dict stays a value ({"fl": {"lr": {}}} -> {"fl.lr": {}}): a table where a setting
+    belongs is an error (`set_key`), not nothing."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -384,7 +394,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _field_type(cfg: Any, dotted: str) -> tuple[Any, str, Any]:
-    """(owner dataclass instance, attribute, type) for a dotted key; ConfigError if unknown."""
+    """(owner dataclass instance, attribute, declared type) for a dotted key; the type of a
+    section is its dataclass. ConfigError if unknown."""
     parts = dotted.split(".")
     obj = cfg
     for i, part in enumerate(parts):
@@ -394,18 +405,47 @@ def _field_type(cfg: Any, dotted: str) -> tuple[Any, str, Any]:
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{dotted}' (valid at {where}: {valid})")
         if i == len(parts) - 1:
-            hints = typing.get_type_hints(type(obj))
-            if dataclasses.is_dataclass(hints[part]):
-                raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.X")
-            return obj, part, hints[part]
+            return obj, part, typing.get_type_hints(type(obj), include_extras=True)[part]
         obj = getattr(obj, part)
         if not dataclasses.is_dataclass(obj):
-            raise ConfigError(f"unknown config key '{dotted}'")
+            setting = ".".join(parts[: i + 1])
+            raise ConfigError(f"unknown config key '{dotted}': {setting} is a setting, not a "
+                              f"section (give it a value, not a table)")
     raise AssertionError
 
 
+def _describe(value: Any) -> str:
+    """A value as an error message shows it: its TOML kind for arrays, tables, dates and
+    times, short and on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table" if not value else f"a table {_short(repr(value))}"
+    if isinstance(value, (list, tuple)):
+        return f"an array {_short(repr(list(value)))}"
+    for kind in (datetime.datetime, datetime.date, datetime.time):  # datetime is a date
+        if isinstance(value, kind):
+            return f"a {kind.__name__} {value.isoformat()}"
+    return _short(repr(value))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())  # one line whatever the repr
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a TOML value or a command-line string to the field's type."""
+    """A TOML value, a command-line string or a Python value (falkit.run) as the field's
+    declared type. By that type alone: a string is parsed (the command line), a bool, int or
+    float must be one (an int for a float, an integral float for an int) and a str a str (or
+    a path); anything else (an array, a table, a date or time, a number for a string) is a
+    one-line ConfigError, never a traceback or a silently different value."""
+    names = typing.get_origin(typ) is Annotated and NAMES in typ.__metadata__
+    if typing.get_origin(typ) is Annotated:
+        typ = typing.get_args(typ)[0]
     args = typing.get_args(typ)
     optional = isinstance(typ, types.UnionType) and type(None) in args
     base = next((a for a in args if a is not type(None)), typ) if optional else typ
@@ -415,32 +455,51 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key} cannot be empty")
-    try:
-        if base is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if base is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, numbers.Integral)):  # "yes", "off", 1, 0
+            text = str(value).lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+    elif base is int:
+        if real and float(value).is_integer():
             return int(value)
-        if base is float:
-            if isinstance(value, bool):
-                raise ValueError
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif base is float:
+        if real:
             return float(value)
-        if isinstance(value, list):  # a TOML list for a comma-separated setting (tracking)
-            return ",".join(str(v) for v in value)
-        return str(value)
-    except ValueError:
-        raise ConfigError(f"{key} must be {base.__name__}, got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+            return os.fspath(value)
+        if names and isinstance(value, (list, tuple)):
+            if all(isinstance(v, str) for v in value):
+                return ",".join(value)
+            raise ConfigError(f"{key} must be str or a list of str, got {_describe(value)}")
+    elif isinstance(base, type) and isinstance(value, base):
+        return value
+    what = "str or a list of str" if names else getattr(base, "__name__", str(base))
+    raise ConfigError(f"{key} must be {what}, got {_describe(value)}")
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
     owner, attr, typ = _field_type(cfg, dotted)
+    if dataclasses.is_dataclass(typ):
+        if isinstance(value, dict) and not value:
+            return  # an empty [section]: nothing to set
+        raise ConfigError(f"'{dotted}' is a section; set one of its keys, e.g. {dotted}.X")
     setattr(owner, attr, _coerce(value, typ, dotted))
 
 
@@ -486,6 +545,9 @@ def load(path: str | Path | None = None, preset: str | None = None,
     # a preset named in the file is its base (the file's own values win over it); the
     # --preset argument is applied on top of the file, so it can scale any config down
     file_preset = file_values.pop("preset", None)
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ConfigError(f"preset must be str (a preset's name, or names joined by commas), "
+                          f"got {_describe(file_preset)}")
     file_presets, presets = preset_names(file_preset), preset_names(preset)
     for name in file_presets:  # a preset named in the file is its base
         apply(cfg, PRESETS[name])
@@ -627,10 +689,13 @@ def validate(cfg: Config) -> None:
     if cfg.strategy == "fast" and cfg.oracle != "simulated":
         raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
                           "passes is not supported yet)")
-    if cfg.data.val_split != "ignore":
-        from falkit.data.sources import check_val_split  # lazily: torch, the registry
+    # the names `falkit run` resolves before it reads any data, with its own functions, so
+    # that every command that loads a config (falkit config too) refuses what a run refuses
+    from falkit.al.base import create as create_strategy  # lazily: torch, the registries
+    from falkit.data.sources import check_val_split
 
-        check_val_split(cfg.data.dataset, cfg.data.val_split)
+    create_strategy(cfg.strategy, **strategy_options(cfg))  # name, @G/@L, its options
+    check_val_split(cfg.data.dataset, cfg.data.val_split)  # the dataset's name too
     _check_device(cfg.runtime.device)
 
 

@@ -9,6 +9,10 @@ Conventions, decided once here:
   does not exist, or paths holding no run at all, raise :class:`~falkit.errors.FalkitError`; an
   existing path without runs among others only warns. A run whose metrics.csv has no row yet is
   skipped with a warning.
+* **Damaged files** are refused, never half-read: a metrics.csv, partition.csv, rounds.csv or
+  status.json that is not UTF-8, not CSV / JSON, has a short row or an extra field, lacks a
+  column, holds text (or an out-of-range number) where a number belongs, or disagrees with the
+  run's other files raises one :class:`~falkit.errors.FalkitError` naming the file (and line).
 * **Incomplete runs** (status.json missing or not ``complete``) are loaded with
   ``Run.complete = False`` and a warning: their cycles count in accuracy tables and curves
   (each cell shows its own n when it differs), but not in AULC or the paired statistics, since an
@@ -22,7 +26,6 @@ Conventions, decided once here:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import warnings
@@ -36,7 +39,7 @@ import numpy as np
 from falkit import stats
 from falkit.config import STRATEGY_SECTIONS, Config, flatten, loads
 from falkit.errors import FalkitError
-from falkit.results import read_metrics, read_status
+from falkit.results import parse_value, read_csv_records, read_csv_table, read_status
 
 __all__ = [
     "Run", "load_runs", "find_run_dirs", "by_setting", "method_order", "recorded",
@@ -175,37 +178,180 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def _value(v: Any) -> str:
+    """A value as an error message quotes it (short, on one line)."""
+    return repr(v if len(str(v)) <= 40 else f"{str(v)[:40]}...")
+
+
+def _number(path: Path, line: int, row: dict[str, Any], key: str, low: float | None = None,
+            high: float | None = None, nan: bool = False) -> None:
+    """``row[key]`` is a number (NaN only if ``nan``), within [low, high] where given."""
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+            math.isnan(v) and not nan) or math.isinf(v):
+        what = "a number" + (" (or nan)" if nan else "")
+        raise FalkitError(f"{path}: line {line}: {key} is {_value(v)}, not {what}")
+    if (low is not None and v < low) or (high is not None and v > high):
+        where = f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise FalkitError(f"{path}: line {line}: {key} is {v!r}, not {where}")
+
+
+def _count(path: Path, line: int, key: str, v: Any) -> int:
+    """``v`` (text or parsed) as a whole number >= 0."""
+    if isinstance(v, str):
+        try:
+            v = int(v)
+        except ValueError:
+            pass
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise FalkitError(f"{path}: line {line}: {key} is {_value(v)}, not a whole number >= 0")
+    return v
+
+
+def _class_columns(path: Path, header: Sequence[str], prefix: str) -> int:
+    """How many ``<prefix><c>`` columns there are; they must be numbered 0, 1, ..., C - 1."""
+    for k in header:
+        if k.startswith(prefix) and not (k[len(prefix):].isascii()
+                                         and k[len(prefix):].isdigit()):
+            raise FalkitError(f"{path}: column {_value(k)}: {prefix}<class> columns are "
+                              "named by the class number")
+    idx = sorted(int(k[len(prefix):]) for k in header if k.startswith(prefix))
+    if idx != list(range(len(idx))):
+        raise FalkitError(f"{path}: the {prefix}<class> columns must be numbered 0 to "
+                          f"{len(idx) - 1}, not {', '.join(map(str, idx[:12]))}"
+                          + (", ..." if len(idx) > 12 else ""))
+    return len(idx)
+
+
+_METRICS_NEEDED = ("cycle", "target_pct", "labeled", "labeled_pct", "accuracy")
+
+
+def _read_metrics(run_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """metrics.csv, parsed and checked: the columns the report reads are there and every
+    value the report or falkit.load_runs computes with is a number of the right kind, the
+    cycles are 0, 1, 2, ... Damage is a FalkitError naming the file, the line and the value."""
+    path = run_dir / "metrics.csv"
+    header, records = read_csv_records(path)
+    rows = [{k: parse_value(v) for k, v in r.items()} for _, r in records]
+    if not rows:
+        return header, rows
+    missing = [k for k in _METRICS_NEEDED if k not in header]
+    if missing:
+        raise FalkitError(f"{path}: missing column(s) {', '.join(missing)} (a metrics.csv has "
+                          f"{', '.join(_METRICS_NEEDED)}, ...)")
+    n_acc = _class_columns(path, header, "acc_")
+    n_queried = _class_columns(path, header, "queried_")
+    if n_queried and n_acc and n_queried != n_acc:
+        raise FalkitError(f"{path}: queried_<class> columns for {n_queried} classes but acc_"
+                          f"<class> columns for {n_acc}")
+    for i, ((line, _), row) in enumerate(zip(records, rows, strict=True)):
+        cycle = _count(path, line, "cycle", row["cycle"])
+        if cycle != i:
+            raise FalkitError(f"{path}: line {line}: cycle {cycle} where {i} belongs (the "
+                              "rows are cycles 0, 1, 2, ... in order)")
+        _count(path, line, "labeled", row["labeled"])
+        for key in ("target_pct", "labeled_pct"):
+            _number(path, line, row, key, 0, 100)
+        _number(path, line, row, "accuracy", 0, 1)
+        if "auc" in row and row["auc"] != "":  # "" in rows from before falkit recorded it
+            _number(path, line, row, "auc", 0, 1, nan=True)
+        for key in header:
+            if key.startswith("acc_"):
+                _number(path, line, row, key, 0, 1, nan=True)  # nan: no test sample
+            elif key.startswith("queried_"):
+                _count(path, line, key, row[key])
+            elif key in ("comm_bytes", "comm_mib") or key.startswith("time_"):
+                _number(path, line, row, key, 0)
+    return header, rows
+
+
 def _read_partition(run_dir: Path) -> tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """partition.csv (``client,<class names>,total``, a row per client 0, 1, ..., then a
+    ``total`` row), checked: counts are whole numbers >= 0 and every total is its sum."""
     path = run_dir / "partition.csv"
     if not path.is_file():
         return [], None, None
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], [r for r in rows[1:] if r]
+    header, body = read_csv_table(path)
+    if not header:
+        raise FalkitError(f"{path}: empty file (no header client,<classes>,total)")
+    if len(header) < 3 or header[0] != "client" or header[-1] != "total":
+        raise FalkitError(f"{path}: the header must be client,<class names>,total, not "
+                          f"{_value(','.join(header))}")
     names = header[1:-1]
-    clients = np.array([[int(v) for v in r[1:-1]] for r in body if r[0] != "total"], dtype=np.int64)
-    total = [r for r in body if r[0] == "total"]
-    counts = (np.array([int(v) for v in total[0][1:-1]], dtype=np.int64) if total
-              else clients.sum(axis=0))
-    return names, clients, counts
+    clients: list[list[int]] = []
+    total: list[int] | None = None
+    for line, r in body:
+        if total is not None:
+            raise FalkitError(f"{path}: line {line}: a row after the total row")
+        counts = [_count(path, line, f"the count of class {_value(n)}", v)
+                  for n, v in zip(names, r[1:-1], strict=True)]
+        row_total = _count(path, line, "total", r[-1])
+        if row_total != sum(counts):
+            raise FalkitError(f"{path}: line {line}: total {row_total} is not the sum of the "
+                              f"row ({sum(counts)})")
+        if r[0] == "total":
+            total = counts
+            sums = np.array(clients, dtype=np.int64).sum(axis=0).tolist() if clients else []
+            if total != sums:
+                raise FalkitError(f"{path}: line {line}: the total row is not the sum of the "
+                                  "client rows")
+        elif r[0] != str(len(clients)):
+            raise FalkitError(f"{path}: line {line}: client {_value(r[0])} where "
+                              f"{len(clients)} belongs (rows are clients 0, 1, ..., then total)")
+        else:
+            clients.append(counts)
+    if not clients:
+        raise FalkitError(f"{path}: no client row")
+    part = np.array(clients, dtype=np.int64)
+    return names, part, np.array(total, dtype=np.int64) if total else part.sum(axis=0)
+
+
+def _read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """rounds.csv (cycle, round, accuracy), checked like metrics.csv; [] if there is none."""
+    path = run_dir / "rounds.csv"
+    if not path.is_file():
+        return []
+    header, records = read_csv_records(path)
+    missing = [k for k in ("cycle", "round", "accuracy") if k not in header]
+    if records and missing:
+        raise FalkitError(f"{path}: missing column(s) {', '.join(missing)} (a rounds.csv has "
+                          "cycle, round, accuracy)")
+    rounds = []
+    for line, r in records:
+        row = {"cycle": _count(path, line, "cycle", r["cycle"]),
+               "round": _count(path, line, "round", r["round"]),
+               "accuracy": parse_value(r["accuracy"])}
+        _number(path, line, row, "accuracy", 0, 1)
+        rounds.append(row)
+    return rounds
 
 
 def _load_one(run_dir: Path) -> Run | None:
+    """One run directory, every file read and checked before anything is used (or warned
+    about): damage is one FalkitError naming the file and what is wrong."""
     try:
         cfg = loads((run_dir / "config.toml").read_text())
     except Exception as e:  # noqa: BLE001 - any parse failure becomes one user-facing line
         raise FalkitError(f"{run_dir / 'config.toml'}: cannot read config ({e})") from None
-    metrics = read_metrics(run_dir)
+    header, metrics = _read_metrics(run_dir)
     if not metrics:
         warnings.warn(f"{run_dir}: metrics.csv has no cycle yet; skipped", stacklevel=3)
         return None
     names, part, counts = _read_partition(run_dir)
     status = read_status(run_dir)
+    rounds = _read_rounds(run_dir)
+    classes = _class_columns(run_dir / "metrics.csv", header, "acc_")
+    if names and classes and len(names) != classes:
+        raise FalkitError(f"{run_dir / 'metrics.csv'}: {classes} classes (acc_<class> "
+                          f"columns), but partition.csv has {len(names)}")
+    cycles = status.get("cycles")
+    if cycles is not None and (len(metrics) > cycles
+                               or (status["complete"] and len(metrics) != cycles)):
+        raise FalkitError(f"{run_dir / 'metrics.csv'}: {len(metrics)} cycle(s), but status.json "
+                          + (f"says the run completed {cycles}" if status["complete"]
+                             else f"says the run has {cycles} in all"))
     run = Run(run_dir, cfg, metrics, names, part, counts, bool(status.get("complete")), status)
-    if (run_dir / "rounds.csv").is_file():
-        with (run_dir / "rounds.csv").open(newline="") as f:
-            run.rounds = [{"cycle": int(r["cycle"]), "round": int(r["round"]),
-                           "accuracy": float(r["accuracy"])} for r in csv.DictReader(f)]
+    run.rounds = rounds
     if not names:
         run.class_names = [str(c) for c in range(run.num_classes)]
     if not run.complete:

@@ -85,21 +85,27 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
     """Write accuracy.md, auc.md (where runs recorded the AUC), paired.md, accuracy.csv
     (tidy: one row per run and cycle),
     figures/*.png (and .pdf/.svg for each of `formats`: vector figures for a paper) and a
-    self-contained report.html under ``out_dir``; return the HTML path."""
+    self-contained report.html under ``out_dir``; return the HTML path. Every run is read
+    and checked and every file made before the first is written: a damaged run directory
+    (a FalkitError) leaves ``out_dir`` as it was."""
+    run_dirs = list(run_dirs)
     for fmt in formats:
         if fmt not in P.FORMATS:
             raise FalkitError(f"figure format {fmt!r} is not one of {', '.join(P.FORMATS)}")
     out = Path(out_dir)
     runs = load_runs(run_dirs)
+    if not runs:
+        where = ", ".join(map(str, run_dirs))
+        raise FalkitError(f"no falkit run (metrics.csv + config.toml) under {where}")
     acc = accuracy_table(runs, pcts)
     paired = paired_table(runs)
-    write_atomic(out / "accuracy.md", acc.to_markdown())
+    files: dict[Path, str | bytes] = {out / "accuracy.md": acc.to_markdown()}
     with_auc = [r for r in runs if r.has_auc()]
     auc = accuracy_table(with_auc, pcts, "auc") if with_auc else None
     if auc is not None:
-        write_atomic(out / "auc.md", auc.to_markdown())
-    write_atomic(out / "paired.md", paired.to_markdown())
-    write_atomic(out / "accuracy.csv", csv_text(_tidy_rows(runs)))
+        files[out / "auc.md"] = auc.to_markdown()
+    files[out / "paired.md"] = paired.to_markdown()
+    files[out / "accuracy.csv"] = csv_text(_tidy_rows(runs))
 
     colors = P.method_colors(method_order(runs))
     # (section, file stem, draw(fmt) -> bytes | None)
@@ -127,14 +133,16 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path,
             data = draw(fmt)
             if data is None:
                 break
-            write_atomic(out / "figures" / f"{stem}.{fmt}", data)
+            files[out / "figures" / f"{stem}.{fmt}"] = data
             if fmt == "png":
                 figures.append((section, f"{stem}.png", data))
 
     page = _html_page(runs, acc.to_html() + (auc.to_html() if auc else ""), paired.to_html(),
                       figures, list(groups))
     path = out / "report.html"
-    write_atomic(path, page)
+    files[path] = page
+    for p, data in files.items():
+        write_atomic(p, data)
     return path
 
 

@@ -240,6 +240,8 @@ def paired_table(runs: Sequence[Run], a: str | None = None, b: str | None = None
     and HL read as "how surely the winner beats the other". p is the one-sided exact Wilcoxon
     p-value for H1: A > B; bold when < 0.05. Only complete runs count.
     """
+    if a is not None and a == b:
+        raise FalkitError(f"comparing {a} with itself: name two different methods")
     fixed = a or b
     other = b if a else None
     sections = []
