@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.test_bad_input_config import fail  # exactly one stderr line, exit 2
 
 import falkit
 from falkit import config
@@ -236,19 +237,6 @@ def damaged(base: Path, tmp_path: Path, file: str, damage) -> Path:
     path = runs / "a" / file
     path.write_bytes(damage(path.read_bytes()))
     return runs
-
-
-def fail(capsys, argv: list[str], *words: str) -> str:
-    """The CLI fails with exactly one line on stderr, `falkit: error: ...` with `words`."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("falkit: error:"), err
-    assert "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
