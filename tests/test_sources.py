@@ -373,6 +373,25 @@ def test_generic_npz(tmp_path: Path, layout: str) -> None:
     assert find(f"npz:{path}") == path
 
 
+def test_npz_mean_std_are_the_agreed_constants(tmp_path: Path) -> None:
+    """A site's npz may carry the federation's normalisation constants; they replace the
+    file's own statistics; half of them, or a bad value, is one error naming the file."""
+    x, y = _images(N_TRAIN, 3, H, W), _labels(N_TRAIN)
+    arrays = {"x_train": x, "y_train": y, "x_test": x[:4], "y_test": y[:4]}
+    np.savez(tmp_path / "site.npz", **arrays, mean=[0.5, 0.25, 0.125], std=[0.2, 0.3, 0.4])
+    ds = load(f"npz:{tmp_path / 'site.npz'}")
+    assert ds.mean == (0.5, 0.25, 0.125) and ds.std == (0.2, 0.3, 0.4)
+    for extra, why in (({"mean": [0.5] * 3}, "both `mean` and `std`"),
+                       ({"mean": [0.5] * 3, "std": [0.2, 0.0, 0.1]}, "`std` must be"),
+                       ({"mean": [[0.5] * 3] * 2, "std": [0.2] * 3}, "`mean` must be"),
+                       ({"mean": [0.5], "std": [0.2]}, "3-channel images but mean/std")):
+        path = tmp_path / "bad.npz"
+        np.savez(path, **arrays, **extra)
+        with pytest.raises(FalkitError, match=why) as e:
+            load(f"npz:{path}")
+        assert str(path) in str(e.value)
+
+
 def test_generic_npz_relative_to_data_root(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x_train=_images(4, H, W), y_train=[0, 1, 3, 2],
              x_test=_images(2, H, W), y_test=[1, 1])

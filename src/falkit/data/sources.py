@@ -15,7 +15,8 @@ Conventions the rest of falkit relies on:
   class, every 5th image (file order) is test, the rest train (1442 train / 355 test);
   mean/std are computed from that train split, like for ``npz:`` and ``imagefolder:``.
 * ``npz:`` and ``imagefolder:``: mean/std from the train set, no flip, no crop (the loader
-  cannot know whether flipping preserves the label).
+  cannot know whether flipping preserves the label). An npz may carry ``mean`` and ``std``
+  (per channel, of x/255): the sites of one federation then normalise alike.
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ _ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist"
             "tiny-imagenet-200": "tinyimagenet", "tiny_imagenet": "tinyimagenet"}
 #: The generic forms, (pattern, description); not in describe() as they have no fixed location.
 GENERIC_FORMATS = [
-    ("npz:<file>", "any .npz with x_train, y_train, x_test, y_test (optional classes)"),
+    ("npz:<file>", "any .npz with x_train, y_train, x_test, y_test (optional classes, "
+                   "mean, std)"),
     ("imagefolder:<dir>", "<dir>/train/<class>/*.png|jpg|bmp and <dir>/test/<class>/..."),
 ]
 
@@ -805,16 +807,30 @@ def _load_medmnist(info: DatasetInfo, path: Path, val_split: str = "ignore") -> 
 
 
 def _load_npz(path: Path, name: str) -> ImageDataset:
-    a = _npz_arrays(path, ("x_train", "y_train", "x_test", "y_test"), optional=("classes",))
+    a = _npz_arrays(path, ("x_train", "y_train", "x_test", "y_test"),
+                    optional=("classes", "mean", "std"))
     where = str(path)
     classes = None
     if "classes" in a:
         classes = [str(c) for c in np.asarray(a["classes"]).ravel()]
+    # sites of one federation normalise alike only with agreed constants: optional per-
+    # channel `mean` and `std` of x/255 (default: this file's own train split's)
+    norm: dict[str, tuple[float, ...] | None] = {"mean": None, "std": None}
+    if ("mean" in a) != ("std" in a):
+        raise FalkitError(f"{where}: give both `mean` and `std` (per channel, of x/255) "
+                          "or neither")
+    for k in ("mean", "std") if "mean" in a else ():
+        v = np.asarray(a[k])
+        if v.ndim > 1 or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all() \
+                or (k == "std" and (v <= 0).any()):
+            raise FalkitError(f"{where}: `{k}` must be finite per-channel numbers"
+                              f"{' > 0' if k == 'std' else ''}, got {v.dtype} {v.shape}")
+        norm[k] = tuple(float(x) for x in v.ravel())
     return _build(name, path, _to_uint8(_to_nchw(a["x_train"], f"{where}: x_train"), where),
                   _to_labels(a["y_train"], f"{where}: y_train"),
                   _to_uint8(_to_nchw(a["x_test"], f"{where}: x_test"), where),
                   _to_labels(a["y_test"], f"{where}: y_test"),
-                  classes, None, None, hflip=False, crop_pad=0)
+                  classes, norm["mean"], norm["std"], hflip=False, crop_pad=0)
 
 
 # -- image files (Tiny-ImageNet, imagefolder) ----------------------------------------------
