@@ -4,18 +4,17 @@ server-bound message is declared, and the deployment engine runs on loopback."""
 import csv
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+from tests.deployment import BIN, Deployment  # noqa: E402
 
 from falkit import config  # noqa: E402
 from falkit.flower import APP_DIR  # noqa: E402
@@ -24,6 +23,7 @@ from falkit.flower.common import (  # noqa: E402
     array_record,
     audit,
     declared,
+    record_layout,
     state_record,
 )
 from falkit.flower.server_app import run_server  # noqa: E402
@@ -36,7 +36,6 @@ SMALL = {
     "fl.rounds": "2", "fl.local_epochs": "1", "fl.lr": "0.05", "local_model.epochs": "3",
     "model.backbone": "resnet8_preact16", "runtime.threads": "1",
 }
-BIN = Path(sys.executable).parent
 
 
 def overrides(out, **extra) -> str:
@@ -77,15 +76,22 @@ def _inspect(message_type: str, content: RecordDict, model: dict, params: set,
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             assert message_type == "train", (message_type, name)
-            keys = set(record)
+            layout = record_layout(record)  # one flat array per dtype, and its layout
+            assert set(record) == {"layout"} | {dt for _, dt, _ in layout}, set(record)
+            keys = {k for k, _, _ in layout}
             assert keys == set(model) or (name == "uplink" and keys <= params), name
-            for k, arr in record.items():
-                assert tuple(arr.shape) == tuple(model[k].shape), (name, k)
+            for k, _, shape in layout:
+                assert shape == tuple(model[k].shape), (name, k)
         elif isinstance(record, MetricRecord):
             assert set(record) <= scalars[message_type], (message_type, dict(record))
             for k, v in record.items():
                 assert not isinstance(v, list) or (message_type, k) in {
                     ("evaluate", "correct"), ("evaluate", "total")}, (message_type, k)
+        elif isinstance(record, ConfigRecord) and (message_type, name) == ("query.info", "site"):
+            # versions, the dataset's name and two SHA-256 digests: no sample, no label
+            assert set(record) == {"falkit", "schema", "kind", "dataset", "train", "test"}
+            for k in ("train", "test"):
+                assert len(json.loads(record[k])) == 64, record[k]
         else:
             raise AssertionError(f"{message_type} carries {type(record).__name__} {name}")
 
@@ -103,11 +109,19 @@ def test_every_server_bound_message_is_declared(tmp_path):
         def get_node_ids(self):
             return self.grid.get_node_ids()
 
-        def send_and_receive(self, messages, *, timeout=None):
+        types: dict[str, str] = {}
+
+        def push_messages(self, messages):
             messages = list(messages)
-            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-            types = {m.metadata.dst_node_id: m.metadata.message_type for m in messages}
-            seen.extend((types[r.metadata.src_node_id], r.content) for r in replies)
+            ids = list(self.grid.push_messages(messages))
+            self.types.update({m.metadata.message_id: m.metadata.message_type
+                               for m in messages})
+            return ids
+
+        def pull_messages(self, message_ids):
+            replies = list(self.grid.pull_messages(message_ids))
+            seen.extend((self.types[r.metadata.reply_to_message_id], r.content)
+                        for r in replies)
             return replies
 
     def main(grid, context):
@@ -161,6 +175,9 @@ def test_audit_rejects_undeclared_payloads():
         ("train", RecordDict({"model": array_record(w=torch.zeros(2, 4).numpy(),
                                                     n=torch.zeros(()).numpy())})),
         ("train", RecordDict({"model": state_record({"w": model["w"]})})),
+        ("train", RecordDict({"model": state_record({"w": torch.zeros(2, 4), "n": model["n"]})})),
+        ("train", RecordDict({"model": ArrayRecord({**state_record(model),
+                                                    "extra": state_record(model)["<f4"]})})),
         ("query.stats", RecordDict({"stats": MetricRecord({"gamma": 0.5, "d": 0.1})})),
         ("query.select", RecordDict({"query": MetricRecord({"labeled": 3}),
                                      "diagnostics": ConfigRecord({"record": "{}"})})),
@@ -173,78 +190,15 @@ def test_audit_rejects_undeclared_payloads():
 
 
 # -- the deployment engine on loopback ----------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class Loopback:
-    """A SuperLink and three SuperNodes on 127.0.0.1, each in its own process group, every
-    one of them stopped by its PID at the end."""
+class Loopback(Deployment):
+    """A SuperLink and three SuperNodes simulating partitions, no TLS."""
 
     def __init__(self, tmp: Path, nodes: int = 3):
-        self.tmp, self.procs, self.logs = tmp, {}, {}
-        self.link_port, *self.node_ports = _free_ports(1 + nodes)
-        self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr"), "OMP_NUM_THREADS": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        (tmp / "flwr").mkdir()
-        (tmp / "flwr" / "config.toml").write_text(
-            '[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
-        self.start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--host",
-                                 "127.0.0.1", "--port", str(self.link_port),
-                                 "--disable-runtime-dependency-installation",
-                                 "--database", str(tmp / "state.db")])
-        deadline = time.monotonic() + 60
-        while True:  # the SuperLink's API is up before the SuperNodes and the job connect
-            try:
-                socket.create_connection(("127.0.0.1", self.link_port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        for i, port in enumerate(self.node_ports):
-            self.start(f"node{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                    f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
-                                    "--port", str(port), "--node-config",
-                                    f"partition-id={i} num-partitions={nodes}"])
-
-    def start(self, name: str, cmd: list[str]) -> None:
-        log = (self.tmp / f"{name}.log").open("w")
-        self.logs[name] = log
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self, name: str) -> None:
-        """SIGTERM, then SIGKILL, to the process group of the process we started (its
-        SuperExec and ClientApp children included)."""
-        proc = self.procs.pop(name)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=10)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.logs.pop(name).close()
-
-    def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        super().__init__(tmp, [f"partition-id={i} num-partitions={nodes}"
+                               for i in range(nodes)])
 
     def flwr_run(self, run_config: str) -> subprocess.Popen:
-        cmd = [str(BIN / "flwr"), "run", str(APP_DIR), "loopback", "--run-config", run_config]
-        return subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return super().flwr_run(APP_DIR, run_config)
 
 
 @pytest.fixture
@@ -292,7 +246,7 @@ def test_deployment_engine_on_loopback_runs_fairfal(tmp_path, loopback):
 @pytest.mark.parametrize("policy", ["continue", "stop"])
 def test_killed_supernode(tmp_path, loopback, policy):
     out = tmp_path / "runs"
-    job = loopback.flwr_run(_run_config(out, timeout=45.0, **{
+    job = loopback.flwr_run(_run_config(out, timeout=300.0, **{
         "budget.cycles": "3", "fl.on_client_failure": policy}))
     job.communicate(timeout=120)
     _wait_status(out, lambda s: s.get("cycles_done", 0) >= 1, 600)
@@ -302,8 +256,12 @@ def test_killed_supernode(tmp_path, loopback, policy):
     if policy == "continue":
         assert status["complete"] is True, status
         assert [int(r["cycle"]) for r in rows] == [0, 1, 2]
-    else:
-        assert "client 2" in status["error"] and "fl.on_client_failure" in status["error"]
+        assert rows[0]["clients"] == "3" and rows[-1]["clients"] == "2"
+        assert int(rows[-1]["test_samples"]) < int(rows[0]["test_samples"]) == 355
+    else:  # which site, what happened (not "no reply within ..."), how to go on
+        assert "client 2 (partition 2, node" in status["error"], status
+        assert "its SuperNode stopped answering" in status["error"], status
+        assert "submit the same run config again to resume" in status["error"], status
         assert status["cycles_done"] == len(rows) >= 1
         assert [int(r["cycle"]) for r in rows] == list(range(len(rows)))
 
@@ -326,7 +284,7 @@ def local_superlink(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         yield env
     finally:
-        pattern = f"flower-superlink.*{home}"
+        pattern = f"flower-superlink.*{home}/local-superlink"  # the README's command
         for sig in ("-TERM", "-KILL"):
             subprocess.run(["pkill", sig, "-f", pattern], check=False)
             time.sleep(2)
@@ -366,3 +324,112 @@ def test_flwr_run_on_the_managed_local_superlink(tmp_path, local_superlink):
     assert (got / "queries.jsonl").read_bytes() == (ref / "queries.jsonl").read_bytes()
     assert (got / "partition.csv").read_bytes() == (ref / "partition.csv").read_bytes()
     assert metrics(got) == metrics(ref)
+
+
+# -- the "Across machines" recipe, on loopback (issue 24) --------------------------------
+def _site_files(tmp: Path) -> tuple[list[Path], Path, Path]:
+    """digits dealt to two sites, each its own npz under its own data root, with the
+    federation's agreed mean/std; site 1 holds no 0 (so its npz declares `classes`). And the
+    same data for `falkit run`: every site's train and test split concatenated, and a
+    partition file giving each client its site's rows."""
+    from falkit.data.sources import _channel_stats, load
+
+    ds = load("digits")
+    rng = np.random.default_rng(0)
+    split = {}
+    for part in ("train", "test"):
+        y = getattr(ds, f"y_{part}")
+        to0 = rng.random(len(y)) < np.where(y < 5, 0.8, 0.25)
+        split[part] = [np.flatnonzero(to0 | (y == 0)), np.flatnonzero(~to0 & (y != 0))]
+    x = {p: getattr(ds, f"x_{p}").numpy() for p in ("train", "test")}
+    y = {p: getattr(ds, f"y_{p}") for p in ("train", "test")}
+    mean, std = _channel_stats(x["train"])  # the combined train split's: agreed by all
+    classes = np.array([str(c) for c in range(10)])
+    roots = []
+    for i in range(2):
+        root = tmp / f"site{i}"
+        root.mkdir()
+        np.savez(root / "site.npz", **{f"{a}_{p}": d[p][split[p][i]] for p in ("train", "test")
+                                       for a, d in (("x", x), ("y", y))},
+                 classes=classes, mean=mean, std=std)
+        roots.append(root)
+    both = tmp / "both.npz"
+    np.savez(both, **{f"{a}_{p}": np.concatenate([d[p][split[p][i]] for i in range(2)])
+                      for p in ("train", "test") for a, d in (("x", x), ("y", y))},
+             classes=classes, mean=mean, std=std)
+    n0 = len(split["train"][0])
+    parts = tmp / "parts.json"
+    parts.write_text(json.dumps([list(range(n0)), list(range(n0, len(y["train"])))]))
+    return roots, both, parts
+
+
+def _accuracies(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv but the wall-clock columns, the AUC (it needs every test score) and the
+    queried-class counts (they need the labels): a Flower run without simulation metrics
+    has neither."""
+    return [{k: v for k, v in r.items() if k != "auc" and not k.startswith("queried_")}
+            for r in metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_across_machines_recipe_with_tls_and_supernode_auth(tmp_path):
+    """The README's "Across machines" recipe, verbatim but for the addresses: a CA and a
+    server certificate made here, a TLS SuperLink that admits only registered SuperNodes,
+    two sites with their own npz files (one without any 0). A bad config submitted to the
+    running deployment shows falkit's one-line error in the stream within seconds and the
+    run is failed with it; the good run gives `falkit run`'s numbers on the same data, named
+    and fingerprinted by what the sites hold."""
+    roots, both, parts = _site_files(tmp_path)
+    dep = Deployment(tmp_path / "deployment", [
+        f'partition-id={i} data-root="{root}" dataset="npz:site.npz"'
+        for i, root in enumerate(roots)], tls=True, auth=True)
+    try:
+        keys = {"strategy": "entropy", "partition.num_clients": 2, "budget.cycles": 2,
+                "fl.rounds": 2, "fl.local_epochs": 1, "fl.lr": 0.05, "runtime.threads": 1,
+                "model.backbone": "resnet8_preact16", "budget.fraction": 0.05}
+
+        def native(**extra) -> str:  # TOML values, as a user types them
+            return " ".join(f"{k}={json.dumps(v)}" for k, v in {**keys, **extra}.items())
+
+        t = time.monotonic()
+        job = dep.flwr_run(APP_DIR, native(**{"model.backbone": "cnn4",
+                                              "out_dir": str(tmp_path / "bad")}), stream=True)
+        text, _ = job.communicate(timeout=120)
+        assert time.monotonic() - t < 60, text
+        # the sites' images are 8×8: each site refuses cnn4 (the server has no images)
+        error = ("falkit: error: client 0 (node {}) cannot take part in the run: its "
+                 "ClientApp raised an error: cnn4 needs image_size >= 16")
+        lines = [ln for ln in text.splitlines() if "falkit: error:" in ln]
+        assert len(lines) == 1 and "cnn4 needs image_size >= 16" in lines[0], text
+        assert "Traceback" not in text and not (tmp_path / "bad").exists()
+        failed = dep.runs()[0]
+        assert failed["status"] == "finished:failed", failed
+        node = lines[0].split("(node ")[1].split(")")[0]
+        assert error.format(node) in lines[0] and error.format(node) in failed["status-details"]
+
+        out = tmp_path / "runs"
+        job = dep.flwr_run(APP_DIR, native(out_dir=str(out), **{"round-timeout": 120}),
+                           stream=True)
+        text, _ = job.communicate(timeout=900)
+        assert "falkit: cycle 2/2: accuracy" in text, text
+        assert "2 sites with their own npz:site.npz data" in text, text
+    finally:
+        dep.close()
+    got = only_dir(out)
+    assert got.name.startswith("npz-site.npz_sites_"), got.name
+    saved = config.loads((got / "config.toml").read_text())
+    assert (saved.data.dataset, saved.partition.method, saved.data.rho) == (
+        "npz:site.npz", "sites", 1.0)
+    from falkit.data.sources import load
+    from falkit.rundir import data_fingerprint
+
+    sites = json.loads((got / "data.json").read_text())["sites"]
+    for i, root in enumerate(roots):
+        fp = data_fingerprint(load("npz:site.npz", root), "npz:site.npz")
+        assert (sites[i]["train"], sites[i]["test"]) == (fp["train"], fp["test"])
+    ref = run(config.load(None, overrides={
+        **{k: str(v) for k, v in keys.items()}, "data.dataset": f"npz:{both}",
+        "data.rho": "1", "partition.method": "json", "partition.file": str(parts),
+        "out_dir": str(tmp_path / "inproc")})).run_dir
+    assert _accuracies(got) == _accuracies(ref)
+    assert {r["test_samples"] for r in metrics(got)} == {str(355)}

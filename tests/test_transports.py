@@ -45,6 +45,7 @@ class MemoryGrid:
                              state=RecordDict(), run_config=run_config)
             for i in range(nodes)}
         self.sent: list[str] = []
+        self.replies_waiting: dict[str, Message] = {}
         self.die_after_selects: int | None = None
         self.fresh_process = False  # every message in a new ClientApp process (deployment)
         # who is sending: Flower's runtime sets this for a ServerApp (flwr internals; the
@@ -58,8 +59,10 @@ class MemoryGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Each message is answered at once (in order); `pull_messages` hands the replies
+        out by the ids of the messages they answer, as a SuperLink does."""
+        ids = []
         for msg in messages:
             if self.die_after_selects is not None and msg.metadata.message_type == "train" \
                     and self.sent.count("query.select") >= self.die_after_selects:
@@ -68,10 +71,20 @@ class MemoryGrid:
             if self.fresh_process:
                 client_app._SITES.clear()
                 client_app._DATA.clear()
+            msg.metadata.__dict__["_message_id"] = secrets.token_hex(16)
             reply = client_app.app(msg, self.contexts[msg.metadata.dst_node_id])
             assert isinstance(reply, Message)
-            replies.append(reply)
-        return replies
+            assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+            self.replies_waiting[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies_waiting.pop(i) for i in list(message_ids)
+                if i in self.replies_waiting]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_config(out: Path, **extra) -> dict:
@@ -100,6 +113,8 @@ def metrics(run_dir: Path) -> list[dict[str, str]]:
 def same_results(a: Path, b: Path) -> None:
     assert (a / "queries.jsonl").read_bytes() == (b / "queries.jsonl").read_bytes()
     assert metrics(a) == metrics(b)
+    # the fingerprint of the data: every simulated partition reports the dataset's
+    assert (a / "data.json").read_bytes() == (b / "data.json").read_bytes()
     for name in ("partition.csv", "clients.csv", "comm.csv"):  # the last two: FAST's
         assert (a / name).is_file() == (b / name).is_file(), name
         if (a / name).is_file():

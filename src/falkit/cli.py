@@ -204,6 +204,22 @@ def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.flower is not None:  # a Flower run config, read as the ServerApp reads it
+        try:
+            from falkit.flower.common import load_config as flower_config
+            from falkit.flower.common import parse_run_config
+        except ImportError:
+            raise ConfigError("--flower needs Flower: pip install 'falkit[flower]'") from None
+        if args.items or args.preset:
+            raise ConfigError("--flower takes the whole run config; give nothing else")
+        cfg, opts = flower_config(parse_run_config(args.flower))
+        from falkit.flower.server_app import validate as refused_by_server
+
+        refused_by_server(cfg)  # what the ServerApp refuses before it contacts a site
+        print(f"# falkit {__version__}: the run config as the ServerApp reads it (run "
+              f"directory {cfg.run_name()}; {opts})")
+        print(config_mod.dumps_all(cfg), end="")
+        return 0
     path, overrides = _split_config_arg(args)
     cfg = _load_config(path, args.preset, overrides)
     print(f"# falkit {__version__}: the resolved config (run directory {cfg.run_name()}); the "
@@ -750,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("config", help="print the fully resolved config as TOML (every "
                         "section, every default); runs nothing")
     with_config(sp)
+    sp.add_argument("--flower", metavar="RUN_CONFIG",
+                    help="check a `flwr run --run-config` value (\"k=v k=v\" or a .toml "
+                    "file) before submitting it: falkit's message for a key Flower refuses")
     sp.set_defaults(func=cmd_config)
 
     sp = sub.add_parser("sweep", help="run a grid of strategies x seeds x settings")

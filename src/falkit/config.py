@@ -43,6 +43,7 @@ class DataConfig:
 @dataclass
 class PartitionConfig:
     # dirichlet_balanced | dirichlet | dirichlet_flwr | iid | shards | pathological | json
+    # | sites (Flower: each client a site with its own data, set by the ServerApp)
     method: str = "dirichlet_balanced"
     num_clients: int = 10
     alpha: float = 0.1
@@ -293,7 +294,7 @@ CHOICES = {
     "data.profile": ("exp", "step"),
     "data.val_split": ("ignore", "train", "test"),
     "partition.method": ("dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid", "shards",
-                         "pathological", "json"),
+                         "pathological", "json", "sites"),
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
     "fl.on_client_failure": ("stop", "continue"),

@@ -159,9 +159,10 @@ def round_bytes(state: State, clients: int) -> int:
 
 def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int,
                 result: Evaluation, queried: np.ndarray | None, comm: int,
-                times: dict[str, float]) -> dict[str, Any]:
+                times: dict[str, float], clients: int) -> dict[str, Any]:
     """One metrics.csv row; `queried` None leaves out the queried-class columns (they need
-    true labels)."""
+    true labels). `test_samples` and `clients` say what the accuracy is of: on Flower a site
+    that dropped out (fl.on_client_failure = continue) takes its test data with it."""
     row: dict[str, Any] = {
         "cycle": cycle,
         "target_pct": round(target_pct, 6),
@@ -169,6 +170,8 @@ def metrics_row(target_pct: float, cycle: int, labeled: int, num_train: int,
         "labeled_pct": round(100 * labeled / num_train, 4),
         "accuracy": round(result.accuracy, 6),
         "auc": round(result.auc, 6),  # MedMNIST's AUC (falkit.metrics.macro_auc)
+        "test_samples": result.samples,
+        "clients": clients,
     }
     row.update({f"acc_{c}": round(float(a), 6) for c, a in enumerate(result.per_class)})
     if queried is not None:
@@ -303,9 +306,9 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
     times["train"] = time.perf_counter() - t - times["eval"]  # evaluations count as eval
     if cfg.runtime.eval_every:
         st.rounds.append({"cycle": cycle, "round": fl.rounds, "accuracy": acc})
-    row = metrics_row(strategy.target_pct(cfg, cycle), cycle,
-                      sum(fed.labeled_counts().values()), fed.num_train, result,
-                      q.classes, comm, times)
+    counts = fed.labeled_counts()
+    row = metrics_row(strategy.target_pct(cfg, cycle), cycle, sum(counts.values()),
+                      fed.num_train, result, q.classes, comm, times, len(counts))
     return strategy.finish_cycle(cfg, row, q.extra, traffic, fed.num_train)
 
 

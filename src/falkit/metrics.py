@@ -54,6 +54,7 @@ class Evaluation(NamedTuple):
     accuracy: float
     per_class: np.ndarray  # accuracy per class; NaN for a class without test samples
     auc: float  # macro_auc; NaN if no class has both positive and negative test samples
+    samples: int = 0  # test samples evaluated on (on Flower: the live sites' test data)
 
 
 def evaluation(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> Evaluation:
@@ -65,4 +66,4 @@ def evaluation(labels: np.ndarray, probs: np.ndarray, num_classes: int) -> Evalu
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = np.where(total > 0, hits / np.maximum(total, 1), np.nan)
     acc = float(correct.mean()) if len(labels) else float("nan")
-    return Evaluation(acc, per_class, macro_auc(labels, probs))
+    return Evaluation(acc, per_class, macro_auc(labels, probs), len(labels))

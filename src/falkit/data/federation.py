@@ -41,6 +41,10 @@ class FederatedData:
 
 def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     """Load, apply the global long tail, and partition — deterministic in cfg.seed."""
+    if cfg.partition.method == "sites":
+        raise ConfigError("partition.method = sites: every client is a Flower site that holds "
+                          "its own data (a SuperNode with data-root); it names such runs and "
+                          "cannot be partitioned here")
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
                                                   cfg.data.val_split)
     keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,

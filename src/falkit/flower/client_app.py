@@ -55,12 +55,14 @@ from falkit.flower.common import (
     load_config,
     record_arrays,
     record_state,
+    site_config,
     state_record,
+    versions,
 )
 from falkit.loop import engine_for
 from falkit.oracle import UNSURE, HumanOracle, LabelsPending, SimulatedOracle
 from falkit.results import save_torch, write_atomic
-from falkit.rundir import RunDir
+from falkit.rundir import RunDir, data_fingerprint
 from falkit.seeding import torch_generator
 
 app = ClientApp()
@@ -90,13 +92,16 @@ class Site:
         cfg, node = self.cfg, context.node_config
         self.partition_id = int(node.get("partition-id", -1))
         if "data-root" in node:  # a real site: its own data, all of it
-            ds = full = load(str(node.get("dataset", cfg.data.dataset)), str(node["data-root"]),
-                             cfg.data.val_split)
+            self.kind, name = "site", str(node.get("dataset", cfg.data.dataset))
+            ds = full = load(name, str(node["data-root"]), cfg.data.val_split)
+            # named as the server names the run (its files here: the same run name)
+            self.cfg = cfg = site_config(cfg, name)
             rows = np.arange(len(ds.y_train), dtype=np.int64)
             self.pool = rows
             self.num_train = len(ds.y_train)
             self.test = np.arange(len(ds.y_test), dtype=np.int64)
         else:  # simulation: this partition of the configured dataset
+            self.kind = "partition"
             key = config_mod.dumps(cfg)  # the whole config: data, seed, partition
             if key not in _DATA:
                 full = load(cfg.data.dataset, cfg.data.data_root, cfg.data.val_split)
@@ -249,16 +254,25 @@ def _reply(msg: Message, **records: Any) -> Message:
 
 @app.query("info")
 def info(msg: Message, context: Context) -> Message:
-    """Pool size, data shape and test count; class counts only as simulation metrics."""
+    """This site's falkit version and config schema (compared before anything is built: a
+    server of another version gets them alone), what it holds (the dataset's name and its
+    arrays' SHA-256), pool size, data shape and test count; class counts only as simulation
+    metrics."""
+    mine = versions()
+    if any(_conf(msg).get(k) != v for k, v in mine.items()):
+        return _reply(msg, site=json_config(**mine))
     site = site_of(context)
     ds = site.dataset
+    fp = data_fingerprint(ds, site.cfg.data.dataset)
+    about = json_config(**mine, kind=site.kind, dataset=site.cfg.data.dataset,
+                        train=fp["train"], test=fp["test"])
     # the engine's inputs: the images, or FAST's embeddings (D × 1 × 1) for linear probing
     values = {"partition-id": site.partition_id, "pool": len(site.pool),
               "num-train": site.num_train, "num-classes": site.num_classes,
               "in-channels": int(site.engine.in_channels),
               "image-size": int(site.engine.image_size), "test": len(site.test)}
     counts = np.bincount(ds.y_train[site.pool], minlength=site.num_classes).tolist()
-    return _reply(msg, info=MetricRecord(values),
+    return _reply(msg, info=MetricRecord(values), site=about,
                   **site.diagnostics(**{"class-counts": counts, "classes": list(ds.classes)}))
 
 

@@ -8,7 +8,9 @@ A client sends the server only
 * FAST's first pass (`query.select`): the embeddings of its initial labeled set G_k^0 with
   their labels (the shared bank, paper §IV-C), as many as it reports labeled;
 * `query.info`, `query.select`, `query.restore`, `evaluate`: counts (pool size, data shape,
-  labeled count, per-class correct/total on its test data).
+  labeled count, per-class correct/total on its test data); `query.info` also the site's
+  falkit version and config schema, the name of the dataset it holds and a SHA-256 of its
+  train and test arrays (the run's data.json; nothing can be read back from a digest).
 With `simulation-metrics = true` a `diagnostics` record may add what needs the true labels
 (selected indices and labels, strategy diagnostics, class histograms, the test labels and
 scores the AUC needs); `audit` rejects
@@ -17,6 +19,8 @@ anything else.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from falkit import __version__
 from falkit import config as config_mod
 from falkit.al.base import Strategy
 from falkit.config import Config
@@ -40,6 +45,29 @@ SELECT_KEYS = ("labeled", "queried", "waiting")  # waiting: labels people still 
 FAST_KEYS = ("trained-on", "dim", "cached")  # FAST's passes: counts and the embedding size
 EVAL_KEYS = ("correct", "total")
 NUM_EXAMPLES = "num-examples"
+# query.info's `site` record: versions, and what the site holds (a partition of the configured
+# dataset in simulation, or its own data) with the digests of its arrays
+SITE_KEYS = ("falkit", "schema", "kind", "dataset", "train", "test")
+CONFIG_RECORDS = ("diagnostics", "site")  # the only ConfigRecords a client may send
+
+
+def schema() -> str:
+    """12 hex digits over every falkit setting and its default: a server and a site whose
+    falkit reads the run config differently do not start a run together."""
+    return hashlib.sha256(json.dumps(setting_keys(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def versions() -> dict[str, str]:
+    return {"falkit": __version__, "schema": schema()}
+
+
+def site_config(cfg: Config, dataset: str) -> Config:
+    """The config a run on sites that hold their own data is named and reported by, on the
+    server and on every site alike: the sites' dataset, partition.method = sites, no long
+    tail (a site's data are used as they are)."""
+    out = copy.deepcopy(cfg)
+    out.data.dataset, out.partition.method, out.data.rho = dataset, "sites", 1.0
+    return out
 
 
 class PrivacyViolation(RuntimeError):
@@ -81,8 +109,13 @@ def load_config(run_config: dict[str, Any]) -> tuple[Config, Options]:
         if key in FLOWER_KEYS or key in CONVENIENCE_KEYS:
             continue
         if key not in known:
-            raise ConfigError(f"run config key {key!r} is neither a falkit setting nor one "
-                              f"of {', '.join([*FLOWER_KEYS, *CONVENIENCE_KEYS])}")
+            try:  # falkit's own message: which keys are valid where the key went wrong
+                config_mod._field_type(Config(), key)
+            except ConfigError as e:
+                raise ConfigError(f"run config: {e}; or one of the App's own keys "
+                                  f"{', '.join([*FLOWER_KEYS, *CONVENIENCE_KEYS])}") from None
+            raise ConfigError(f"run config key {key!r} is a section, not a setting: give "
+                              f"its settings ({key}.NAME=value)") from None
         if value != "":
             settings[key] = value
     source = str(run_config.get("config", "") or "")
@@ -94,6 +127,24 @@ def load_config(run_config: dict[str, Any]) -> tuple[Config, Options]:
     opts = Options(**{k.replace("-", "_"): type(d)(run_config.get(k, d))
                       for k, d in FLOWER_KEYS.items()})
     return cfg, opts
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """A `flwr run --run-config` value ("k=v k=v" in TOML, or a .toml file) as flwr reads it,
+    over the App's defaults: what the ServerApp would get. A key the App does not declare,
+    which Flower refuses with only "Invalid run configuration", is falkit's one-line error."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        given = parse_config_args([text])
+    except Exception as e:  # noqa: BLE001 - flwr's click/TOML errors, as one line
+        raise ConfigError(f"--flower: {getattr(e, 'message', e)}") from None
+    run_config: dict[str, Any] = {**FLOWER_KEYS, **dict.fromkeys(CONVENIENCE_KEYS, ""),
+                                  **dict.fromkeys(setting_keys(), "")}
+    for key in given:
+        if key not in run_config:
+            load_config({key: given[key]})  # raises falkit's message for this key
+    return {**run_config, **given}
 
 
 def app_config_toml() -> str:
@@ -120,15 +171,59 @@ def app_config_toml() -> str:
 
 
 # -- records ------------------------------------------------------------------------------
+LAYOUT = "layout"  # a packed state's names, dtypes and shapes (JSON, as uint8)
+
+
 def state_record(state: State) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in state.items()})
+    """A state dict packed into one flat array per dtype plus its layout. Flower sends every
+    Array of a message as objects of their own, each an HTTP request that the SuperLink
+    stores: a 46-tensor model was ~95 objects per message, about 4 s of a deployment round
+    on 2 cores (benchmarks/FLOWER_RESULTS.md); packed it is 5-7."""
+    layout, groups = [], {}
+    for k, v in state.items():
+        a = v.detach().cpu().contiguous().numpy()
+        layout.append([k, a.dtype.str, list(a.shape)])
+        groups.setdefault(a.dtype.str, []).append(a.reshape(-1))
+    text = np.frombuffer(json.dumps(layout).encode(), dtype=np.uint8)
+    return ArrayRecord({LAYOUT: Array(text.copy()),
+                        **{dt: Array(np.concatenate(parts)) for dt, parts in groups.items()}})
+
+
+def record_layout(record: ArrayRecord) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The (name, dtype, shape) of every tensor of a packed state, checked against the
+    record's arrays; PrivacyViolation if the record is not a packed state."""
+    try:
+        raw = record[LAYOUT].numpy() if LAYOUT in record else None
+        layout = json.loads(bytes(raw)) if raw is not None and raw.dtype == np.uint8 else None
+        entries = [(str(k), str(dt), tuple(int(n) for n in shape)) for k, dt, shape in layout]
+    except (TypeError, ValueError):
+        entries = None
+    if entries is None or len({k for k, _, _ in entries}) != len(entries):
+        raise PrivacyViolation("not a packed state (no readable layout)")
+    sizes: dict[str, int] = {}
+    for _, dt, shape in entries:
+        sizes[dt] = sizes.get(dt, 0) + int(np.prod(shape, dtype=np.int64))
+    arrays = {k: record[k] for k in record if k != LAYOUT}
+    if set(arrays) != set(sizes) or any(
+            np.dtype(arrays[dt].dtype).str != dt or tuple(arrays[dt].shape) != (n,)
+            for dt, n in sizes.items()):
+        raise PrivacyViolation("a packed state's arrays do not match its layout")
+    return entries
 
 
 def record_state(record: ArrayRecord, device: torch.device | str = "cpu") -> State:
-    """The tensors of a received record, on `device` (the receiving engine's: a message
-    carries NumPy arrays, which always arrive on the CPU)."""
-    # copy: the arrays decoded from a message are read-only
-    return {k: torch.from_numpy(np.array(v.numpy())).to(device) for k, v in record.items()}
+    """The tensors of a received packed state, on `device` (the receiving engine's: a
+    message carries NumPy arrays, which always arrive on the CPU)."""
+    flat = {dt: record[dt].numpy() for dt in record if dt != LAYOUT}
+    at = dict.fromkeys(flat, 0)
+    out: State = {}
+    for k, dt, shape in record_layout(record):
+        n = int(np.prod(shape, dtype=np.int64))
+        # copy: the arrays decoded from a message are read-only
+        part = np.array(flat[dt][at[dt]:at[dt] + n]).reshape(shape)
+        at[dt] += n
+        out[k] = torch.from_numpy(part).to(device)
+    return out
 
 
 def array_record(**arrays: np.ndarray) -> ArrayRecord:
@@ -161,7 +256,7 @@ def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
     select: dict[str, tuple[str, ...]] = {"query": SELECT_KEYS}
     if strategy.initial_query == "fast":  # FAST's passes (ALGORITHMS.md §6, paper §IV-C)
         select = {"query": (*SELECT_KEYS, *FAST_KEYS), "bank": ("bank",)}
-    out = {INFO: {"info": INFO_KEYS}, STATS: {"stats": stats},
+    out = {INFO: {"info": INFO_KEYS, "site": SITE_KEYS}, STATS: {"stats": stats},
            SELECT: select, RESTORE: {"query": SELECT_KEYS}, TRAIN: train,
            EVALUATE: {"eval": EVAL_KEYS}}
     if simulation_metrics:
@@ -183,14 +278,21 @@ def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, t
             raise PrivacyViolation(f"{message_type}: undeclared record {name!r}")
         keys = spec[name]
         if isinstance(record, ArrayRecord):
-            if keys == ("*",):
-                if set(record) != set(model):
+            if keys in (("*",), ("*params",)):
+                try:
+                    shapes = {k: shape for k, _, shape in record_layout(record)}
+                except PrivacyViolation as e:
+                    raise PrivacyViolation(f"{message_type}: {name} is {e}") from None
+                if keys == ("*",) and set(shapes) != set(model):
                     raise PrivacyViolation(f"{message_type}: {name} is not the model's arrays")
-                like = model
-            elif keys == ("*params",):
-                if not set(record) <= set(params):
+                if keys == ("*params",) and not set(shapes) <= set(params):
                     raise PrivacyViolation(f"{message_type}: {name} holds non-parameter arrays")
-                like = model
+                for k, shape in shapes.items():
+                    if shape != tuple(model[k].shape):
+                        raise PrivacyViolation(f"{message_type}: {name}[{k}] has shape "
+                                               f"{shape}, the model's is "
+                                               f"{tuple(model[k].shape)}")
+                continue
             elif keys == ("bank",):  # FAST: the labeled embeddings (n × d) and their labels
                 shapes = {k: tuple(a.shape) for k, a in record.items()}
                 if set(shapes) != {"z", "y"} or len(shapes["z"]) != 2 or \
@@ -200,11 +302,6 @@ def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, t
                 continue
             else:
                 raise PrivacyViolation(f"{message_type}: {name} may not carry arrays")
-            for k, arr in record.items():
-                if tuple(arr.shape) != tuple(like[k].shape):
-                    raise PrivacyViolation(f"{message_type}: {name}[{k}] has shape "
-                                           f"{tuple(arr.shape)}, the model's is "
-                                           f"{tuple(like[k].shape)}")
         elif isinstance(record, MetricRecord):
             extra = set(record) - set(keys)
             if extra:
@@ -215,11 +312,11 @@ def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, t
                     raise PrivacyViolation(f"{message_type}: {name}[{k}] is a list, not a "
                                            "scalar")
         elif isinstance(record, ConfigRecord):
-            if name != "diagnostics":
+            if name not in CONFIG_RECORDS:
                 raise PrivacyViolation(f"{message_type}: {name} may not carry config values")
             extra = set(record) - set(keys)
             if extra:
-                raise PrivacyViolation(f"{message_type}: undeclared diagnostics "
+                raise PrivacyViolation(f"{message_type}: undeclared {name} values "
                                        f"{sorted(extra)}")
         else:  # pragma: no cover - RecordDict holds only these three kinds
             raise PrivacyViolation(f"{message_type}: unknown record type of {name!r}")

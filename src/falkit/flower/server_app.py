@@ -15,6 +15,7 @@ model and FL memory) as they were after that cycle, from the files it keeps on i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
+from flwr.app.exception import AppExitException
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
@@ -45,6 +47,7 @@ from falkit.flower.common import (
     NUM_EXAMPLES,
     RESTORE,
     SELECT,
+    SITE_KEYS,
     STATS,
     TRAIN,
     Options,
@@ -57,7 +60,9 @@ from falkit.flower.common import (
     load_config,
     record_arrays,
     record_state,
+    site_config,
     state_record,
+    versions,
 )
 from falkit.metrics import Evaluation, macro_auc
 from falkit.models.backbones import create as create_backbone
@@ -71,6 +76,25 @@ class FlowerRunError(FalkitError):
     """The run cannot go on (a client failed under fl.on_client_failure = stop, ...)."""
 
 
+class RunFailed(AppExitException):
+    """A refused config or a failed run, as Flower's runtime reports an App's failure: it
+    marks the run failed with this one line as the reason, after sending the log lines
+    (`flwr run --stream`, `flwr log`). Flower 1.41 catches only Exception: a SystemExit
+    skipped all of that and the run was marked failed by the heartbeat timeout, silently."""
+
+    exit_code = 201  # Flower's ExitCode.SERVERAPP_EXCEPTION
+
+
+class _NoTraceback(logging.Filter):
+    """Flower logs an App's exception with its traceback; falkit's one-line errors are the
+    whole story (the line above says it), so their records go without."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], RunFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -82,7 +106,10 @@ def main(grid: Grid, context: Context) -> None:
                  e)
     except FalkitError as e:  # a refused config, a failed site: one line, as the CLI says it
         flwr_log(logging.ERROR, "falkit: error: %s", e)
-        raise SystemExit(2) from None
+        logger = logging.getLogger("flwr")
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
+        raise RunFailed(f"falkit: error: {e}") from None
 
 
 class LogReporter(Reporter):
@@ -113,6 +140,15 @@ class LogReporter(Reporter):
         flwr_log(logging.INFO, "falkit: cycle %d/%d: accuracy %.4f, %.2f %% labeled "
                  "(%.1f s so far)", row["cycle"] + 1, self.cycles, row["accuracy"],
                  row["labeled_pct"], time.perf_counter() - self.t0)
+        seen = (row["test_samples"], row["clients"])
+        first = getattr(self, "first", None)
+        if first is None:
+            self.first = seen
+        elif seen != first:
+            flwr_log(logging.WARNING, "falkit: cycle %d was evaluated on %d test samples of "
+                     "%d clients, earlier cycles on %d of %d: its accuracy is of another test "
+                     "set (falkit report uses the cycles before the change only)",
+                     row["cycle"] + 1, seen[0], seen[1], first[0], first[1])
 
 
 def validate(cfg: Config) -> Strategy:
@@ -140,14 +176,21 @@ def run_server(grid: Grid, context: Context, stop_after: int | None = None) -> P
     cfg.out_dir = str(Path(cfg.out_dir).absolute())  # where this ServerApp runs
     strategy = validate(cfg)
     rd = RunDir.of(cfg, flag="the run config overwrite=true")
-    flwr_log(logging.INFO, "falkit: %s on Flower, results in %s", cfg.strategy, rd.path)
-    if rd.inspect(cfg, opts.overwrite) == "complete":
-        flwr_log(logging.INFO, "falkit: %s is complete; nothing to run", rd.path)
+    if rd.inspect(cfg, opts.overwrite) == "complete":  # (simulated partitions: the name
+        flwr_log(logging.INFO, "falkit: %s is complete; nothing to run", rd.path)  # is known)
         return rd.path
     fed = FlowerFederation(grid, cfg, opts, strategy, rd.path)
-    fed.start()  # waits for the nodes, asks their pool sizes, checks the budgets
+    fed.start()  # waits for the nodes, asks what they hold, checks versions and budgets
+    if fed.cfg is not cfg:  # sites with their own data: the run is named by what they hold
+        cfg = fed.cfg
+        rd = RunDir.of(cfg, flag="the run config overwrite=true")
+        fed.out = rd.path
+        if rd.inspect(cfg, opts.overwrite) == "complete":
+            flwr_log(logging.INFO, "falkit: %s is complete; nothing to run", rd.path)
+            return rd.path
+    flwr_log(logging.INFO, "falkit: %s on Flower, results in %s", cfg.strategy, rd.path)
     drive(cfg, strategy, fed, rd, reporter=LogReporter(), overwrite=opts.overwrite,
-          stop_after=stop_after)
+          fingerprint=fed.fingerprint, stop_after=stop_after)
     return rd.path
 
 
@@ -162,43 +205,71 @@ class FlowerFederation:
         self.labeled: dict[int, int] = {}  # client k -> labeled count
         self.generation = 0  # clients drop their FL memory (SCAFFOLD's c_k) when it changes
         self._before: dict[str, Any] | None = None  # the strategy's state before phase A
+        self.sites: dict[int, str] = {}  # client k -> what it is, for messages
+        self.fingerprint: dict[str, Any] | None = None  # the run's data.json
 
     # -- messaging ------------------------------------------------------------------------
+    def _exchange(self, msgs: dict[int, Message]) -> tuple[dict[int, Message], float]:
+        """Push every message, then pull the replies until all came or round-timeout passed:
+        each by the message it answers (a SuperNode that died is answered by the SuperLink,
+        not by the node). Pulls are 10 ms apart at first, then up to POLL s: Flower's own
+        `send_and_receive` sleeps 3 s between pulls, a round's most of it for small work."""
+        t0 = time.monotonic()
+        pushed = list(msgs.items())
+        ids = set(self.grid.push_messages([m for _, m in pushed]))  # (None: not pushed)
+        pending = {m.metadata.message_id: k for k, m in pushed if m.metadata.message_id in ids}
+        replies: dict[int, Message] = {}
+        wait, deadline = 0.01, t0 + self.opts.round_timeout
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                k = pending.pop(reply.metadata.reply_to_message_id, None)
+                if k is not None:
+                    replies[k] = reply
+            now = time.monotonic()
+            if not pending or now >= deadline:
+                break
+            time.sleep(min(wait, deadline - now))
+            wait = min(wait * 2, POLL)
+        return replies, time.monotonic() - t0
+
     def _round(self, message_type: str, contents: dict[int, RecordDict], what: str,
                must: bool = False) -> dict[int, RecordDict]:
         """Send each client k its content; the replies by k, in client order. A client that
         errs or does not answer within round-timeout is handled by fl.on_client_failure
         (`must`: the run stops)."""
-        msgs = [Message(content, self.nodes[k], message_type, group_id=what)
-                for k, content in contents.items()]
-        by_node = {self.nodes[k]: k for k in contents}
-        replies = self.grid.send_and_receive(msgs, timeout=self.opts.round_timeout)
+        msgs = {k: Message(content, self.nodes[k], message_type, group_id=what)
+                for k, content in contents.items()}
+        replies, took = self._exchange(msgs)
         out: dict[int, RecordDict] = {}
         failed: dict[int, str] = {}
-        for reply in replies:
-            k = by_node.get(reply.metadata.src_node_id)
-            if k is None:
-                continue
+        for k, reply in replies.items():
             if reply.has_error():
-                failed[k] = f"error: {reply.error.reason}"
+                failed[k] = _failure(reply.error.code, reply.error.reason, took)
                 continue
             audit(message_type, reply.content, self.allowed, self.model_like, self.params)
             out[k] = reply.content
         for k in contents:
             if k not in out and k not in failed:
-                failed[k] = f"no reply within {self.opts.round_timeout:g} s"
+                failed[k] = (f"no reply within round-timeout = {self.opts.round_timeout:g} s "
+                             "(the site is slow or stuck; a SuperNode that stopped is "
+                             "reported as stopped, usually within 60-90 s)")
         for k, why in sorted(failed.items()):
             self._fail(k, what, why, must)
         return {k: out[k] for k in sorted(out)}
 
     def _fail(self, k: int, what: str, why: str, must: bool = False) -> None:
-        msg = f"client {k} (node {self.nodes.get(k)}) failed in {what}: {why}"
-        if must or self.cfg.fl.on_client_failure != "continue" or not hasattr(self, "budgets"):
+        where = self.sites.get(k, f"node {self.nodes.get(k)}")
+        msg = f"client {k} ({where}) failed in {what}: {why}"
+        if not hasattr(self, "budgets"):  # before the run started: nothing to resume
+            raise FlowerRunError(f"client {k} ({where}) cannot take part in the run: {why}")
+        if must or self.cfg.fl.on_client_failure != "continue":
             raise FlowerRunError(f"{msg}; the run stops (fl.on_client_failure = "
-                                 f"{self.cfg.fl.on_client_failure}; the cycles already "
-                                 f"finished are in {self.out})")
+                                 f"{self.cfg.fl.on_client_failure}); the cycles already "
+                                 f"finished are in {self.out}: bring the site back and "
+                                 "submit the same run config again to resume after them")
         flwr_log(logging.WARNING, "falkit: %s; going on without it "
-                 "(fl.on_client_failure = continue)", msg)
+                 "(fl.on_client_failure = continue: later cycles are evaluated on the other "
+                 "sites' test data; metrics.csv counts test_samples and clients)", msg)
         self.nodes.pop(k, None)
         self.labeled.pop(k, None)
         if not self.nodes:
@@ -211,9 +282,11 @@ class FlowerFederation:
             if len(nodes) >= want:
                 return nodes
             if time.monotonic() > deadline:
-                raise FlowerRunError(f"{len(nodes)} SuperNodes connected in "
-                                     f"{self.opts.node_wait:g} s, partition.num_clients = "
-                                     f"{want} are needed")
+                raise FlowerRunError(
+                    f"{len(nodes)} SuperNodes connected in {self.opts.node_wait:g} s, "
+                    f"partition.num_clients = {want} are needed (Flower's managed local "
+                    "SuperLink forgets its SuperNodes when it restarts: run `flwr federation "
+                    f"simulation-config @none/default local --num-supernodes {want}` again)")
             time.sleep(1.0)
 
     # -- the federation -------------------------------------------------------------------
@@ -227,13 +300,26 @@ class FlowerFederation:
         self.allowed = {INFO: declared(self.strategy, _NoAlgo, self.opts.simulation_metrics)[INFO]}
         self.model_like, self.params = {}, []
         self.nodes = dict(enumerate(nodes))
-        info = self._round(INFO, {k: RecordDict({"config": json_config()}) for k in self.nodes},
-                           "query.info")
+        info = self._round(INFO, {k: RecordDict({"config": json_config(**versions())})
+                                  for k in self.nodes}, "query.info")
+        mine = versions()
+        for k, rep in info.items():  # before anything else: a site of another falkit
+            theirs = {v: config_json(rep["site"], v) for v in mine} if "site" in rep else {}
+            if theirs != mine:
+                site = (f"falkit {theirs['falkit']} (config schema {theirs['schema']})"
+                        if theirs else "a falkit that reports no version")
+                raise FlowerRunError(
+                    f"node {self.nodes[k]} runs {site}, the server falkit {mine['falkit']} "
+                    f"(config schema {mine['schema']}): install the same falkit on the "
+                    "server and every site")
         order = sorted(info, key=lambda k: (int(info[k]["info"]["partition-id"]), self.nodes[k]))
         order = order[:K]
         self.nodes = {i: self.nodes[k] for i, k in enumerate(order)}
         self.num_clients = K
+        self._sites([{v: config_json(info[k]["site"], v) for v in SITE_KEYS} for k in order],
+                    [dict(info[k]["info"]) for k in order])
         infos = [dict(info[k]["info"]) for k in order]
+        cfg = self.cfg  # (sites: named by their data)
         shape = {(i["num-classes"], i["in-channels"], i["image-size"]) for i in infos}
         if len(shape) != 1:
             raise FlowerRunError(f"the clients' data differ in (classes, channels, size): {shape}")
@@ -267,6 +353,41 @@ class FlowerFederation:
         flwr_log(logging.INFO, "falkit: %d clients, budgets %s, %d train samples",
                  len(self.nodes), self.budgets,
                  self.num_train)
+
+    def _sites(self, about: list[dict[str, Any]], infos: list[dict[str, Any]]) -> None:
+        """What the clients hold: simulated partitions of the configured dataset (every one
+        reports its fingerprint) or sites with their own data, all of one dataset (the run
+        is then named and reported by it: `site_config`). The run's data.json."""
+        kinds = {a["kind"] for a in about}
+        names = sorted({a["dataset"] for a in about})
+        self.sites = {k: f"{'site' if a['kind'] == 'site' else 'partition'} "
+                         f"{i['partition-id']}, node {self.nodes[k]}"
+                      for k, (a, i) in enumerate(zip(about, infos, strict=True))}
+        if len(kinds) > 1:
+            raise FlowerRunError("some SuperNodes hold their own data (data-root), others "
+                                 "simulate partitions: give every one a data-root, or none")
+        if len(names) > 1:
+            raise FlowerRunError(f"the sites hold different datasets ({', '.join(names)}): "
+                                 "every site's node config needs the same dataset=NAME")
+        num_test = sum(int(i["test"]) for i in infos)
+        if kinds == {"partition"}:  # one dataset, dealt out: its fingerprint, as falkit run's
+            a = about[0]
+            self.fingerprint = {"dataset": a["dataset"], "train": a["train"],
+                                "test": a["test"], "num_train": int(infos[0]["num-train"]),
+                                "num_test": num_test}
+            return
+        digest = lambda part: hashlib.sha256(  # noqa: E731
+            "".join(a[part] for a in about).encode()).hexdigest()
+        self.fingerprint = {"dataset": names[0], "train": digest("train"),
+                            "test": digest("test"),
+                            "num_train": sum(int(i["pool"]) for i in infos),
+                            "num_test": num_test,
+                            "sites": [{"client": k, "train": a["train"], "test": a["test"],
+                                       "num_train": int(i["pool"]), "num_test": int(i["test"])}
+                                      for k, (a, i) in enumerate(zip(about, infos,
+                                                                     strict=True))]}
+        self.cfg = site_config(self.cfg, names[0])
+        flwr_log(logging.INFO, "falkit: %d sites with their own %s data", len(about), names[0])
 
     def partition(self) -> tuple[np.ndarray, list[str]] | None:
         return self._partition
@@ -450,7 +571,8 @@ class FlowerFederation:
             probs = np.concatenate([np.asarray(config_json(d, "probs"), np.float32)
                                     .reshape(-1, self.num_classes) for d in diag])
             auc = macro_auc(labels, probs)
-        return Evaluation(int(correct.sum()) / int(total.sum()), per_class, auc)
+        return Evaluation(int(correct.sum()) / int(total.sum()), per_class, auc,
+                          int(total.sum()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"labeled": dict(self.labeled), "generation": self.generation,
@@ -475,6 +597,23 @@ class FlowerFederation:
                                      "run again with the run config overwrite=true")
             self.labeled[k] = got
         flwr_log(logging.INFO, "falkit: resumed after cycle %d of %s", cycle + 1, self.out)
+
+
+POLL = 0.2  # seconds between pulls of a round's replies, at most
+
+# Flower's error codes (flwr.common.constant.ErrorCode) a failed reply carries
+_NODE_UNAVAILABLE, _CLIENT_APP_RAISED = 5, 2
+
+
+def _failure(code: int, reason: str, took: float) -> str:
+    """What happened to a site, in words: Flower's reason is kept, shortened."""
+    if code == _NODE_UNAVAILABLE:
+        return (f"its SuperNode stopped answering (Flower noticed after {took:.0f} s: no "
+                "heartbeat)")
+    if code == _CLIENT_APP_RAISED:  # "<class 'X'>:<'message'>": the message
+        inner = reason.partition(":<'")[2].removesuffix("'>") or reason
+        return f"its ClientApp raised an error: {inner}"
+    return f"Flower error {code}: {reason}"
 
 
 class _NoAlgo:

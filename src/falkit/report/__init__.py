@@ -326,6 +326,24 @@ def _read_rounds(run_dir: Path) -> list[dict[str, Any]]:
     return rounds
 
 
+def _same_test_set(run_dir: Path, metrics: list[dict[str, Any]]) -> int:
+    """How many leading cycles were evaluated on one test set (metrics.csv `test_samples`,
+    `clients`): accuracies of different test sets are never averaged or compared, so the
+    report keeps the cycles before a change and says so."""
+    def of(row: dict[str, Any]) -> tuple[Any, Any]:
+        return row.get("test_samples"), row.get("clients")
+
+    for i, row in enumerate(metrics[1:], 1):
+        if of(row) != of(metrics[0]):
+            (n0, k0), (n, k) = of(metrics[0]), of(row)
+            warnings.warn(f"{run_dir}: from cycle {i + 1} evaluated on {n} test samples of "
+                          f"{k} clients, before on {n0} of {k0} (a site left the run); the "
+                          f"report uses cycles 1-{i} only, as an incomplete run",
+                          stacklevel=4)
+            return i
+    return len(metrics)
+
+
 def _load_one(run_dir: Path) -> Run | None:
     """One run directory, every file read and checked before anything is used (or warned
     about): damage is one FalkitError naming the file and what is wrong."""
@@ -350,7 +368,11 @@ def _load_one(run_dir: Path) -> Run | None:
         raise FalkitError(f"{run_dir / 'metrics.csv'}: {len(metrics)} cycle(s), but status.json "
                           + (f"says the run completed {cycles}" if status["complete"]
                              else f"says the run has {cycles} in all"))
-    run = Run(run_dir, cfg, metrics, names, part, counts, bool(status.get("complete")), status)
+    complete = bool(status.get("complete"))
+    cut = _same_test_set(run_dir, metrics)
+    if cut < len(metrics):  # a site left a Flower run (fl.on_client_failure = continue)
+        metrics, rounds, complete = metrics[:cut], [r for r in rounds if r["cycle"] < cut], False
+    run = Run(run_dir, cfg, metrics, names, part, counts, complete, status)
     run.rounds = rounds
     if not names:
         run.class_names = [str(c) for c in range(run.num_classes)]
