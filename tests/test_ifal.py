@@ -271,7 +271,7 @@ def test_config_section_reaches_the_strategy_and_is_validated():
     assert isinstance(s, IFAL) and s.w1 == "histogram" and s.distillation["epochs"] == 7
     assert s.local_model_mode == "last_round" and s.needs_local_model
     assert s.distillation == {"lr": 1e-3, "epochs": 7, "patience": 5, "temperature": 4.0,
-                              "ce_weight": 0.1}
+                              "ce_weight": 0.1, "keep": "best"}
     with pytest.raises(ConfigError, match="ifal.w1"):
         config.load(None, overrides={"ifal.w1": "sorted"})
     with pytest.raises(ConfigError, match="kd_ce_weight"):
@@ -329,6 +329,30 @@ def test_distilled_model_stops_with_patience_and_returns_the_best_weights(digits
     (best, _), = eng.train_distilled([(idx, (1, 0))], teacher, labels, 0, **kw)
     last = eng.model.state_dict()
     assert not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_distilled_model_keep_last_is_the_last_epoch_as_the_ifal_code(digits_engine):
+    """ifal.kd_keep = last (reference): the IFAL code's EarlyStopping kept a live
+    state_dict() reference, so the weights it used are the last epoch's; the same run as
+    `best` with the same stop, ending on the working model's final weights."""
+    eng = digits_engine
+    teacher = eng.init_state(0, "teacher")
+    labels = eng.train_y.cpu()
+    idx = np.arange(96)
+    kw = {"lr": 0.3, "epochs": 200, "patience": 3, "temperature": 4.0, "ce_weight": 0.1}
+    (best, losses), = eng.train_distilled([(idx, (1, 0))], teacher, labels, 0, **kw)
+    (last, last_losses), = eng.train_distilled([(idx, (1, 0))], teacher, labels, 0, **kw,
+                                               keep="last")
+    assert last_losses == losses  # the same training and stop
+    final = eng.model.state_dict()
+    assert all(torch.equal(last[k], final[k]) for k in last)
+    assert int(np.argmin(losses)) < len(losses) - 1  # the best epoch was not the last ...
+    assert not all(torch.equal(best[k], last[k]) for k in best)  # ... so they differ
+    assert config.load(None, preset="reference").ifal.kd_keep == "last"
+    assert config.load(None).ifal.kd_keep == "best"
+    assert create("ifal", kd_keep="last").distillation["keep"] == "last"
+    with pytest.raises(config.ConfigError, match="kd_keep"):
+        create("ifal", kd_keep="first")
 
 
 def test_loop_trains_and_serves_the_distilled_model(tmp_path):

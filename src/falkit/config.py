@@ -71,8 +71,12 @@ class FLConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    lr_decay: float = 0.1  # lr x lr_decay for rounds r > int(lr_decay_at * rounds)
+    lr_decay: float = 0.1  # lr x lr_decay once int(lr_decay_at * rounds) rounds are done
     lr_decay_at: float = 0.75
+    # which round decays first, r counted from 0: paper = r + 1 > int(lr_decay_at * R)
+    # ("after 75 % of the rounds": 75 rounds at lr, 25 decayed) | code = r > int(lr_decay_at
+    # * R) (the FairFAL code's `r > 75` in util/misc.py: 76 at lr, 24 decayed)
+    lr_decay_rule: str = "paper"
     fraction: float = 1.0  # participating clients per round
     reset: str = "random"  # random: fresh init every cycle | continue: warm start
     mu: float = 0.01  # FedProx
@@ -161,6 +165,10 @@ class IFALConfig:
     kd_patience: int = 5  # ... stopping after this many without a lower training loss
     kd_temperature: float = 4.0
     kd_ce_weight: float = 0.1  # loss = w * CE + (1 - w) * KD
+    # the weights it ends with: best = a copy of the lowest-loss epoch's (what early stopping
+    # means) | last = the last epoch's (the IFAL code's EarlyStopping keeps a live
+    # state_dict() reference, so its "best" is the last)
+    kd_keep: str = "best"
 
 
 @dataclass
@@ -278,11 +286,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # every choice of the authors' code where it differs from the papers' text (README
     # "Fidelity"); combine with quick as --preset reference,quick
     "reference": {
+        "fl.lr_decay_rule": "code",
         "fairfal.embedding_probs": "code",
         "local_model.mode": "last_round",
         "local_model.lr_step": "batch",
         "local_model.stop_check": "eval",
         "ifal.w1": "reference",
+        "ifal.kd_keep": "last",
         "fast.scope": "pooled",
         "fast.uncertainty": "norm",
         "fast.local_steps": 0,
@@ -303,6 +313,7 @@ CHOICES = {
     "local_model.lr_step": ("epoch", "batch"),
     "local_model.stop_check": ("train", "eval"),
     "fl.weighting": ("labeled", "uniform"),
+    "fl.lr_decay_rule": ("paper", "code"),
     "fairfal.similarity": ("cosine", "dot"),
     "fast.budget_split": ("proportional", "even"),
     "runtime.precision": ("fp32", "bf16"),
@@ -313,6 +324,7 @@ CHOICES = {
     "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
     "fairfal.embedding_probs": ("paper", "code"),
     "ifal.w1": ("reference", "histogram"),
+    "ifal.kd_keep": ("best", "last"),
     "fast.scope": ("client", "pooled"),
     "fast.bank": ("shared", "local"),
     "fast.uncertainty": ("entropy", "norm", "least_confidence", "smallest_margin",
@@ -352,7 +364,8 @@ def tracker_names(cfg: Config) -> list[str]:
 # settings added after runs were named: part of a run's identity only when not at these
 # defaults, so existing run directories keep their names
 ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
-               "data.val_split": "ignore"}
+               "data.val_split": "ignore", "fl.lr_decay_rule": "paper",
+               "ifal.kd_keep": "best"}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 

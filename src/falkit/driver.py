@@ -137,8 +137,12 @@ class Federation(Protocol):
 
 # -- the schedule (ALGORITHMS.md §3), one copy ------------------------------------------------
 def lr_at(fl: FLConfig, r: int) -> float:
-    """Round r's learning rate: decayed after int(lr_decay_at · R) rounds (FairFAL: r > 0.75R)."""
-    return fl.lr * (fl.lr_decay if r + 1 > int(fl.lr_decay_at * fl.rounds) else 1.0)
+    """Round r's learning rate (r from 0), decayed once int(lr_decay_at · R) rounds are done
+    (FairFAL §4.1: "after 75 % of the rounds"; `fl.lr_decay_rule = "code"`: from round
+    r > int(lr_decay_at · R), the FairFAL code's `r > 75`, one round later)."""
+    at = int(fl.lr_decay_at * fl.rounds)
+    decayed = r > at if fl.lr_decay_rule == "code" else r + 1 > at
+    return fl.lr * (fl.lr_decay if decayed else 1.0)
 
 
 def participants(cfg: Config, cycle: int, r: int, K: int) -> list[int]:

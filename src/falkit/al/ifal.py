@@ -114,12 +114,14 @@ class IFAL(Strategy):
     def __init__(self, at: str | None = None, *, w1: str = "reference", top_k: int = 250,
                  n_init: int = 10, kd_lr: float = 1e-3, kd_epochs: int = 500,
                  kd_patience: int = 5, kd_temperature: float = 4.0, kd_ce_weight: float = 0.1,
-                 **options: object):
+                 kd_keep: str = "best", **options: object):
         super().__init__(at, **options)
         if w1 not in W1_MODES:
             raise ConfigError(f"ifal.w1 = {w1!r} is not one of {', '.join(W1_MODES)}")
         self.w1, self.top_k, self.n_init = w1, int(top_k), int(n_init)
-        self.kd = {"lr": float(kd_lr), "epochs": int(kd_epochs),
+        if kd_keep not in ("best", "last"):
+            raise ConfigError(f"ifal.kd_keep = {kd_keep!r} is not one of best, last")
+        self.kd = {"lr": float(kd_lr), "epochs": int(kd_epochs), "keep": kd_keep,
                    "patience": int(kd_patience), "temperature": float(kd_temperature),
                    "ce_weight": float(kd_ce_weight)}
 
@@ -128,10 +130,11 @@ class IFAL(Strategy):
         return True  # the `last_round` local model is one of the three feature spaces
 
     @property
-    def distillation(self) -> dict[str, float]:
+    def distillation(self) -> dict[str, object]:
         """The loop trains, per client, a local model distilled from the global one with
         these settings (Engine.train_distilled keywords) and serves it as model
-        "distilled" (IFAL: 0.1 CE + 0.9 KD, T = 4, lr 1e-3, ≤ 500 epochs, patience 5)."""
+        "distilled" (IFAL: 0.1 CE + 0.9 KD, T = 4, lr 1e-3, ≤ 500 epochs, patience 5; the
+        best or, `kd_keep = "last"`, the last epoch's weights)."""
         return dict(self.kd)
 
     def _rknn(self, ctx: QueryContext, model: str, *row_labels: torch.Tensor

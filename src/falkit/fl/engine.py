@@ -650,15 +650,16 @@ class Engine:
 
     def train_distilled(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                         teacher: State, labels: torch.Tensor, seed: int, *, lr: float,
-                        epochs: int, patience: int, temperature: float, ce_weight: float
-                        ) -> list[tuple[State, list[float]]]:
+                        epochs: int, patience: int, temperature: float, ce_weight: float,
+                        keep: str = "best") -> list[tuple[State, list[float]]]:
         """Local models distilled from `teacher` (the global model), one per job (labeled
         indices, key): IFAL's KD local model (ALGORITHMS.md §4 ifal). Fresh init, SGD at `lr`
         (the FL momentum and weight decay) on the job's labeled samples only, both models
         seeing the same augmented batch; stops once the epoch's mean training loss has not
-        improved for `patience` epochs, or after `epochs`. Returns, per job, a *copy* of the
-        best epoch's weights (the reference kept a reference to the live weights, so it
-        returned the last ones) and the loss of every epoch run."""
+        improved for `patience` epochs, or after `epochs`. Returns, per job, a copy of the
+        best epoch's weights or (`keep = "last"`, `ifal.kd_keep`) the last epoch's — the IFAL
+        code's EarlyStopping saved `model.state_dict()`, a live reference, so its "best" was
+        the last — and the loss of every epoch run."""
         inits = [clone_state(self.new_model(torch_seed(seed, "distill_init", *key)))
                  for _, key in jobs]
         labels = labels.to(self.device)
@@ -693,12 +694,14 @@ class Engine:
                     break
                 losses.append(total / n)  # IFAL: early stopping on the mean training loss
                 if losses[-1] < best_loss:  # strict improvement (the reference's delta = 0)
-                    best, best_loss, waited = clone_state(model), losses[-1], 0
+                    best_loss, waited = losses[-1], 0
+                    if keep == "best":
+                        best = clone_state(model)
                 else:
                     waited += 1
                     if waited >= patience:
                         break
-            return best, losses
+            return (clone_state(model) if keep == "last" else best), losses
 
         return self.map(train, list(range(len(jobs))))
 
