@@ -25,3 +25,63 @@ def test_lr_decay_paper_75_25_and_code_76_24():
     qc = config.load(None, preset="reference,quick").fl
     assert [lr_at(q, r) for r in range(3)] == pytest.approx([0.05, 0.05, 0.005])
     assert [lr_at(qc, r) for r in range(3)] == pytest.approx([0.05, 0.05, 0.05])
+
+
+def test_partition_seed_fixes_the_partition_across_run_seeds():
+    """The FairFAL code partitions with seed 0 for every run seed; partition.seed does the
+    same (the long tail and the partition), the run's seed still drives everything else."""
+    from falkit.data.federation import build
+    from falkit.data.sources import load
+
+    ds = load("digits")
+    over = {"data.dataset": "digits", "partition.num_clients": "3", "data.rho": "5"}
+
+    def clients(**extra):
+        data = build(config.load(None, overrides={**over, **extra}), ds)
+        return data.source_indices, data.clients
+
+    keep0, c0 = clients(seed="0")
+    keep1, c1 = clients(seed="1")
+    assert not np.array_equal(keep0, keep1)  # by default a new long tail per seed ...
+    fixed0 = clients(seed="0", **{"partition.seed": "0"})
+    fixed1 = clients(seed="1", **{"partition.seed": "0"})
+    assert np.array_equal(fixed0[0], fixed1[0]) and np.array_equal(fixed0[0], keep0)
+    assert all(np.array_equal(a, b) for a, b in zip(fixed0[1], fixed1[1], strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(fixed0[1], c0, strict=True))
+    ref = config.load(None, preset="reference")
+    assert ref.partition.seed == 0 and config.load(None).partition.seed is None
+    # a run name tells the two apart; a default run keeps the name it had before
+    a = config.load(None, overrides={"seed": "1"})
+    b = config.load(None, overrides={"seed": "1", "partition.seed": "0"})
+    assert a.run_name() != b.run_name()
+    assert "partition.seed" not in config.identity(a)
+    with pytest.raises(config.ConfigError, match="partition.seed must be"):
+        config.load(None, overrides={"partition.seed": "-1"})
+
+
+def test_cifar100_normalisation_dataset_or_the_codes_imagenet():
+    from falkit.data.sources import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, normalization
+
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    y = np.zeros(2, dtype=np.int64)
+
+    def ds(name, mean, std):
+        return ImageDataset(name, x, y, x, y, ["a"], mean, std, True, 0, "test")
+
+    c100 = ds("cifar100", (0.507, 0.487, 0.441), (0.267, 0.256, 0.276))
+    assert normalization(c100) == (c100.mean, c100.std)
+    assert normalization(c100, "code") == (IMAGENET_MEAN, IMAGENET_STD)
+    # where the code uses the dataset's own constants, `code` changes nothing
+    c10 = ds("cifar10", IMAGENET_MEAN, IMAGENET_STD)
+    fm = ds("fmnist", (0.286,), (0.353,))
+    npz = ds("npz:site.npz", (0.1,), (0.2,))
+    for d in (c10, fm, npz):
+        assert normalization(d, "code") == (d.mean, d.std)
+    assert config.load(None, preset="reference").data.normalization == "code"
+    # the engine of a run normalises with it
+    from falkit.loop import engine_for
+
+    cfg = config.load(None, overrides={"data.normalization": "code", "model.backbone":
+                                       "cnn4"})
+    eng = engine_for(cfg, c100, 1, 1)
+    assert tuple(eng.mean) == pytest.approx(IMAGENET_MEAN)

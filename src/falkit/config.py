@@ -38,6 +38,9 @@ class DataConfig:
     # an official validation split (MedMNIST's): ignore | train (train on train+val) |
     # test (evaluate on val instead of test, for tuning)
     val_split: str = "ignore"
+    # per-channel mean/std: dataset = the dataset's own constants | code = those of the
+    # FairFAL authors' code where they differ (CIFAR-100-LT: ImageNet's)
+    normalization: str = "dataset"
 
 
 @dataclass
@@ -52,6 +55,9 @@ class PartitionConfig:
     classes_per_client: int = 2  # pathological: exactly this many classes per client
     file: str | None = None  # json
     shards_per_client: int = 2  # shards (McMahan et al.; a client may hold 1..2s classes)
+    # the seed of the long-tail subsample and the partition; None = the run's `seed`. The
+    # FairFAL code partitions with seed 0 for every run seed (one client x class matrix)
+    seed: int | None = None
 
 
 @dataclass
@@ -287,6 +293,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # "Fidelity"); combine with quick as --preset reference,quick
     "reference": {
         "fl.lr_decay_rule": "code",
+        "data.normalization": "code",
+        "partition.seed": 0,
         "fairfal.embedding_probs": "code",
         "local_model.mode": "last_round",
         "local_model.lr_step": "batch",
@@ -303,6 +311,7 @@ CHOICES = {
     "oracle": ("simulated", "human"),
     "data.profile": ("exp", "step"),
     "data.val_split": ("ignore", "train", "test"),
+    "data.normalization": ("dataset", "code"),
     "partition.method": ("dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid", "shards",
                          "pathological", "json", "sites"),
     "budget.rule": ("fairfal", "proportional"),
@@ -365,7 +374,8 @@ def tracker_names(cfg: Config) -> list[str]:
 # defaults, so existing run directories keep their names
 ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "data.val_split": "ignore", "fl.lr_decay_rule": "paper",
-               "ifal.kd_keep": "best"}
+               "ifal.kd_keep": "best", "data.normalization": "dataset",
+               "partition.seed": None}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 
@@ -593,6 +603,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("partition.min_partition_size", 0, None, True, True),
     ("partition.classes_per_client", 1, None, True, True),
     ("partition.shards_per_client", 1, None, True, True),
+    ("partition.seed", 0, None, True, True),
     ("budget.fraction", 0, 1, False, False),
     ("budget.cycles", 1, None, True, True),
     ("fl.rounds", 1, None, True, True),

@@ -11,7 +11,7 @@ from falkit import tracking
 from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import build
-from falkit.data.sources import ImageDataset
+from falkit.data.sources import ImageDataset, normalization
 from falkit.driver import Reporter, RunResult
 from falkit.driver import run as drive
 from falkit.fl.engine import Engine, ImageTensors, configure_process
@@ -28,9 +28,9 @@ def engine_for(cfg: Config, ds: ImageDataset, num_classes: int, num_clients: int
                train_y: torch.Tensor | None = None) -> Engine:
     """The engine of a run on `ds` (train labels `train_y`, default the dataset's)."""
     y = torch.as_tensor(ds.y_train) if train_y is None else train_y
-    return engine_class(cfg, ImageTensors(ds.x_train, y, ds.mean, ds.std, ds.hflip,
-                                          ds.crop_pad),
-                        ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std),
+    mean, std = normalization(ds, cfg.data.normalization)
+    return engine_class(cfg, ImageTensors(ds.x_train, y, mean, std, ds.hflip, ds.crop_pad),
+                        ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), mean, std),
                         num_classes, num_clients=num_clients, wrap_model=wrap_model)
 
 

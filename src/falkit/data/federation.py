@@ -39,16 +39,23 @@ class FederatedData:
                                               self.num_classes)
 
 
+def data_seed(cfg: Config) -> int:
+    """The seed of the long tail and the partition: `partition.seed`, else the run's."""
+    return cfg.seed if cfg.partition.seed is None else cfg.partition.seed
+
+
 def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
-    """Load, apply the global long tail, and partition — deterministic in cfg.seed."""
+    """Load, apply the global long tail, and partition — deterministic in
+    `partition.seed` (default: the run's seed)."""
     if cfg.partition.method == "sites":
         raise ConfigError("partition.method = sites: every client is a Flower site that holds "
                           "its own data (a SuperNode with data-root); it names such runs and "
                           "cannot be partitioned here")
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
                                                   cfg.data.val_split)
+    seed = data_seed(cfg)
     keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,
-                     rng(cfg.seed, "long_tail"))
+                     rng(seed, "long_tail"))
     ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])
     p = cfg.partition
     options: dict[str, object] = {}
@@ -57,7 +64,7 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     if p.method in ("dirichlet", "dirichlet_flwr"):
         options.update(min_partition_size=p.min_partition_size, self_balancing=p.self_balancing)
     if p.method in ("dirichlet_flwr", "pathological"):
-        options["seed"] = cfg.seed  # flwr-datasets' own generator, seeded as it is
+        options["seed"] = seed  # flwr-datasets' own generator, seeded as it is
     if p.method == "shards":
         if p.classes_per_client != 2:  # before the rename, shards read classes_per_client
             raise ConfigError("partition.method = shards takes partition.shards_per_client "
@@ -69,7 +76,7 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     if p.method == "json":
         options["path"] = p.file
     clients = partition_mod.make_partition(p.method, ds.y_train, p.num_clients,
-                                           rng(cfg.seed, "partition"), **options)
+                                           rng(seed, "partition"), **options)
     clients = [np.sort(np.asarray(c, dtype=np.int64)) for c in clients]
     return FederatedData(dataset=ds, clients=clients, source_indices=keep)
 

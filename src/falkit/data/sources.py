@@ -108,6 +108,10 @@ class DatasetInfo:
     md5: Mapping[str, str] = field(default_factory=dict)  # downloaded file name -> md5
     mean: tuple[float, ...] | None = None  # None: computed from the train split
     std: tuple[float, ...] | None = None
+    # the constants the FairFAL authors' code normalises with, where they differ
+    # (`data.normalization = "code"`); None: the same as mean/std
+    code_mean: tuple[float, ...] | None = None
+    code_std: tuple[float, ...] | None = None
     hflip: bool = False
     crop_pad: int = 0
     classes: tuple[str, ...] | None = None  # None: read from the files
@@ -180,7 +184,9 @@ DATASETS: dict[str, DatasetInfo] = {
         dirs=("cifar-100-python",), files=("train", "test", "meta"),
         urls=("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",),
         md5={"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
-        mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276), hflip=True),
+        mean=(0.507, 0.487, 0.441), std=(0.267, 0.256, 0.276), hflip=True,
+        # the FairFAL code's CIFAR-100-LT class inherits its CIFAR-10-LT class's transform
+        code_mean=IMAGENET_MEAN, code_std=IMAGENET_STD),
     "svhn": DatasetInfo(
         name="svhn", title="SVHN", kind="svhn",
         description="SVHN: 73k/26k 32×32 colour house-number digits, 10 classes",
@@ -313,6 +319,17 @@ def load(name: str, data_root: str | Path | None = None,
     if info.kind == "medmnist":
         return _load_medmnist(info, where, val_split)
     return _LOADERS[info.kind](info, where)
+
+
+def normalization(ds: ImageDataset, mode: str = "dataset"
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) a run normalises `ds` with: its own (`dataset`), or
+    (`code`) the constants the FairFAL authors' code uses for that dataset where they
+    differ (CIFAR-100: ImageNet's, inherited from its CIFAR-10-LT class)."""
+    info = _info(ds.name) if mode == "code" else None
+    if info is not None and info.code_mean is not None and info.code_std is not None:
+        return info.code_mean, info.code_std
+    return ds.mean, ds.std
 
 
 def download(name: str, data_root: str | Path | None = None) -> Path:
