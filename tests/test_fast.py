@@ -126,10 +126,13 @@ def _cfg(**over):
 def test_per_client_budget_is_a_fraction_of_each_pool():
     data, z = _toy_data()
     oracle = SimulatedOracle(data.dataset.y_train)
-    p = fast.two_passes(_cfg(), data, z, oracle)
-    # FAST Alg. 1: r0 and b_k are fractions of the client's own pool (ceil)
+    p = fast.two_passes(_cfg(**{"fast.budget_split": "proportional"}), data, z, oracle)
+    # FAST Alg. 1: r0 is a fraction of the client's own pool (ceil); b_k too, proportional
     assert [len(g) for g in p.initial] == [1, 3]
     assert [len(q) for q in p.queried] == [2, 6]
+    # the default (FAST's text, "evenly shared among clients"): ceil(0.2 * 40) = 8, 4 each
+    even = fast.two_passes(_cfg(), data, z, SimulatedOracle(data.dataset.y_train))
+    assert [len(q) for q in even.queried] == [4, 4]
     for k, pool in enumerate(data.clients):
         assert set(p.initial[k]) <= set(pool) and set(p.queried[k]) <= set(pool)
         assert not set(p.initial[k]) & set(p.queried[k])
@@ -285,7 +288,8 @@ def test_fast_on_fmnist_lt_quick_with_pca_linear_probe(tmp_path):
     row = fast.run(cfg).metrics[0]
     assert row["weak_acc_after"] > row["weak_acc_before"] > 0.5
     assert row["accuracy"] > 0.2  # far above chance (0.1) with 6 % human labels
-    assert row["labeled"] == 10 * (21 + 103)  # ceil(1 % · 2043) + ceil(5 % · 2043) per client
+    # ceil(1 % · 2043) per client, and ceil(5 % · 20 428) = 1 022 shared evenly
+    assert row["labeled"] == 10 * 21 + 1022
 
 
 @pytest.mark.slow

@@ -85,3 +85,35 @@ def test_cifar100_normalisation_dataset_or_the_codes_imagenet():
                                        "cnn4"})
     eng = engine_for(cfg, c100, 1, 1)
     assert tuple(eng.mean) == pytest.approx(IMAGENET_MEAN)
+
+
+def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference():
+    from falkit.al.base import create
+    from falkit.al.fast import training_config
+    from falkit.data.sources import load
+    from falkit.fast import fast_engine
+    from falkit.fl.algorithms import client_weight
+
+    paper = config.load(None, overrides={"strategy": "fast"})
+    t = create("fast").training(paper)
+    # FAST Eq. 2 / Algorithm 1 line 25: 1/|K_t|, whatever the pools; the rest is [fl]'s
+    assert client_weight(t, 30) == client_weight(t, 3) == 1.0
+    assert (t.fl.lr, t.fl.weight_decay, t.fl.batch_size) == (0.01, 1e-5, 64)
+    assert paper.fast.budget_split == "even"
+    ref = config.load(None, preset="reference", overrides={"strategy": "fast"})
+    r = training_config(ref)
+    assert client_weight(r, 30) == 30.0  # FAST-official: FedAvg by num_samples
+    assert (r.fl.lr, r.fl.weight_decay, r.fl.batch_size) == (1e-3, 1e-4, 128)
+    # lr x 0.1 at R/4, R/2, 3R/4 (MultiStepLR stepped per round), 100 rounds
+    lrs = [lr_at(r.fl, k) for k in range(100)]
+    assert lrs == pytest.approx([1e-3] * 25 + [1e-4] * 25 + [1e-5] * 25 + [1e-6] * 25)
+    assert ref.fl.lr == 0.01  # [fl] itself is untouched: other strategies train as before
+    ds = load("digits")
+    over = {"strategy": "fast", "model.backbone": "resnet8_preact16"}
+    eng = fast_engine(config.load(None, overrides=over), ds, 10, 2, None, None)
+    assert eng.crop_pad == 0 and eng.cfg.fl.weighting == "uniform"
+    eng = fast_engine(config.load(None, preset="reference", overrides=over), ds, 10, 2,
+                      None, None)
+    assert eng.crop_pad == 4 and eng.cfg.fl.batch_size == 128  # RandomCrop(padding 4)
+    with pytest.raises(config.ConfigError, match="fast.lr_milestones takes fractions"):
+        config.load(None, overrides={"fast.lr_milestones": "0.5,2"})

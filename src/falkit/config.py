@@ -83,11 +83,15 @@ class FLConfig:
     # ("after 75 % of the rounds": 75 rounds at lr, 25 decayed) | code = r > int(lr_decay_at
     # * R) (the FairFAL code's `r > 75` in util/misc.py: 76 at lr, 24 decayed)
     lr_decay_rule: str = "paper"
+    # a multi-step schedule instead: fractions m of R, lr x lr_decay once more after each
+    # int(m * R) rounds (FAST-official: 0.25, 0.5, 0.75); empty = the one lr_decay_at
+    lr_milestones: Names = ""
     fraction: float = 1.0  # participating clients per round
     reset: str = "random"  # random: fresh init every cycle | continue: warm start
     mu: float = 0.01  # FedProx
-    # FedAvg weights: labeled = each client's labeled count (FedAvg, FairFAL) | uniform
-    # (FAST's option: every participating client counts the same)
+    # FedAvg weights: labeled = each client's count of training labels (FedAvg, FairFAL;
+    # FAST with weak labels: its whole pool, FAST-official's num_samples) | uniform (every
+    # participating client counts the same: FAST's text, Eq. 2)
     weighting: str = "labeled"
     # falkit.flower: a client that fails or times out mid-run; continue: the run goes on
     # with the clients that answer | stop: the run ends with an error (finished cycles kept)
@@ -218,7 +222,7 @@ class FASTConfig:
     initial: float = 0.01  # r0: initial labeled fraction of each client's pool
     budget: float = 0.05  # refinement budget b_k = budget x |pool_k| (0, 5, 40, 80 % study)
     # proportional: b_k = budget x |pool_k| | even: budget x N split evenly over the clients
-    budget_split: str = "proportional"
+    budget_split: str = "even"
     # SGD steps per FL round: the paper's tau = 5; 0 = fl.local_epochs epochs (the
     # reference code: 5 local epochs)
     local_steps: int = 5
@@ -228,6 +232,16 @@ class FASTConfig:
     uncertainty: str = "entropy"
     weak_labels: bool = True  # train on weak labels for the unqueried samples (Table II ②)
     refine: bool = True  # spend the budget on the oracle (Table II ③/④)
+    # FAST's training recipe, where it differs from [fl] (None: the [fl] value): FedAvg
+    # weights (uniform: FAST Eq. 2 and Algorithm 1 line 25, 1/|K_t| | labeled: each
+    # client's training-set size, FAST-official's num_samples), SGD lr, weight decay, batch,
+    # random-crop padding (None: the dataset's) and lr milestones (fractions of R)
+    weighting: str = "uniform"
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    crop_pad: int | None = None
+    lr_milestones: Names = ""
     encode_batch: int = 64
     cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
 
@@ -304,6 +318,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fast.scope": "pooled",
         "fast.uncertainty": "norm",
         "fast.local_steps": 0,
+        # FAST-official's training: FedAvg by num_samples, SGD lr 1e-3, weight decay 1e-4,
+        # batch 128, RandomCrop(padding 4) + flip, lr x 0.1 at R/4, R/2, 3R/4
+        "fast.weighting": "labeled",
+        "fast.lr": 1e-3,
+        "fast.weight_decay": 1e-4,
+        "fast.batch_size": 128,
+        "fast.crop_pad": 4,
+        "fast.lr_milestones": "0.25,0.5,0.75",
     },
 }
 
@@ -325,6 +347,7 @@ CHOICES = {
     "fl.lr_decay_rule": ("paper", "code"),
     "fairfal.similarity": ("cosine", "dot"),
     "fast.budget_split": ("proportional", "even"),
+    "fast.weighting": ("uniform", "labeled"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.batch_clients": ("auto", "on", "off"),
     "runtime.save_models": ("all", "last", "none"),
@@ -375,7 +398,9 @@ def tracker_names(cfg: Config) -> list[str]:
 ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "data.val_split": "ignore", "fl.lr_decay_rule": "paper",
                "ifal.kd_keep": "best", "data.normalization": "dataset",
-               "partition.seed": None}
+               "partition.seed": None, "fl.lr_milestones": "",
+               "fast.weighting": "labeled", "fast.lr": None, "fast.weight_decay": None,
+               "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": ""}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 
@@ -388,7 +413,7 @@ def identity(cfg: Config) -> dict[str, Any]:
     for key in NOT_IDENTITY:
         d.pop(key, None)
     for key, default in ADDED_LATER.items():  # at their default: run names from before stay
-        if d.get(key) == default:
+        if key in d and d[key] == default:
             d.pop(key)
     for kind in _BY_PATH:
         if str(d.get("data.dataset", "")).startswith(kind):
@@ -645,6 +670,10 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("fast.k", 1, None, True, True),
     ("fast.local_steps", 0, None, True, True),
     ("fast.encode_batch", 1, None, True, True),
+    ("fast.lr", 0, None, False, True),
+    ("fast.weight_decay", 0, None, True, True),
+    ("fast.batch_size", 2, None, True, True),
+    ("fast.crop_pad", 0, None, True, True),
 )
 
 
@@ -672,6 +701,24 @@ def dumps_all(cfg: Config) -> str:
     return _toml(to_dict(cfg))
 
 
+def milestones(text: str, key: str = "fl.lr_milestones") -> list[float]:
+    """`0.25,0.5,0.75` as fractions of the rounds, each in [0, 1] (ConfigError naming
+    `key` otherwise)."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            m = float(part)
+        except ValueError:
+            m = math.nan
+        if not 0 <= m <= 1:
+            raise ConfigError(f"{key} takes fractions of the rounds in [0, 1], comma-separated "
+                              f"(e.g. 0.25,0.5,0.75), got {part!r}")
+        out.append(m)
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Reject what cannot run, one line each. Budget feasibility needs the data: see loop."""
     flat = flatten(to_dict(cfg))
@@ -697,6 +744,8 @@ def validate(cfg: Config) -> None:
             hint = ("; the reference code's 0.05 is rho = 20" if key == "data.rho" else "")
             raise ConfigError(f"{key} must be {_range_text(lo, hi, lo_in, hi_in)}, got "
                               f"{v:g}{hint}")
+    for key in ("fl.lr_milestones", "fast.lr_milestones"):
+        milestones(flat[key], key)
     if cfg.name:
         check_name(cfg.name)
     if not cfg.out_dir.strip():

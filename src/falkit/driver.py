@@ -25,7 +25,7 @@ import numpy as np
 
 from falkit.al.base import Strategy
 from falkit.client import keeps_last_round
-from falkit.config import Config, FLConfig
+from falkit.config import Config, FLConfig, milestones
 from falkit.data.partition import write_partition_csv
 from falkit.errors import FalkitError
 from falkit.fl.algorithms import FedAvg, State, check_finite, state_bytes
@@ -137,12 +137,15 @@ class Federation(Protocol):
 
 # -- the schedule (ALGORITHMS.md §3), one copy ------------------------------------------------
 def lr_at(fl: FLConfig, r: int) -> float:
-    """Round r's learning rate (r from 0), decayed once int(lr_decay_at · R) rounds are done
-    (FairFAL §4.1: "after 75 % of the rounds"; `fl.lr_decay_rule = "code"`: from round
-    r > int(lr_decay_at · R), the FairFAL code's `r > 75`, one round later)."""
-    at = int(fl.lr_decay_at * fl.rounds)
-    decayed = r > at if fl.lr_decay_rule == "code" else r + 1 > at
-    return fl.lr * (fl.lr_decay if decayed else 1.0)
+    """Round r's learning rate (r from 0), × lr_decay once int(lr_decay_at · R) rounds are
+    done (the FairFAL protocol, ALGORITHMS.md §3: after 75 % of the rounds), or once more
+    after each of `fl.lr_milestones`; `fl.lr_decay_rule = "code"` decays from round
+    r > int(m · R), as the FairFAL code's `r > 75` (util/misc.py): one round later."""
+    times = 0
+    for m in milestones(fl.lr_milestones) or [fl.lr_decay_at]:  # fl.lr_milestones: instead
+        at = int(m * fl.rounds)
+        times += (r > at) if fl.lr_decay_rule == "code" else (r + 1 > at)
+    return fl.lr * fl.lr_decay ** times
 
 
 def participants(cfg: Config, cycle: int, r: int, K: int) -> list[int]:
@@ -269,7 +272,7 @@ def _cycle(cfg: Config, cycles: int, cycle: int, strategy: Strategy, fed: Federa
 
     # -- federated training on the labeled pools -------------------------------------------
     t = time.perf_counter()
-    fl = cfg.fl
+    fl = strategy.training(cfg).fl  # the strategy's own recipe (FAST's), else [fl]
     if fl.reset == "continue" and st.global_state is not None:
         global_state = st.global_state
     else:  # a fresh init every cycle (FairFAL protocol); the init differs per seed and cycle

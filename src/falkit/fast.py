@@ -10,6 +10,7 @@ linear probing). Summaries and FAST Table III's comparison read finished run dir
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from falkit.al.fast import (  # noqa: F401  (the primitives, where users found t
     refine,
     refinement_budgets,
     top_uncertain,
+    training_config,
     uncertainty,
     weak_row,
     weak_rows_total,
@@ -149,7 +151,10 @@ def fast_engine(cfg: Config, ds: ImageDataset, num_classes: int, num_clients: in
     """FAST's engine: the ordinary one on the images, or, for linear probing
     (`model.backbone = "linear"`), on the embeddings as N×D×1×1 float tensors with mean 0
     and std 1/255, so the engine's normalisation (x/255 − mean)/std is the identity, and no
-    augmentation. τ local steps per round (`fast.local_steps`)."""
+    augmentation. τ local steps per round (`fast.local_steps`); FAST's training recipe
+    (`falkit.al.fast.training_config`: its FedAvg weights, lr, weight decay, batch) and,
+    on the images, `fast.crop_pad`'s random crop."""
+    cfg = training_config(cfg)
     y = torch.as_tensor(ds.y_train) if train_y is None else train_y
     if cfg.model.backbone == "linear":
         assert z_train is not None and z_test is not None
@@ -161,6 +166,8 @@ def fast_engine(cfg: Config, ds: ImageDataset, num_classes: int, num_clients: in
                                      torch.as_tensor(ds.y_test), *ident),
                         num_classes, num_clients=num_clients)
     else:
+        if cfg.fast.crop_pad is not None:  # FAST-official: RandomCrop(padding 4)
+            ds = dataclasses.replace(ds, crop_pad=cfg.fast.crop_pad)
         engine = engine_for(cfg, ds, num_classes, num_clients, train_y=y)
     engine.local_steps = cfg.fast.local_steps or None  # tau SGD steps, or fl.local_epochs
     return engine

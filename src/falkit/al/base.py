@@ -132,6 +132,11 @@ class Strategy:
         """SGD steps per local update instead of fl.local_epochs epochs (None: epochs)."""
         return None
 
+    def training(self, cfg: Config) -> Config:
+        """The config a run of this strategy trains with: `cfg` itself, or a strategy's own
+        training recipe laid over its [fl] settings (FAST's, from its section)."""
+        return cfg
+
     def finish_cycle(self, cfg: Config, row: dict[str, Any], extra: dict[str, Any],
                      traffic: list[dict[str, int]], num_train: int
                      ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:

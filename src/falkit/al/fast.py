@@ -13,6 +13,7 @@ process (`falkit.fast`) and in a Flower ClientApp.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -212,6 +213,20 @@ def weak_rows_total(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def training_config(cfg: Config) -> Config:
+    """`cfg` with FAST's training recipe over [fl]: `fast.weighting` (FAST Eq. 2: uniform),
+    and each of fast.lr, weight_decay, batch_size, lr_milestones that is set (`reference`:
+    FAST-official's). The crop (`fast.crop_pad`) is the engine's (`fast_engine`)."""
+    f = cfg.fast
+    over: dict[str, Any] = {"weighting": f.weighting}
+    for key in ("lr", "weight_decay", "batch_size"):
+        if getattr(f, key) is not None:
+            over[key] = getattr(f, key)
+    if f.lr_milestones.strip():  # MultiStepLR stepped once per round: round int(m·R)
+        over.update(lr_milestones=f.lr_milestones, lr_decay_rule="paper")  # is decayed
+    return dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, **over))
+
+
 # -- the strategy -----------------------------------------------------------------------------
 @register
 class Fast(Strategy):
@@ -234,6 +249,9 @@ class Fast(Strategy):
 
     def local_steps(self, cfg: Config) -> int | None:
         return cfg.fast.local_steps or None  # τ SGD steps, or fl.local_epochs epochs
+
+    def training(self, cfg: Config) -> Config:
+        return training_config(cfg)
 
     def select(self, ctx, budget: int) -> np.ndarray:
         raise RuntimeError("FAST queries once, in its two passes (cycle 0), not per cycle")

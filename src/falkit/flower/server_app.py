@@ -527,12 +527,14 @@ class FlowerFederation:
                                   generation=self.generation, keep_last=keep_last,
                                   progress=progress)}) for k in active}
         replies = self._round(TRAIN, contents, f"train cycle {cycle} round {r}")
+        weights_cfg = self.strategy.training(cfg)  # FAST's own FedAvg weights
         done = []
         for k, rep in replies.items():
             metrics = dict(rep["metrics"])
             # on the server engine's device, where the global state and the algorithm's
             # state (SCAFFOLD's c) live
-            client = Client(id=k, weight=client_weight(cfg, int(metrics[NUM_EXAMPLES])),
+            client = Client(id=k, weight=client_weight(weights_cfg,
+                                                       int(metrics[NUM_EXAMPLES])),
                             lr=lr, state=record_state(rep["model"], self.device))
             ups = record_state(rep["uplink"], self.device) if "uplink" in rep else {}
             algo.from_uplink(client, ups, {n: float(v) for n, v in metrics.items()
