@@ -189,3 +189,39 @@ def test_strategy_sections_reach_the_strategies():
         k, v = bad.split("=")
         with pytest.raises(ConfigError, match=k.replace(".", r"\.")):
             config_mod.load(overrides={k: v})
+
+
+def test_alfamix_head_query_or_global_as_the_baseline_code():
+    """alfamix.head = global (reference): @L mixes through the global model's head (the
+    LoGo / IFAL code), query (default) through the local one: the picks are k-means over
+    the candidates that head finds in the local model's features (known answer rebuilt
+    from the primitives, with the same k-means seed)."""
+    import falkit.al.alfamix as am
+    from falkit import config as config_mod
+    from falkit.al.primitives import nearest_to_centres
+
+    b = 20
+    want = {}
+    for m in ("local", "global"):
+        ctx, _ = make_ctx(seed=4)
+        z_u = ctx.features("local", "unlabeled")
+        pred = ctx.probs("local", "unlabeled").argmax(1)
+        anchors = am.class_anchors(ctx.features("local", "labeled"), ctx.labeled_y,
+                                   ctx.num_classes)
+        cand = np.flatnonzero(am.alfamix_candidates(z_u, pred, anchors, *ctx.head(m),
+                                                    0.2 / math.sqrt(z_u.shape[1])).numpy())
+        assert len(cand) > b  # the first cap already finds enough
+        seed = int(np.random.default_rng(4).integers(2**31 - 1))  # ctx.rng's first draw
+        feats = torch.nn.functional.normalize(z_u[torch.as_tensor(cand)], dim=1)
+        want[m] = sorted(cand[nearest_to_centres(feats.double().numpy(), b, seed,
+                                                 n_init=10)].tolist())
+    assert want["local"] != want["global"]  # the two heads choose differently here
+    for head, m in (("query", "local"), ("global", "global")):
+        ctx, _ = make_ctx(seed=4)
+        assert sorted(create("alfamix@L", head=head).select(ctx, b).tolist()) == want[m]
+    cfg = config_mod.load(overrides={"strategy": "alfamix@L"}, preset="reference")
+    s = create(cfg.strategy, **config_mod.strategy_options(cfg))
+    assert (s.head, s.n_init) == ("global", 10)
+    assert create("alfamix@G").head == "query"
+    with pytest.raises(ConfigError, match="alfamix.head"):
+        config_mod.load(overrides={"alfamix.head": "local"})

@@ -192,6 +192,17 @@ class LL4ALConfig:
 
 
 @dataclass
+class AlfaMixConfig:
+    """ALFA-Mix (ALGORITHMS.md §4 alfamix)."""
+
+    # the classifier head the mixing and the mixed predictions go through: query = the
+    # query model's own (@L: the local head; ALFA-Mix's one-model form) | global = the
+    # global model's, whatever the query model (the LoGo / IFAL baseline code)
+    head: str = "query"
+    n_init: int = 10  # k-means restarts on the candidates (the code's sklearn default)
+
+
+@dataclass
 class LoGoConfig:
     """LoGo (ALGORITHMS.md §4 logo)."""
 
@@ -271,6 +282,7 @@ class Config:
     fast: FASTConfig = field(default_factory=FASTConfig)
     ll4al: LL4ALConfig = field(default_factory=LL4ALConfig)
     logo: LoGoConfig = field(default_factory=LoGoConfig)
+    alfamix: AlfaMixConfig = field(default_factory=AlfaMixConfig)
     gcnal: GCNALConfig = field(default_factory=GCNALConfig)
 
     def run_name(self) -> str:
@@ -315,6 +327,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "local_model.stop_check": "eval",
         "ifal.w1": "reference",
         "ifal.kd_keep": "last",
+        "alfamix.head": "global",
         "fast.scope": "pooled",
         "fast.uncertainty": "norm",
         "fast.local_steps": 0,
@@ -357,6 +370,7 @@ CHOICES = {
     "fairfal.embedding_probs": ("paper", "code"),
     "ifal.w1": ("reference", "histogram"),
     "ifal.kd_keep": ("best", "last"),
+    "alfamix.head": ("query", "global"),
     "fast.scope": ("client", "pooled"),
     "fast.bank": ("shared", "local"),
     "fast.uncertainty": ("entropy", "norm", "least_confidence", "smallest_margin",
@@ -370,7 +384,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 # Config sections that hold one strategy's options: only the run's own strategy's section is
 # part of its saved config and settings hash, so adding a strategy renames no existing run.
-STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast", "ll4al", "logo", "gcnal")
+STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast", "ll4al", "logo", "gcnal", "alfamix")
 
 
 def experiment_dict(cfg: Config) -> dict[str, Any]:
@@ -662,6 +676,7 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("ll4al.detach_from", 0, 1, True, True),
     ("ll4al.hidden", 1, None, True, True),
     ("logo.n_init", 1, None, True, True),
+    ("alfamix.n_init", 1, None, True, True),
     ("gcnal.steps", 1, None, True, True),
     ("gcnal.eta", 0, None, True, True),
     ("gcnal.subsample", 1, None, True, True),

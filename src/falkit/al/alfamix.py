@@ -5,9 +5,13 @@ An unlabeled point is a candidate when interpolating its features a little towar
 anchor (the mean labeled feature of that class) flips the query model's prediction; k-means
 on the normalized candidate features then picks a diverse batch among them.
 
-Deviation from the reference: g is taken through the *query model's* classifier head (@G: the
-global head, @L: the local one). The reference always used the global model's head, even when
-the features came from another model — a quirk we do not copy.
+The head (`alfamix.head`): `query` takes g and the mixed predictions through the query
+model's own classifier head (@G: the global head, @L: the local one), ALFA-Mix's one-model
+form; `global` (the `reference` preset) through the global model's head whatever the query
+model, as the LoGo / IFAL baseline code does. k-means restarts `alfamix.n_init` times (10,
+the code's sklearn default). The random fill draws distinct samples (the code drew with
+replacement, so its batch could hold duplicates: fewer labels than the budget; falkit's
+strategy contract asks for `budget` distinct picks).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, nearest_to_centres
+from falkit.errors import ConfigError
 
 ALPHA_CAPS = (0.2, 0.4, 0.6, 0.8, 1.0)  # reference: alpha_cap += 0.2 while alpha_cap < 1
-KMEANS_N_INIT = 1  # sklearn's "auto" for k-means++ init: one seeding run
 _CHUNK = 8192  # rows of the pool per batched step (bounds memory at 8192 × D per tensor)
 
 
@@ -86,13 +90,21 @@ class AlfaMix(Strategy):
     description = "ALFA-Mix: k-means over points whose prediction flips under anchor mixing"
     uses_selector = True
 
+    def __init__(self, at: str | None = None, *, head: str = "query", n_init: int = 10,
+                 **options: object):
+        super().__init__(at, **options)
+        if head not in ("query", "global"):
+            raise ConfigError(f"alfamix.head = {head!r} is not one of query, global")
+        self.head, self.n_init = head, int(n_init)
+
     def select(self, ctx: QueryContext, budget: int) -> np.ndarray:
         model = self.query_model
         z_u = ctx.features(model, "unlabeled").float()
         pred = ctx.probs(model, "unlabeled").argmax(1)
         # the query computes where the model outputs are; the head's weights (from the state
         # dict, on the training device) are brought there
-        w, b = (t.to(z_u.device) for t in ctx.head(model))
+        w, b = (t.to(z_u.device) for t in ctx.head("global" if self.head == "global"
+                                                    else model))
         anchors = class_anchors(ctx.features(model, "labeled"), ctx.labeled_y, ctx.num_classes)
         d = z_u.shape[1]
         candidate = torch.zeros(len(z_u), dtype=torch.bool, device=z_u.device)
@@ -109,10 +121,10 @@ class AlfaMix(Strategy):
             feats = torch.nn.functional.normalize(z_u[torch.as_tensor(cand)], dim=1)
             seed = int(ctx.rng.integers(2**31 - 1))
             picks = cand[nearest_to_centres(as_numpy(feats.double()), min(budget, len(cand)),
-                                            seed, n_init=KMEANS_N_INIT)]
+                                            seed, n_init=self.n_init)]
         short = budget - len(picks)
         if short > 0:
-            # uniform *without* replacement (the reference drew with replacement: duplicates)
+            # uniform, distinct (the reference drew with replacement: duplicates)
             rest = np.setdiff1d(np.arange(len(z_u)), picks)
             picks = np.concatenate([picks, ctx.rng.choice(rest, size=short, replace=False)])
         self._diag = {"candidates": len(cand), "alpha_cap": cap, "random_fill": max(short, 0)}
