@@ -104,9 +104,14 @@ def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference():
     r = training_config(ref)
     assert client_weight(r, 30) == 30.0  # FAST-official: FedAvg by num_samples
     assert (r.fl.lr, r.fl.weight_decay, r.fl.batch_size) == (1e-3, 1e-4, 128)
-    # lr x 0.1 at R/4, R/2, 3R/4 (MultiStepLR stepped per round), 100 rounds
+    # ablation/utils.py: lr = 1e-3 · 0.1 ** int(rnd / 25) for Flower's rounds rnd = 1..100:
+    # rounds 1-24 at 1e-3, 25-49 at 1e-4, 50-74 at 1e-5, 75-99 at 1e-6, round 100 at 1e-7
     lrs = [lr_at(r.fl, k) for k in range(100)]
-    assert lrs == pytest.approx([1e-3] * 25 + [1e-4] * 25 + [1e-5] * 25 + [1e-6] * 25)
+    want = [1e-3 * 0.1 ** int(rnd / 25) for rnd in range(1, 101)]
+    assert want[:3] == pytest.approx([1e-3] * 3) and want[24] == pytest.approx(1e-4)
+    assert lrs == pytest.approx([1e-3] * 24 + [1e-4] * 25 + [1e-5] * 25 + [1e-6] * 25 + [1e-7])
+    assert lrs == pytest.approx(want)
+    assert ref.fast.initial == 0.05 and paper.fast.initial == 0.01
     assert ref.fl.lr == 0.01  # [fl] itself is untouched: other strategies train as before
     ds = load("digits")
     over = {"strategy": "fast", "model.backbone": "resnet8_preact16"}

@@ -81,7 +81,9 @@ class FLConfig:
     lr_decay_at: float = 0.75
     # which round decays first, r counted from 0: paper = r + 1 > int(lr_decay_at * R)
     # ("after 75 % of the rounds": 75 rounds at lr, 25 decayed) | code = r > int(lr_decay_at
-    # * R) (the FairFAL code's `r > 75` in util/misc.py: 76 at lr, 24 decayed)
+    # * R) (the FairFAL code's `r > 75` in util/misc.py: 76 at lr, 24 decayed) | at = r + 1
+    # >= int(m * R) (FAST-official's int(rnd / step) with Flower's rounds from 1: the
+    # int(m * R)-th round already decays)
     lr_decay_rule: str = "paper"
     # a multi-step schedule instead: fractions m of R, lr x lr_decay once more after each
     # int(m * R) rounds (FAST-official: 0.25, 0.5, 0.75); empty = the one lr_decay_at
@@ -253,6 +255,7 @@ class FASTConfig:
     batch_size: int | None = None
     crop_pad: int | None = None
     lr_milestones: Names = ""
+    lr_decay_rule: str = ""  # "" = fl.lr_decay_rule
     encode_batch: int = 64
     cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
 
@@ -338,7 +341,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fast.weight_decay": 1e-4,
         "fast.batch_size": 128,
         "fast.crop_pad": 4,
-        "fast.lr_milestones": "0.25,0.5,0.75",
+        # ablation/utils.py get_learning_rate: lr x 0.1 ** int(rnd / (R/4)), rnd = 1..R, so
+        # rounds 25, 50, 75 and the last one (100) each decay once more
+        "fast.lr_milestones": "0.25,0.5,0.75,1",
+        "fast.lr_decay_rule": "at",
+        "fast.initial": 0.05,  # ablation/data.py: initial_labeled_ratio = 0.05
     },
 }
 
@@ -357,7 +364,8 @@ CHOICES = {
     "local_model.lr_step": ("epoch", "batch"),
     "local_model.stop_check": ("train", "eval"),
     "fl.weighting": ("labeled", "uniform"),
-    "fl.lr_decay_rule": ("paper", "code"),
+    "fl.lr_decay_rule": ("paper", "code", "at"),
+    "fast.lr_decay_rule": ("", "paper", "code", "at"),
     "fairfal.similarity": ("cosine", "dot"),
     "fast.budget_split": ("proportional", "even"),
     "fast.weighting": ("uniform", "labeled"),
@@ -414,7 +422,8 @@ ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "ifal.kd_keep": "best", "data.normalization": "dataset",
                "partition.seed": None, "fl.lr_milestones": "",
                "fast.weighting": "labeled", "fast.lr": None, "fast.weight_decay": None,
-               "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": ""}
+               "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": "",
+               "fast.lr_decay_rule": ""}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 

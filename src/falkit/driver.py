@@ -140,11 +140,13 @@ def lr_at(fl: FLConfig, r: int) -> float:
     """Round r's learning rate (r from 0), × lr_decay once int(lr_decay_at · R) rounds are
     done (the FairFAL protocol, ALGORITHMS.md §3: after 75 % of the rounds), or once more
     after each of `fl.lr_milestones`; `fl.lr_decay_rule = "code"` decays from round
-    r > int(m · R), as the FairFAL code's `r > 75` (util/misc.py): one round later."""
+    r > int(m · R), as the FairFAL code's `r > 75` (util/misc.py): one round later; `at`
+    from r + 1 >= int(m · R), FAST-official's int(rnd / step) over rounds counted from 1."""
     times = 0
     for m in milestones(fl.lr_milestones) or [fl.lr_decay_at]:  # fl.lr_milestones: instead
         at = int(m * fl.rounds)
-        times += (r > at) if fl.lr_decay_rule == "code" else (r + 1 > at)
+        rule = fl.lr_decay_rule
+        times += (r > at) if rule == "code" else (r + 1 >= at) if rule == "at" else (r + 1 > at)
     return fl.lr * fl.lr_decay ** times
 
 

@@ -215,15 +215,17 @@ def weak_rows_total(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def training_config(cfg: Config) -> Config:
     """`cfg` with FAST's training recipe over [fl]: `fast.weighting` (FAST Eq. 2: uniform),
-    and each of fast.lr, weight_decay, batch_size, lr_milestones that is set (`reference`:
-    FAST-official's). The crop (`fast.crop_pad`) is the engine's (`fast_engine`)."""
+    and each of fast.lr, weight_decay, batch_size, lr_milestones, lr_decay_rule that is set
+    (`reference`: FAST-official's ablation/ code). The crop (`fast.crop_pad`) is the engine's (`fast_engine`)."""
     f = cfg.fast
     over: dict[str, Any] = {"weighting": f.weighting}
     for key in ("lr", "weight_decay", "batch_size"):
         if getattr(f, key) is not None:
             over[key] = getattr(f, key)
-    if f.lr_milestones.strip():  # MultiStepLR stepped once per round: round int(m·R)
-        over.update(lr_milestones=f.lr_milestones, lr_decay_rule="paper")  # is decayed
+    if f.lr_milestones.strip():
+        over["lr_milestones"] = f.lr_milestones
+    if f.lr_decay_rule:
+        over["lr_decay_rule"] = f.lr_decay_rule
     return dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, **over))
 
 
