@@ -274,7 +274,9 @@ class Engine:
 
     def _batches(self, idx: torch.Tensor, gen: torch.Generator):
         """Shuffled mini-batches of one epoch. A trailing batch of one sample is dropped:
-        BatchNorm cannot normalise a single 1×1 feature map (the reference crashed there)."""
+        BatchNorm cannot normalise one sample on a 1×1 feature map, which some backbones
+        reach at small image sizes (the FairFAL code's CNN-4, whose smallest map is 3×3 /
+        4×4, trains on it; no FMNIST-LT protocol budget makes one: README "Fidelity")."""
         perm = idx[torch.randperm(len(idx), generator=gen)]
         bs = self.cfg.fl.batch_size
         for b in range(0, len(perm), bs):
