@@ -107,3 +107,30 @@ def test_kafal_with_kcfu_runs_and_trains_differently(tmp_path):
             ["global_state"] for r in (plain, kcfu))
     assert not torch.equal(a["classifier.weight"], b["classifier.weight"])
     assert all(torch.isfinite(v.float()).all() for v in b.values())
+
+
+def test_kcfu_weights_mixed_by_lambda_as_kafal_main_py():
+    """KAFAL main.py: w_i = β_i w[ŷ_i] + (1 − β_i) w[ŷ_j], j the batch's one shared partner
+    (a scalar np.random.choice); `pseudo` keeps w[ŷ_i] alone."""
+    logits, y, prior = torch.zeros(2, 2), torch.tensor([0, 1]), torch.zeros(2)
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])  # ŷ = 0, 1
+    student = torch.zeros(2, 2)
+    weights = torch.tensor([0.8, 0.2])
+    kl = (0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)) / 2  # both rows
+    lam = torch.tensor([0.6, 0.3])
+    partner = torch.tensor([1, 1])  # the shared partner: row 1 (ŷ = 1)
+    ce = math.log(2)
+    mixed = kcfu_loss(logits, y, prior, student, teacher, weights, lam, partner)
+    w0, w1 = 0.6 * 0.8 + 0.4 * 0.2, 0.3 * 0.2 + 0.7 * 0.2
+    assert mixed.item() == pytest.approx(ce + (w0 + w1) / 2 * kl, rel=1e-6)
+    alone = kcfu_loss(logits, y, prior, student, teacher, weights)
+    assert alone.item() == pytest.approx(ce + (0.8 + 0.2) / 2 * kl, rel=1e-6)
+    from falkit import config
+    from falkit.al.base import create
+
+    for preset in (None, "reference"):
+        cfg = config.load(None, preset=preset, overrides={"strategy": "kafal"})
+        s = create(cfg.strategy, **config.strategy_options(cfg))
+        assert (s.mix_partner, s.mix_weights) == ("shared", "mixed")
+    with pytest.raises(config.ConfigError, match="kafal.mix_partner"):
+        config.load(None, overrides={"kafal.mix_partner": "random"})

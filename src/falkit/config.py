@@ -163,6 +163,11 @@ class KAFALConfig:
     """KAFAL (ALGORITHMS.md §4 kafal)."""
 
     kcfu: bool = False  # also train KAFAL's way (logit-adjusted CE + unlabeled-mixup KD)
+    # its mixup partner: shared = one for the whole batch (KAFAL main.py's scalar
+    # np.random.choice) | permutation = a permutation of the batch
+    mix_partner: str = "shared"
+    # its KD weights: mixed = lam w[y_i] + (1 - lam) w[y_j] (main.py) | pseudo = w[y_i]
+    mix_weights: str = "mixed"
 
 
 @dataclass
@@ -379,6 +384,8 @@ CHOICES = {
     "ifal.w1": ("reference", "histogram"),
     "ifal.kd_keep": ("best", "last"),
     "alfamix.head": ("query", "global"),
+    "kafal.mix_partner": ("shared", "permutation"),
+    "kafal.mix_weights": ("mixed", "pseudo"),
     "fast.scope": ("client", "pooled"),
     "fast.bank": ("shared", "local"),
     "fast.uncertainty": ("entropy", "norm", "least_confidence", "smallest_margin",
@@ -423,7 +430,8 @@ ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "partition.seed": None, "fl.lr_milestones": "",
                "fast.weighting": "labeled", "fast.lr": None, "fast.weight_decay": None,
                "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": "",
-               "fast.lr_decay_rule": ""}
+               "fast.lr_decay_rule": "", "kafal.mix_partner": "shared",
+               "kafal.mix_weights": "mixed"}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 

@@ -12,10 +12,12 @@ restricted to the classes present in L_k, and the score is the symmetric KL dive
 
 With `kafal.kcfu = true` the clients also train KAFAL's way (Knowledge-Compensatory
 Federated Update, `kcfu_objectives`): logit-adjusted cross-entropy on the labeled batch plus a
-distillation term from the global model on a Beta(2,2) mixup of permuted unlabeled pairs
-(one λ per sample), weighted by the inverse local frequency of the global pseudo-label
-(normalised to sum 1, 0 for absent classes), the KL averaged over classes — the authors'
-code's form; the distillation is off in the first round of each cycle.
+distillation term from the global model on a Beta(2,2) mixup of unlabeled samples with one
+shared partner (one λ per sample; `kafal.mix_partner = "permutation"`: a permutation),
+weighted by the λ-mix of the inverse local frequencies of the pseudo-labels of the sample and
+its partner (normalised to sum 1, 0 for absent classes; `kafal.mix_weights = "pseudo"`: the
+sample's alone), the KL averaged over classes — the authors' code's form (KAFAL main.py);
+the distillation is off in the first round of each cycle.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import nn
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import top_k
+from falkit.errors import ConfigError
 
 _EPS = 1e-12  # floor for log p: keeps exact zeros finite (log 0 = -inf would poison softmax)
 
@@ -84,9 +87,15 @@ class KAFAL(Strategy):
     uses_selector = False  # a fixed design: always compares the global and the local model
     local_model_mode = "last_round"
 
-    def __init__(self, at: str | None = None, *, kcfu: bool = False, **options: object):
+    def __init__(self, at: str | None = None, *, kcfu: bool = False,
+                 mix_partner: str = "shared", mix_weights: str = "mixed", **options: object):
         super().__init__(at, **options)
         self.kcfu = bool(kcfu)  # KAFAL's own local training (the loop asks `local_objectives`)
+        for key, value, valid in (("mix_partner", mix_partner, ("shared", "permutation")),
+                                  ("mix_weights", mix_weights, ("mixed", "pseudo"))):
+            if value not in valid:
+                raise ConfigError(f"kafal.{key} = {value!r} is not one of {', '.join(valid)}")
+        self.mix_partner, self.mix_weights = mix_partner, mix_weights
 
     def local_objectives(self, engine, global_state, labeled: Sequence[np.ndarray],
                          labels: np.ndarray, pools: Sequence[np.ndarray], round_index: int
@@ -95,7 +104,8 @@ class KAFAL(Strategy):
         if not self.kcfu:
             return None
         return kcfu_objectives(engine, global_state, labeled, labels, pools,
-                               distill=round_index > 0)
+                               distill=round_index > 0, partner=self.mix_partner,
+                               mixed_weights=self.mix_weights == "mixed")
 
     @property
     def needs_local_model(self) -> bool:
@@ -148,28 +158,39 @@ def beta22(gen: torch.Generator, n: int | None = None) -> float | torch.Tensor:
 
 def kcfu_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor,
               student_mix: torch.Tensor | None = None, teacher_mix: torch.Tensor | None = None,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
-    """KAFAL KCFU: CE(logits + a, y) + mean_i w[ŷ_i] · (1/C) Σ_c p_g,c log(p_g,c / p_l,c),
-    where x̃ is the unlabeled mixup, p_g the global (teacher) and p_l the local (student)
-    softmax, ŷ the global pseudo-label and the KL averaged over the C classes (the authors'
-    code: `kl_div(..., reduction="none").mean(1)`). Without mixup logits, just the
-    logit-adjusted CE."""
+              weights: torch.Tensor | None = None, lam: torch.Tensor | None = None,
+              partner: torch.Tensor | None = None) -> torch.Tensor:
+    """KAFAL KCFU: CE(logits + a, y) + mean_i w_i · (1/C) Σ_c p_g,c log(p_g,c / p_l,c),
+    where x̃_i = λ_i x_i + (1 − λ_i) x_{j(i)} is the unlabeled mixup, p_g the global
+    (teacher) and p_l the local (student) softmax on it, ŷ the teacher's pseudo-labels and
+    the KL averaged over the C classes (the authors' code: `kl_div(..., reduction="none")
+    .mean(1)`). w_i = w[ŷ_i], or, with `lam` and `partner` (each row's λ_i and j(i)),
+    λ_i w[ŷ_i] + (1 − λ_i) w[ŷ_{j(i)}] as KAFAL's main.py mixes them. Without mixup
+    logits, just the logit-adjusted CE."""
     loss = F.cross_entropy(logits.float() + prior, y)  # logit-adjusted CE
     if student_mix is None or teacher_mix is None or weights is None:
         return loss
     log_pt = F.log_softmax(teacher_mix.float(), 1)
     log_ps = F.log_softmax(student_mix.float(), 1)
     kl = (log_pt.exp() * (log_pt - log_ps)).mean(1)  # KL(p_g ‖ p_l) / C per sample
-    w = weights[log_pt.argmax(1)]  # inverse local frequency of the global pseudo-label
+    pseudo = log_pt.argmax(1)
+    w = weights[pseudo]  # inverse local frequency of the global pseudo-label
+    if lam is not None and partner is not None:  # KAFAL main.py: the weights mixed by λ
+        lam = lam.reshape(-1).to(w.dtype)
+        w = lam * w + (1.0 - lam) * weights[pseudo[partner]]
     return loss + (w * kl).mean()
 
 
 def kcfu_objectives(engine, global_state, labeled: Sequence[np.ndarray], labels: np.ndarray,
-                    pools: Sequence[np.ndarray], distill: bool) -> Callable[[int], object]:
+                    pools: Sequence[np.ndarray], distill: bool, partner: str = "shared",
+                    mixed_weights: bool = True) -> Callable[[int], object]:
     """Client k's KCFU objective for one FL round (the engine calls it in place of CE). The
     teacher is the round's global model, frozen; each step draws as many unlabeled samples
-    as the labeled batch from U_k (augmented like it), pairs them with a permutation of
-    themselves and mixes each pair with one λ ~ Beta(2, 2)."""
+    as the labeled batch from U_k (augmented like it) and mixes each with a partner, one
+    λ ~ Beta(2, 2) per sample. `partner`: shared = one partner j for the whole batch (KAFAL
+    main.py: `np.random.choice(n, replace=False)` without a size is one scalar) |
+    permutation = a permutation of the batch; `mixed_weights`: the KD weights mixed by λ
+    (main.py) or w[ŷ_i] alone."""
     C = engine.num_classes
     teacher: nn.Module | None = None
     if distill:
@@ -189,12 +210,17 @@ def kcfu_objectives(engine, global_state, labeled: Sequence[np.ndarray], labels:
             pick = unl[torch.randint(len(unl), (len(yb),), generator=gen)].to(engine.device)
             xu = engine.train_batch(pick, gen)
             lam = beta22(gen, len(pick)).to(engine.device).view(-1, 1, 1, 1)  # one per sample
-            perm = torch.randperm(len(pick), generator=gen).to(engine.device)
-            mix = lam * xu + (1.0 - lam) * xu[perm]  # mixup of permuted unlabeled pairs
+            if partner == "shared":  # one partner for the whole batch (KAFAL main.py)
+                j = torch.randint(len(pick), (1,), generator=gen).expand(len(pick))
+            else:
+                j = torch.randperm(len(pick), generator=gen)
+            j = j.to(engine.device)
+            mix = lam * xu + (1.0 - lam) * xu[j]  # mixup of unlabeled pairs
             with torch.no_grad():
                 t_logits, _ = teacher(mix)
             s_logits, _ = model(mix)
-            return kcfu_loss(logits, yb, prior, s_logits, t_logits, weights)
+            return kcfu_loss(logits, yb, prior, s_logits, t_logits, weights,
+                             *((lam, j) if mixed_weights else ()))
 
         return objective
 
