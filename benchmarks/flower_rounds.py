@@ -164,9 +164,10 @@ WHERE = """
 - The SuperLink itself uses a third to a half of a core throughout.
 
 On a site with its own cores the per-message start-up (~4.5 s) is paid in parallel across
-sites, so a round costs about one process start plus the local work and the polls; at 900 rounds (the
-paper protocol) that is hours of overhead, which Flower's simulation (one long-lived process
-per worker) does not pay. For the paper protocol, simulate; deploy when the data cannot move.
+sites, so a round costs about one process start plus the local work and the polls; at 900
+rounds (the paper protocol) that is hours of overhead, which Flower's simulation (one
+long-lived process per worker) does not pay. For the paper protocol, simulate; deploy when
+the data cannot move.
 """
 
 

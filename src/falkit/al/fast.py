@@ -216,7 +216,8 @@ def weak_rows_total(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def training_config(cfg: Config) -> Config:
     """`cfg` with FAST's training recipe over [fl]: `fast.weighting` (FAST Eq. 2: uniform),
     and each of fast.lr, weight_decay, batch_size, lr_milestones, lr_decay_rule that is set
-    (`reference`: FAST-official's ablation/ code). The crop (`fast.crop_pad`) is the engine's (`fast_engine`)."""
+    (`reference`: FAST-official's ablation/ code). The crop (`fast.crop_pad`) is the
+    engine's (`fast_engine`)."""
     f = cfg.fast
     over: dict[str, Any] = {"weighting": f.weighting}
     for key in ("lr", "weight_decay", "batch_size"):
