@@ -28,33 +28,34 @@ def test_lr_decay_paper_75_25_and_code_76_24():
 
 
 def test_partition_seed_fixes_the_partition_across_run_seeds():
-    """The FairFAL code partitions with seed 0 for every run seed; partition.seed does the
-    same (the long tail and the partition), the run's seed still drives everything else."""
+    """The FairFAL code partitions with dir_balance(seed=0) for every run seed, while its
+    long-tail subsample follows the run seed (NumPy): partition.seed = 0 gives every seed
+    the same client x class matrix; which images are drawn still varies with the seed."""
     from falkit.data.federation import build
     from falkit.data.sources import load
 
     ds = load("digits")
     over = {"data.dataset": "digits", "partition.num_clients": "3", "data.rho": "5"}
 
-    def clients(**extra):
-        data = build(config.load(None, overrides={**over, **extra}), ds)
-        return data.source_indices, data.clients
+    def build_with(**extra):
+        return build(config.load(None, overrides={**over, **extra}), ds)
 
-    keep0, c0 = clients(seed="0")
-    keep1, c1 = clients(seed="1")
-    assert not np.array_equal(keep0, keep1)  # by default a new long tail per seed ...
-    fixed0 = clients(seed="0", **{"partition.seed": "0"})
-    fixed1 = clients(seed="1", **{"partition.seed": "0"})
-    assert np.array_equal(fixed0[0], fixed1[0]) and np.array_equal(fixed0[0], keep0)
-    assert all(np.array_equal(a, b) for a, b in zip(fixed0[1], fixed1[1], strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(fixed0[1], c0, strict=True))
+    a, b = build_with(seed="0"), build_with(seed="1")
+    assert not np.array_equal(a.source_indices, b.source_indices)  # a new long tail per seed
+    assert not np.array_equal(a.partition_counts(), b.partition_counts())  # ... and partition
+    f0 = build_with(seed="0", **{"partition.seed": "0"})
+    f1 = build_with(seed="1", **{"partition.seed": "0"})
+    assert not np.array_equal(f0.source_indices, f1.source_indices)  # the images vary ...
+    assert np.array_equal(f0.partition_counts(), f1.partition_counts())  # ... the matrix not
+    assert np.array_equal(f0.partition_counts(), a.partition_counts())  # seed 0's partition
+    assert all(np.array_equal(x, y) for x, y in zip(f0.clients, a.clients, strict=True))
     ref = config.load(None, preset="reference")
     assert ref.partition.seed == 0 and config.load(None).partition.seed is None
     # a run name tells the two apart; a default run keeps the name it had before
-    a = config.load(None, overrides={"seed": "1"})
-    b = config.load(None, overrides={"seed": "1", "partition.seed": "0"})
-    assert a.run_name() != b.run_name()
-    assert "partition.seed" not in config.identity(a)
+    plain = config.load(None, overrides={"seed": "1"})
+    fixed = config.load(None, overrides={"seed": "1", "partition.seed": "0"})
+    assert plain.run_name() != fixed.run_name()
+    assert "partition.seed" not in config.identity(plain)
     with pytest.raises(config.ConfigError, match="partition.seed must be"):
         config.load(None, overrides={"partition.seed": "-1"})
 

@@ -55,8 +55,9 @@ class PartitionConfig:
     classes_per_client: int = 2  # pathological: exactly this many classes per client
     file: str | None = None  # json
     shards_per_client: int = 2  # shards (McMahan et al.; a client may hold 1..2s classes)
-    # the seed of the long-tail subsample and the partition; None = the run's `seed`. The
-    # FairFAL code partitions with seed 0 for every run seed (one client x class matrix)
+    # the seed of the partition; None = the run's `seed`. The FairFAL code partitions with
+    # dir_balance(seed=0) for every run seed (one client x class matrix; the long-tail
+    # subsample still follows the run seed)
     seed: int | None = None
 
 

@@ -39,23 +39,25 @@ class FederatedData:
                                               self.num_classes)
 
 
-def data_seed(cfg: Config) -> int:
-    """The seed of the long tail and the partition: `partition.seed`, else the run's."""
+def partition_seed(cfg: Config) -> int:
+    """The seed of the partition: `partition.seed`, else the run's. (The FairFAL code seeds
+    its `dir_balance` with 0 whatever the run seed, while the long-tail subsample follows
+    the run seed's NumPy stream: the client × class matrix is fixed, the images vary.)"""
     return cfg.seed if cfg.partition.seed is None else cfg.partition.seed
 
 
 def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
-    """Load, apply the global long tail, and partition — deterministic in
-    `partition.seed` (default: the run's seed)."""
+    """Load, apply the global long tail (from the run's seed), and partition (from
+    `partition.seed`, default the run's seed)."""
     if cfg.partition.method == "sites":
         raise ConfigError("partition.method = sites: every client is a Flower site that holds "
                           "its own data (a SuperNode with data-root); it names such runs and "
                           "cannot be partitioned here")
     ds = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
                                                   cfg.data.val_split)
-    seed = data_seed(cfg)
     keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,
-                     rng(seed, "long_tail"))
+                     rng(cfg.seed, "long_tail"))
+    seed = partition_seed(cfg)
     ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])
     p = cfg.partition
     options: dict[str, object] = {}
