@@ -87,7 +87,7 @@ class FLConfig:
     # int(m * R)-th round already decays)
     lr_decay_rule: str = "paper"
     # a multi-step schedule instead: fractions m of R, lr x lr_decay once more after each
-    # int(m * R) rounds (FAST-official: 0.25, 0.5, 0.75); empty = the one lr_decay_at
+    # int(m * R) rounds (FAST-official: 0.25, 0.5, 0.75, 1); empty = the one lr_decay_at
     lr_milestones: Names = ""
     fraction: float = 1.0  # participating clients per round
     reset: str = "random"  # random: fresh init every cycle | continue: warm start
