@@ -123,3 +123,14 @@ def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference():
     assert eng.crop_pad == 4 and eng.cfg.fl.batch_size == 128  # RandomCrop(padding 4)
     with pytest.raises(config.ConfigError, match="fast.lr_milestones takes fractions"):
         config.load(None, overrides={"fast.lr_milestones": "0.5,2"})
+
+
+def test_fast_pooled_budget_all_or_the_codes_int_of_the_unlabeled():
+    from falkit.fast import pooled_budget
+
+    # 1 000 samples, 50 initial: ceil(0.05 · 1000) = 50 | int(0.05 · 950) = 47
+    assert pooled_budget(0.05, 1000, 950) == 50
+    assert pooled_budget(0.05, 1000, 950, "code") == 47
+    assert pooled_budget(0.5, 10, 3) == 3  # never more than what is left
+    assert config.load(None, preset="reference").fast.pooled_budget == "code"
+    assert config.load(None).fast.pooled_budget == "all"

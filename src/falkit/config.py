@@ -262,6 +262,9 @@ class FASTConfig:
     crop_pad: int | None = None
     lr_milestones: Names = ""
     lr_decay_rule: str = ""  # "" = fl.lr_decay_rule
+    # scope = pooled: the refinement count, all = ceil(budget x N) | code = int(budget x
+    # |U_0|), the samples left unlabeled after the initial set (FAST-official data.py)
+    pooled_budget: str = "all"
     encode_batch: int = 64
     cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
 
@@ -352,6 +355,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fast.lr_milestones": "0.25,0.5,0.75,1",
         "fast.lr_decay_rule": "at",
         "fast.initial": 0.05,  # ablation/data.py: initial_labeled_ratio = 0.05
+        "fast.pooled_budget": "code",
     },
 }
 
@@ -375,6 +379,7 @@ CHOICES = {
     "fairfal.similarity": ("cosine", "dot"),
     "fast.budget_split": ("proportional", "even"),
     "fast.weighting": ("uniform", "labeled"),
+    "fast.pooled_budget": ("all", "code"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.batch_clients": ("auto", "on", "off"),
     "runtime.save_models": ("all", "last", "none"),
@@ -431,7 +436,8 @@ ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "partition.seed": None, "fl.lr_milestones": "",
                "fast.weighting": "labeled", "fast.lr": None, "fast.weight_decay": None,
                "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": "",
-               "fast.lr_decay_rule": "", "kafal.mix_partner": "shared",
+               "fast.lr_decay_rule": "", "fast.pooled_budget": "all",
+               "kafal.mix_partner": "shared",
                "kafal.mix_weights": "mixed"}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")

@@ -69,6 +69,15 @@ class Passes:
     bank_sizes: list[int]
 
 
+def pooled_budget(fraction: float, n: int, unlabeled: int, mode: str = "all") -> int:
+    """The pooled pass's refinement count: ceil(fraction · N) over all N samples (`all`),
+    or int(fraction · |U_0|) over those left unlabeled by the initial set (`code`:
+    FAST-official's `int(query_ratio * len(unlabeled_indices))`)."""
+    if mode == "code":
+        return min(unlabeled, int(fraction * unlabeled))
+    return min(unlabeled, fraction_count(fraction, n))
+
+
 def two_passes(cfg: Config, data: FederatedData, z: np.ndarray,
                oracle: SimulatedOracle) -> Passes:
     """Both passes of FAST for every client; the oracle reveals (and audits) every human
@@ -106,7 +115,7 @@ def two_passes(cfg: Config, data: FederatedData, z: np.ndarray,
         weak[unl] = knn_weak_labels(z[unl], z[bank_idx], bank_y, f.k, C)
         s, _ = class_similarity(z[unl], z[bank_idx], bank_y, C)
         u = uncertainty(s, f.uncertainty, rng(cfg.seed, "fast_query_pooled"))
-        b = fraction_count(f.budget, len(everyone)) if f.refine else 0
+        b = pooled_budget(f.budget, len(everyone), len(unl), f.pooled_budget) if f.refine else 0
         pick = unl[top_uncertain(u, b)]
         for k in range(K):
             mine = pick[owner[pick] == k]
