@@ -134,3 +134,18 @@ def test_fast_pooled_budget_all_or_the_codes_int_of_the_unlabeled():
     assert pooled_budget(0.5, 10, 3) == 3  # never more than what is left
     assert config.load(None, preset="reference").fast.pooled_budget == "code"
     assert config.load(None).fast.pooled_budget == "all"
+
+
+def test_readme_fidelity_table_names_every_reference_choice():
+    """Each setting the `reference` preset changes has its row in the README's fidelity
+    table (so a new code choice cannot land without saying where text and code differ)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("#### Fidelity", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) > 20
+    for key in config.PRESETS["reference"]:
+        name = key.split(".", 1)[1]
+        assert any(key in row or (f"`{name}`" in row and key.split(".")[0] in row)
+                   for row in rows), key
