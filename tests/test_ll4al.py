@@ -261,9 +261,14 @@ CNN4_KEYS = [k for i in (0, 4, 8, 12) for k in (
 
 
 def test_other_strategies_keep_the_plain_backbone():
+    from falkit.models.backbones import create as create_backbone
+
     for name, cls in STRATEGIES.items():
         if name != "ll4al":
-            assert getattr(cls, "wrap_model", None) is None, name
+            backbone = create_backbone("cnn4", num_classes=10, in_channels=1, image_size=28)
+            strategy = cls("G") if cls.uses_selector else cls()
+            assert strategy.wrap_model(backbone) is backbone, name
+            assert "predicted_loss" not in cls.outputs, name
     eng = _engine(wrap=False)
     assert list(eng.init_state(0, 0)) == CNN4_KEYS
     assert not hasattr(eng.model, "extra_loss") and not hasattr(eng.model, "predicted_loss")

@@ -4,6 +4,7 @@ ClientApp): the models it queries with, its QueryContext, its query. The federat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
     # trains the same models
     distilled: dict[int, State] = {}
     distill_info: dict[int, dict[str, Any]] = {}
-    distill = getattr(strategy, "distillation", None)
+    distill = strategy.distillation
     if distill is not None:
         jobs = [(labeled[k], (cycle, k)) for k in ids]
         trained_kd = engine.train_distilled(jobs, global_state, labels, cfg.seed, **distill)
@@ -114,8 +115,12 @@ def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k
                        unlabeled=unlabeled, num_classes=num_classes,
                        rng=rng(cfg.seed, "query", cycle, k), infer=infer, weights=state_of,
                        model_info=dict(model_info))
-    if hasattr(engine.model, "predicted_loss"):  # ll4al: the loss module's predictions
-        ctx.predicted_loss = loss_predictor(engine, state_of)
+    for name in strategy.outputs:  # what the strategy declared, and nothing else
+        if name not in PROVIDERS:
+            raise RuntimeError(f"{strategy.id} declares the model output {name!r}, which no "
+                               f"provider computes (known: {', '.join(sorted(PROVIDERS))})")
+        ctx.provided[name] = PROVIDERS[name](engine, state_of)
+    ctx.predicted_loss = ctx.provided.get("predicted_loss")
     return ctx
 
 
@@ -135,6 +140,14 @@ def loss_predictor(engine: Engine, weights):
     return predicted_loss
 
 
+# Model outputs a strategy may declare (`Strategy.outputs`): name -> (engine, weights of a
+# model name) -> (model, indices) -> tensor. A new output is one function added here.
+PROVIDERS: dict[str, Callable[[Engine, Callable[[str], State]],
+                              Callable[[str, np.ndarray], torch.Tensor]]] = {
+    "predicted_loss": loss_predictor,
+}
+
+
 def train_hooks(strategy: Strategy, engine: Engine, global_state: State, r: int, rounds: int,
                 labeled: list[np.ndarray], known: np.ndarray, pools: list[np.ndarray]
                 ) -> dict[str, Any]:
@@ -145,8 +158,7 @@ def train_hooks(strategy: Strategy, engine: Engine, global_state: State, r: int,
     hook: dict[str, Any] = {}
     if hasattr(engine.model, "extra_loss"):
         hook["progress"] = (r, rounds)
-    if hasattr(strategy, "local_objectives"):
-        objectives = strategy.local_objectives(engine, global_state, labeled, known, pools, r)
-        if objectives is not None:
-            hook["objectives"] = objectives
+    objectives = strategy.local_objectives(engine, global_state, labeled, known, pools, r)
+    if objectives is not None:
+        hook["objectives"] = objectives
     return hook

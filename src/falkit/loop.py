@@ -53,7 +53,7 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     # a strategy may wrap the run's backbone (ll4al: a loss-prediction module trained and
     # federated with it)
     engine = engine_for(cfg, data.dataset, data.num_classes, len(data.clients), engine_class,
-                        wrap_model=getattr(strategy, "wrap_model", None))
+                        wrap_model=strategy.wrap_model)
     oracle = None
     if cfg.oracle == "human":  # people answer, through queues in the run directory
         oracle = HumanOracle(rd.path / "labeling", data.dataset.x_train,

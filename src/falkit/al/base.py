@@ -7,12 +7,13 @@ computed lazily, in large batches, once per cycle per client, and then reused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from falkit.config import Config
 from falkit.errors import ConfigError
@@ -53,6 +54,10 @@ class QueryContext:
     predicted_loss: Callable[[str, np.ndarray], torch.Tensor] | None = None
     # what training the client's models reported (IFAL's distillation epochs and loss)
     model_info: dict[str, object] = field(default_factory=dict)
+    # the extra model outputs the strategy declared (`Strategy.outputs`), each from its
+    # provider in `falkit.client.PROVIDERS`: name -> (model, indices) -> tensor
+    provided: dict[str, Callable[[str, np.ndarray], torch.Tensor]] = field(
+        default_factory=dict)
     _cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, repr=False)
 
@@ -95,6 +100,10 @@ class Strategy:
     per_cycle: ClassVar[bool] = True
     # how cycle 0 labels: "random" (ALGORITHMS.md §1) | "fast" (FAST's two passes)
     initial_query: ClassVar[str] = "random"
+    # model outputs beyond probabilities, features and weights that `select` reads, by name
+    # of their provider in `falkit.client.PROVIDERS` ("predicted_loss": ll4al's module);
+    # the client computes only what is declared, and they reach `select` in `ctx.provided`
+    outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, at: str | None = None, **options: object):
         """`at` is the @G / @L suffix of the strategy id; `options` its config section."""
@@ -106,6 +115,7 @@ class Strategy:
             raise ConfigError(f"strategy '{self.name}' takes no @{at} selector")
         self.selector = at
         self.options = options
+        self._diag: dict[str, object] = {}
 
     @property
     def id(self) -> str:
@@ -130,6 +140,26 @@ class Strategy:
 
     def local_steps(self, cfg: Config) -> int | None:
         """SGD steps per local update instead of fl.local_epochs epochs (None: epochs)."""
+        return None
+
+    # -- what the clients train (defaults: the backbone, plain cross-entropy) --------------
+    def wrap_model(self, backbone: nn.Module) -> nn.Module:
+        """The run's model built around `backbone` (ll4al: a loss-prediction module trained
+        and federated with it). The default is the backbone itself."""
+        return backbone
+
+    @property
+    def distillation(self) -> dict[str, object] | None:
+        """Settings (Engine.train_distilled keywords) of a local model distilled from the
+        global one, served to `select` as model "distilled" (IFAL); None: no such model."""
+        return None
+
+    def local_objectives(self, engine: Any, global_state: dict[str, torch.Tensor],
+                         labeled: Sequence[np.ndarray], labels: np.ndarray,
+                         pools: Sequence[np.ndarray], round_index: int
+                         ) -> Callable[[int], object] | None:
+        """Per-client training objectives of FL round `round_index` (client -> objective;
+        KAFAL's kcfu loss), or None: every client trains with plain cross-entropy."""
         return None
 
     def training(self, cfg: Config) -> Config:
@@ -184,7 +214,7 @@ class Strategy:
 
     def diagnostics(self) -> dict[str, object]:
         """Per-query diagnostics recorded in queries.jsonl (cleared by `clear_diagnostics`)."""
-        return getattr(self, "_diag", {})
+        return self._diag
 
     def clear_diagnostics(self) -> None:
         """Forget the last query's diagnostics (the loop calls it before every query)."""

@@ -38,6 +38,7 @@ class LL4AL(Strategy):
     name = "ll4al"
     description = "Learning Loss: top-b loss predicted by a federated loss-prediction module"
     uses_selector = False  # always the global model: only it is trained with the module
+    outputs = ("predicted_loss",)  # the module's l̂(x) (falkit.client.PROVIDERS)
 
     def __init__(self, at: str | None = None, *, margin: float = 1.0, weight: float = 1.0,
                  detach_from: float = 0.75, hidden: int = 128, **options: object):

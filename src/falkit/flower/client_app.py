@@ -136,7 +136,7 @@ class Site:
                                            z.get("test"), train_y=unknown)
         else:
             self.engine = engine_for(cfg, ds, self.num_classes, 1,
-                                     wrap_model=getattr(self.strategy, "wrap_model", None),
+                                     wrap_model=self.strategy.wrap_model,
                                      train_y=unknown)
         self.device = self.engine.device  # where every received tensor goes
         self.state_dir = Path(node["state-dir"]) if "state-dir" in node else None

@@ -248,7 +248,7 @@ def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
              ) -> dict[str, dict[str, tuple[str, ...]]]:
     """Per message type: record name -> the keys it may hold ("*" for the model's keys,
     "*params" for parameter arrays, "bank" for FAST's labeled-embedding bank)."""
-    stats = tuple(getattr(strategy, "server_stats", ()))
+    stats = tuple(strategy.server_stats)
     train: dict[str, tuple[str, ...]] = {
         "model": ("*",), "metrics": (NUM_EXAMPLES, *algorithm.uplink_scalars)}
     if algorithm.uplink_arrays:

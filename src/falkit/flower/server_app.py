@@ -337,7 +337,7 @@ class FlowerFederation:
                             torch.zeros(1, dtype=torch.int64), (0.0,) * c, (1.0,) * c)
         configure_process(cfg)
         self.engine = Engine(cfg, tmpl, tmpl, C, num_clients=len(self.nodes),
-                             wrap_model=getattr(self.strategy, "wrap_model", None))
+                             wrap_model=self.strategy.wrap_model)
         self.algorithm, self.device = self.engine.algorithm, self.engine.device
         self.engine.mean = self.engine.std = None  # the sites normalise with their data's
         self.model_like = self.engine.init_state(cfg.seed, 0)

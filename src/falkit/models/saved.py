@@ -45,8 +45,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
         raise FalkitError(f"{path} is not a model falkit saved")
     model = create_backbone(rec["backbone"], num_classes=rec["num_classes"],
                             in_channels=rec["in_channels"], image_size=rec["image_size"])
-    wrap = getattr(create_strategy(rec["strategy"]), "wrap_model", None)
-    if wrap is not None:  # ll4al: its loss-prediction module was trained with the model
-        model = wrap(model)
+    # ll4al: its loss-prediction module was trained with the model
+    model = create_strategy(rec["strategy"]).wrap_model(model)
     model.load_state_dict(rec["state_dict"], strict=True)
     return model.to(device).eval()
