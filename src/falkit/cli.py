@@ -625,7 +625,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("strategies (@G = global model, @L = local model)",
          [(n + ("@G|@L" if c.uses_selector else ""), c.description)
           for n, c in STRATEGIES.items()]),
-        ("FL algorithms", [(n, d) for n, (_, d) in ALGORITHMS.items()]),
+        ("FL algorithms", [(n, c.description) for n, c in ALGORITHMS.items()]),
         ("backbones", describe_backbones()),
         ("datasets", sources.describe()),
         ("partitions", [(n, d) for n, (_, d) in partition.PARTITIONERS.items()]),
@@ -633,6 +633,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                      ("quick", "the same protocol scaled to a 2-core CPU (see README)"),
                      ("reference", "every choice of the authors' code (README Fidelity)")]),
     ]
+    from falkit import registry
+
+    plugins = [(f"{name} ({kind.replace('_', ' ')})", where)
+               for kind, name, where in registry.listing()]
+    if plugins:  # installed through entry points, or named by module:Class in this process
+        sections.append(("plug-ins", plugins))
     for title, items in sections:
         print(f"{title}:")
         for name, desc in items:

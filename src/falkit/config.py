@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+from falkit import options as options_mod
 from falkit.errors import ConfigError
 
 # the declared type of a setting that holds comma-separated names: a TOML list of strings
@@ -143,133 +144,6 @@ class RuntimeConfig:
 
 
 @dataclass
-class FairFALConfig:
-    """FairFAL (ALGORITHMS.md §5): defaults are the paper's; the ablation switches of its
-    Table 2 and appendix, and the reference code's choice as `embedding_probs = "code"`."""
-
-    selector: str = "adaptive"  # adaptive | complement | global | local
-    classwise: bool = True  # off = plain top-b uncertainty of the chosen model
-    prototypes: str = "global"  # global | local features for the prototype pseudo-labels
-    kappa: float = 4.0  # stage-1 pool = floor(kappa * q_c) most uncertain; 0 = one stage
-    delta: float = 0.75  # global model iff s_k > delta
-    uncertainty: str = "entropy"  # entropy | margin | least_confidence
-    embedding_probs: str = "paper"  # paper: global probs | code: global iff gamma_bar < 0.5
-    # prototype pseudo-labels: cosine = cos(z, mu_c) with normalised prototypes (the paper's
-    # text and the authors' code) | dot = <z, mu_c> with mu_c the plain mean of unit vectors
-    similarity: str = "cosine"
-
-
-@dataclass
-class KAFALConfig:
-    """KAFAL (ALGORITHMS.md §4 kafal)."""
-
-    kcfu: bool = False  # also train KAFAL's way (logit-adjusted CE + unlabeled-mixup KD)
-    # its mixup partner: shared = one for the whole batch (KAFAL main.py's scalar
-    # np.random.choice) | permutation = a permutation of the batch
-    mix_partner: str = "shared"
-    # its KD weights: mixed = lam w[y_i] + (1 - lam) w[y_j] (main.py) | pseudo = w[y_i]
-    mix_weights: str = "mixed"
-
-
-@dataclass
-class IFALConfig:
-    """IFAL (ALGORITHMS.md §4 ifal): defaults are the reference code's."""
-
-    w1: str = "reference"  # reference: W1 of the sorted probability values | histogram: CDFs
-    top_k: int = 250  # rkNN: each row lists its top_k most similar unlabeled points
-    n_init: int = 10  # k-means restarts on the candidates
-    kd_lr: float = 1e-3  # the distilled local model: SGD learning rate
-    kd_epochs: int = 500  # at most this many epochs ...
-    kd_patience: int = 5  # ... stopping after this many without a lower training loss
-    kd_temperature: float = 4.0
-    kd_ce_weight: float = 0.1  # loss = w * CE + (1 - w) * KD
-    # the weights it ends with: best = a copy of the lowest-loss epoch's (what early stopping
-    # means) | last = the last epoch's (the IFAL code's EarlyStopping keeps a live
-    # state_dict() reference, so its "best" is the last)
-    kd_keep: str = "best"
-
-
-@dataclass
-class LL4ALConfig:
-    """Learning Loss (ALGORITHMS.md §4 ll4al): defaults are LL4AL's §4.1 and Fig. 2."""
-
-    margin: float = 1.0  # xi of the margin ranking loss
-    weight: float = 1.0  # lambda: loss = CE + lambda x ranking loss
-    detach_from: float = 0.75  # the module's input is detached in rounds r + 1 > int(this x R)
-    hidden: int = 128  # width of each block of the loss-prediction module
-
-
-@dataclass
-class AlfaMixConfig:
-    """ALFA-Mix (ALGORITHMS.md §4 alfamix)."""
-
-    # the classifier head the mixing and the mixed predictions go through: query = the
-    # query model's own (@L: the local head; ALFA-Mix's one-model form) | global = the
-    # global model's, whatever the query model (the LoGo / IFAL baseline code)
-    head: str = "query"
-    n_init: int = 10  # k-means restarts on the candidates (the code's sklearn default)
-
-
-@dataclass
-class LoGoConfig:
-    """LoGo (ALGORITHMS.md §4 logo)."""
-
-    n_init: int = 10  # k-means restarts of the macro step
-
-
-@dataclass
-class GCNALConfig:
-    """CoreGCN (ALGORITHMS.md §4 gcnal): defaults are the reference code's."""
-
-    steps: int = 200  # full-batch Adam steps of the GCN
-    eta: float = 1.2  # weight of the unlabeled term of its loss (CoreGCN's lambda_loss)
-    subsample: int = 10_000  # unlabeled nodes in the graph (CoreGCN's SUBSET)
-
-
-@dataclass
-class FASTConfig:
-    """FAST (ALGORITHMS.md §6): defaults are the paper's Algorithm 1; `scope = "pooled"` is
-    the reference code's behaviour. Table II's components: ① linear probing is
-    `model.backbone = "linear"` (a linear head on the embeddings), ② `weak_labels`,
-    ③ `refine` (uncertainty refinement), ④ random refinement = `uncertainty = "random"`."""
-
-    # pixels | pca[:dim] | hf:<dir or id> | open_clip:<arch>:<file> | timm:<name>:<file>
-    # | torchscript:<file> (falkit.models.encoders)
-    encoder: str = "pca"
-    scope: str = "client"  # client: per-client passes (Alg. 1) | pooled: the reference code's
-    bank: str = "shared"  # shared: every client's G_k^0 embeddings, redistributed | local
-    initial: float = 0.01  # r0: initial labeled fraction of each client's pool
-    budget: float = 0.05  # refinement budget b_k = budget x |pool_k| (0, 5, 40, 80 % study)
-    # proportional: b_k = budget x |pool_k| | even: budget x N split evenly over the clients
-    budget_split: str = "even"
-    # SGD steps per FL round: the paper's tau = 5; 0 = fl.local_epochs epochs (the
-    # reference code: 5 local epochs)
-    local_steps: int = 5
-    k: int = 10  # kNN neighbours of the weak labels
-    # entropy (paper) | norm (reference code) | least_confidence | smallest_margin
-    # | largest_margin | random
-    uncertainty: str = "entropy"
-    weak_labels: bool = True  # train on weak labels for the unqueried samples (Table II ②)
-    refine: bool = True  # spend the budget on the oracle (Table II ③/④)
-    # FAST's training recipe, where it differs from [fl] (None: the [fl] value): FedAvg
-    # weights (uniform: FAST Eq. 2 and Algorithm 1 line 25, 1/|K_t| | labeled: each
-    # client's training-set size, FAST-official's num_samples), SGD lr, weight decay, batch,
-    # random-crop padding (None: the dataset's) and lr milestones (fractions of R)
-    weighting: str = "uniform"
-    lr: float | None = None
-    weight_decay: float | None = None
-    batch_size: int | None = None
-    crop_pad: int | None = None
-    lr_milestones: Names = ""
-    lr_decay_rule: str = ""  # "" = fl.lr_decay_rule
-    # scope = pooled: the refinement count, all = ceil(budget x N) | code = int(budget x
-    # |U_0|), the samples left unlabeled after the initial set (FAST-official data.py)
-    pooled_budget: str = "all"
-    encode_batch: int = 64
-    cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
-
-
-@dataclass
 class Config:
     name: str = ""  # run directory name; empty = derived from the settings
     seed: int = 0
@@ -288,14 +162,34 @@ class Config:
     local_model: LocalModelConfig = field(default_factory=LocalModelConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    fairfal: FairFALConfig = field(default_factory=FairFALConfig)
-    kafal: KAFALConfig = field(default_factory=KAFALConfig)
-    ifal: IFALConfig = field(default_factory=IFALConfig)
-    fast: FASTConfig = field(default_factory=FASTConfig)
-    ll4al: LL4ALConfig = field(default_factory=LL4ALConfig)
-    logo: LoGoConfig = field(default_factory=LoGoConfig)
-    alfamix: AlfaMixConfig = field(default_factory=AlfaMixConfig)
-    gcnal: GCNALConfig = field(default_factory=GCNALConfig)
+    # ... and one section per registered method with options (a strategy's or an FL
+    # algorithm's `options` dataclass, falkit.options): [fairfal], [fast], ... They are not
+    # dataclass fields: `cfg.fairfal` reads them, `to_dict` lists them after the fields.
+
+    def __post_init__(self) -> None:
+        from falkit import registry  # lazily: the registries import this module
+
+        self.__dict__["_sections"] = {name: cls() for name, cls in
+                                      registry.option_sections().items()}
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not attributes
+        sections = self.__dict__.get("_sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"'Config' has no setting or section {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Config):
+            return NotImplemented
+        return to_dict(self) == to_dict(other)
+
+    def sections(self) -> dict[str, Any]:
+        """Method name -> its options section, for every registered method with options."""
+        return self.__dict__["_sections"]
+
+    def section(self, name: str) -> Any:
+        """The options section of method `name`, or None if it has none."""
+        return self.sections().get(name)
 
     def run_name(self) -> str:
         """`name`, or a readable name plus a short hash of every setting that changes the
@@ -359,7 +253,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-CHOICES = {
+# the valid values of falkit's own settings; a method's are its options' metadata
+CORE_CHOICES = {
     "oracle": ("simulated", "human"),
     "data.profile": ("exp", "step"),
     "data.val_split": ("ignore", "train", "test"),
@@ -369,49 +264,74 @@ CHOICES = {
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
     "fl.on_client_failure": ("stop", "continue"),
-    "fl.algorithm": ("fedavg", "fedprox", "scaffold", "fednova"),
     "local_model.mode": ("scratch", "last_round"),
     "local_model.lr_step": ("epoch", "batch"),
     "local_model.stop_check": ("train", "eval"),
     "fl.weighting": ("labeled", "uniform"),
     "fl.lr_decay_rule": ("paper", "code", "at"),
-    "fast.lr_decay_rule": ("", "paper", "code", "at"),
-    "fairfal.similarity": ("cosine", "dot"),
-    "fast.budget_split": ("proportional", "even"),
-    "fast.weighting": ("uniform", "labeled"),
-    "fast.pooled_budget": ("all", "code"),
     "runtime.precision": ("fp32", "bf16"),
     "runtime.batch_clients": ("auto", "on", "off"),
     "runtime.save_models": ("all", "last", "none"),
-    "fairfal.selector": ("adaptive", "complement", "global", "local"),
-    "fairfal.prototypes": ("global", "local"),
-    "fairfal.uncertainty": ("entropy", "margin", "least_confidence"),
-    "fairfal.embedding_probs": ("paper", "code"),
-    "ifal.w1": ("reference", "histogram"),
-    "ifal.kd_keep": ("best", "last"),
-    "alfamix.head": ("query", "global"),
-    "kafal.mix_partner": ("shared", "permutation"),
-    "kafal.mix_weights": ("mixed", "pseudo"),
-    "fast.scope": ("client", "pooled"),
-    "fast.bank": ("shared", "local"),
-    "fast.uncertainty": ("entropy", "norm", "least_confidence", "smallest_margin",
-                         "largest_margin", "random"),
 }
 
 
+# every name of Config's own: a method may not take one as its section's name
+CORE_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config (or one of its sections) as nested dicts; a Config's method sections come
+    after its own fields."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, Config):
+        out.update({name: dataclasses.asdict(sec) for name, sec in cfg.sections().items()})
+    return out
 
 
-# Config sections that hold one strategy's options: only the run's own strategy's section is
-# part of its saved config and settings hash, so adding a strategy renames no existing run.
-STRATEGY_SECTIONS = ("fairfal", "kafal", "ifal", "fast", "ll4al", "logo", "gcnal", "alfamix")
+def method_sections(kind: str | None = None) -> tuple[str, ...]:
+    """The config sections that hold one method's options (derived from the registries;
+    `kind`: only "strategy" or "fl_algorithm" methods): only the run's own methods'
+    sections are part of its saved config and settings hash, so adding a method renames no
+    existing run."""
+    from falkit import registry
+
+    return tuple(registry.option_sections(kind))
+
+
+def own_sections(cfg: Config) -> tuple[str, ...]:
+    """The method sections of the run's own strategy and FL algorithm."""
+    from falkit import registry
+
+    return (registry.strategy_class(cfg.strategy).name,
+            registry.algorithm(cfg.fl.algorithm).name)
+
+
+def choices() -> dict[str, tuple[Any, ...]]:
+    """Every setting with a fixed set of values -> those values: falkit's own, the method
+    names of the registries, and each method's options' choices (falkit.options)."""
+    from falkit import registry
+
+    out = dict(CORE_CHOICES)
+    out["fl.algorithm"] = registry.method_names("fl_algorithm")
+    for name, cls in registry.option_sections().items():
+        out.update(options_mod.choices_of(name, cls))
+    return out
+
+
+def ranges() -> list[tuple[str, float | None, float | None, bool, bool]]:
+    """(key, low, high, low inclusive, high inclusive) of every bounded numeric setting."""
+    from falkit import registry
+
+    out = list(CORE_RANGES)
+    for name, cls in registry.option_sections().items():
+        out += options_mod.ranges_of(name, cls)
+    return out
 
 
 def experiment_dict(cfg: Config) -> dict[str, Any]:
-    """The config as a dict, without the option sections of other strategies."""
-    own = cfg.strategy.partition("@")[0]
-    return {k: v for k, v in to_dict(cfg).items() if k not in STRATEGY_SECTIONS or k == own}
+    """The config as a dict, without the option sections of other methods."""
+    own, others = own_sections(cfg), set(cfg.sections())
+    return {k: v for k, v in to_dict(cfg).items() if k not in others or k in own}
 
 
 # settings that say where a run lives, where its data are read from, how it reacts to
@@ -461,9 +381,10 @@ def identity(cfg: Config) -> dict[str, Any]:
 
 def strategy_options(cfg: Config) -> dict[str, Any]:
     """The config section named after the strategy (e.g. [fairfal]), as keyword options."""
-    name = cfg.strategy.partition("@")[0]
-    section = getattr(cfg, name, None)
-    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+    from falkit import registry
+
+    section = cfg.section(registry.strategy_class(cfg.strategy).name)
+    return dataclasses.asdict(section) if section is not None else {}
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -486,12 +407,17 @@ def _field_type(cfg: Any, dotted: str) -> tuple[Any, str, Any]:
     parts = dotted.split(".")
     obj = cfg
     for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(obj)}
+        fields: list[str] = [f.name for f in dataclasses.fields(obj)]
+        if isinstance(obj, Config):
+            fields += list(obj.sections())
         if part not in fields:
             where = ".".join(parts[:i]) or "the top level"
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{dotted}' (valid at {where}: {valid})")
-        if i == len(parts) - 1:
+        if isinstance(obj, Config) and part in obj.sections():
+            if i == len(parts) - 1:
+                return obj, part, type(obj.sections()[part])
+        elif i == len(parts) - 1:
             return obj, part, typing.get_type_hints(type(obj), include_extras=True)[part]
         obj = getattr(obj, part)
         if not dataclasses.is_dataclass(obj):
@@ -610,7 +536,6 @@ def load(path: str | Path | None = None, preset: str | None = None,
          overrides: dict[str, Any] | None = None, text: str | None = None) -> Config:
     """Defaults ← TOML file (or TOML `text`) ← preset (file key `preset` or argument) ←
     key=value overrides."""
-    cfg = Config()
     file_values: dict[str, Any] = {}
     if text is not None:
         try:
@@ -636,6 +561,8 @@ def load(path: str | Path | None = None, preset: str | None = None,
         raise ConfigError(f"preset must be str (a preset's name, or names joined by commas), "
                           f"got {_describe(file_preset)}")
     file_presets, presets = preset_names(file_preset), preset_names(preset)
+    _register_named(file_values, dict(overrides or {}))  # a plug-in's section, before use
+    cfg = Config()
     for name in file_presets:  # a preset named in the file is its base
         apply(cfg, PRESETS[name])
     apply(cfg, file_values)
@@ -658,7 +585,7 @@ def check_name(name: str, what: str = "name") -> str:
 
 # (key, low, high, low inclusive, high inclusive): every numeric setting's valid range;
 # None = unbounded on that side. Every float must also be finite (no nan, no inf).
-RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
+CORE_RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("seed", 0, None, True, True),
     ("data.rho", 1, None, True, True),
     ("partition.num_clients", 1, None, True, True),
@@ -687,32 +614,6 @@ RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("runtime.workers", 1, None, True, True),
     ("runtime.eval_batch", 1, None, True, True),
     ("runtime.eval_every", 0, None, True, True),
-    ("fairfal.delta", 0, 1, True, True),
-    ("ifal.top_k", 1, None, True, True),
-    ("ifal.n_init", 1, None, True, True),
-    ("ifal.kd_lr", 0, None, False, True),
-    ("ifal.kd_epochs", 1, None, True, True),
-    ("ifal.kd_patience", 1, None, True, True),
-    ("ifal.kd_temperature", 0, None, False, True),
-    ("ifal.kd_ce_weight", 0, 1, True, True),
-    ("ll4al.margin", 0, None, True, True),
-    ("ll4al.weight", 0, None, True, True),
-    ("ll4al.detach_from", 0, 1, True, True),
-    ("ll4al.hidden", 1, None, True, True),
-    ("logo.n_init", 1, None, True, True),
-    ("alfamix.n_init", 1, None, True, True),
-    ("gcnal.steps", 1, None, True, True),
-    ("gcnal.eta", 0, None, True, True),
-    ("gcnal.subsample", 1, None, True, True),
-    ("fast.initial", 0, 1, False, False),
-    ("fast.budget", 0, 1, True, False),
-    ("fast.k", 1, None, True, True),
-    ("fast.local_steps", 0, None, True, True),
-    ("fast.encode_batch", 1, None, True, True),
-    ("fast.lr", 0, None, False, True),
-    ("fast.weight_decay", 0, None, True, True),
-    ("fast.batch_size", 2, None, True, True),
-    ("fast.crop_pad", 0, None, True, True),
 )
 
 
@@ -760,8 +661,14 @@ def milestones(text: str, key: str = "fl.lr_milestones") -> list[float]:
 
 def validate(cfg: Config) -> None:
     """Reject what cannot run, one line each. Budget feasibility needs the data: see loop."""
+    from falkit import registry  # lazily: torch, the registries
+
+    registry.algorithm(cfg.fl.algorithm)  # a built-in, a plug-in or module:Class
+    strategy_cls = registry.strategy_class(cfg.strategy)
     flat = flatten(to_dict(cfg))
-    for key, valid in CHOICES.items():
+    for key, valid in choices().items():
+        if key == "fl.algorithm":
+            continue  # checked above (a spec is valid too)
         if flat[key] not in valid:
             raise ConfigError(f"{key} = {flat[key]!r} is not one of {', '.join(valid)}")
     for name in tracker_names(cfg):
@@ -773,7 +680,7 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # torch trains in float32
             raise ConfigError(f"{key} must be at most {FLOAT32_MAX:.4g} in size (float32), "
                               f"got {value:g}")
-    for key, lo, hi, lo_in, hi_in in RANGES:
+    for key, lo, hi, lo_in, hi_in in ranges():
         v = flat[key]
         if v is None:
             continue
@@ -783,25 +690,17 @@ def validate(cfg: Config) -> None:
             hint = ("; the reference code's 0.05 is rho = 20" if key == "data.rho" else "")
             raise ConfigError(f"{key} must be {_range_text(lo, hi, lo_in, hi_in)}, got "
                               f"{v:g}{hint}")
-    for key in ("fl.lr_milestones", "fast.lr_milestones"):
-        milestones(flat[key], key)
+    milestones(cfg.fl.lr_milestones, "fl.lr_milestones")
     if cfg.name:
         check_name(cfg.name)
     if not cfg.out_dir.strip():
         raise ConfigError("out_dir cannot be empty (the default is runs)")
-    if cfg.fairfal.kappa != 0 and cfg.fairfal.kappa < 1:
-        # stage 1 keeps floor(kappa * q_c) candidates: fewer than q_c when kappa < 1
-        raise ConfigError(f"fairfal.kappa must be 0 (one stage) or >= 1, got "
-                          f"{cfg.fairfal.kappa:g}")
-    fast = cfg.fast
-    if fast.initial + fast.budget > 1:
-        raise ConfigError(f"fast.initial + fast.budget must be <= 1, got {fast.initial:g} + "
-                          f"{fast.budget:g}")
+    for section in cfg.sections().values():  # what a method's own options rule out
+        if isinstance(section, options_mod.Options):
+            section.check(cfg)
     if cfg.partition.method == "json" and not cfg.partition.file:
         raise ConfigError("partition.method = json needs partition.file = PATH")
-    if cfg.strategy == "fast" and cfg.oracle != "simulated":
-        raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
-                          "passes is not supported yet)")
+    strategy_cls.check_config(cfg)  # what the run's strategy rules out
     # the names `falkit run` resolves before it reads any data, with its own functions, so
     # that every command that loads a config (falkit config too) refuses what a run refuses
     from falkit.al.base import create as create_strategy  # lazily: torch, the registries
@@ -858,6 +757,19 @@ def _toml(d: dict[str, Any]) -> str:
 
 
 def loads(text: str) -> Config:
+    flat = flatten(tomllib.loads(text))
+    _register_named(flat)
     cfg = Config()
-    apply(cfg, flatten(tomllib.loads(text)))
+    apply(cfg, flat)
     return cfg
+
+
+def _register_named(*layers: dict[str, Any]) -> None:
+    """Import the `module:Class` methods these settings name (the last layer wins), so that
+    their options sections exist before the settings are applied."""
+    from falkit import registry
+
+    for key, kind in (("strategy", "strategy"), ("fl.algorithm", "fl_algorithm")):
+        value = next((lay[key] for lay in reversed(layers) if key in lay), None)
+        if isinstance(value, str) and registry.is_spec(value.partition("@")[0]):
+            registry.resolve(kind, value.partition("@")[0])

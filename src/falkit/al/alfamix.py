@@ -17,6 +17,7 @@ strategy contract asks for `budget` distinct picks).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import torch
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, nearest_to_centres
 from falkit.errors import ConfigError
+from falkit.options import Options, option
 
 ALPHA_CAPS = (0.2, 0.4, 0.6, 0.8, 1.0)  # reference: alpha_cap += 0.2 while alpha_cap < 1
 _CHUNK = 8192  # rows of the pool per batched step (bounds memory at 8192 × D per tensor)
@@ -84,9 +86,22 @@ def alfamix_candidates(z_u: torch.Tensor, pred: torch.Tensor, anchors: torch.Ten
     return mask
 
 
+@dataclass
+class AlfaMixConfig(Options):
+    """[alfamix] ALFA-Mix (ALGORITHMS.md §4 alfamix)."""
+
+    # the classifier head the mixing and the mixed predictions go through: query = the
+    # query model's own (@L: the local head; ALFA-Mix's one-model form) | global = the
+    # global model's, whatever the query model (the LoGo / IFAL baseline code)
+    head: str = option("query", choices=("query", "global"))
+    # k-means restarts on the candidates (the code's sklearn default)
+    n_init: int = option(10, low=1)
+
+
 @register
 class AlfaMix(Strategy):
     name = "alfamix"
+    options = AlfaMixConfig  # its section [alfamix]
     description = "ALFA-Mix: k-means over points whose prediction flips under anchor mixing"
     uses_selector = True
 

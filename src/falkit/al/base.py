@@ -129,6 +129,15 @@ class Strategy:
     def needs_local_model(self) -> bool:
         return self.selector == "L"
 
+    # its options: a dataclass (falkit.options) whose fields are the config section named
+    # after the strategy ([fairfal], ...) and the keyword options of its constructor
+    options: ClassVar[type | None] = None
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Reject, with a one-line ConfigError, a run config this strategy cannot run with
+        (falkit.config.validate calls it for the run's strategy)."""
+
     # -- what the driver asks a strategy (defaults: the FAL cycle of ALGORITHMS.md §1) -----
     def cycles(self, cfg: Config) -> int:
         """How many cycles a run has."""
@@ -235,20 +244,21 @@ def parse_id(strategy_id: str) -> tuple[str, str | None]:
 
 
 def create(strategy_id: str, **options: object) -> Strategy:
-    """`create("entropy@G")`; an unknown name is a ConfigError listing the valid ones."""
-    import falkit.al.strategies  # noqa: F401  (registers every strategy)
+    """`create("entropy@G")`, `create("mylab.bald:Bald")`: a built-in, a plug-in's entry
+    point or a `module:Class` spec (falkit.registry); an unknown name is a ConfigError
+    listing the valid ones."""
+    from falkit import registry
 
-    name, selector = parse_id(strategy_id)
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy '{strategy_id}' (valid: {', '.join(list_ids())})")
-    return STRATEGIES[name](selector, **options)
+    _, selector = parse_id(strategy_id)
+    return registry.strategy_class(strategy_id)(selector, **options)
 
 
 def list_ids(every: bool = False) -> list[str]:
     """Every strategy id that queries per cycle, selectors spelled out (entropy@G,
-    entropy@L, ...); `every`: FAST too."""
-    import falkit.al.strategies  # noqa: F401
+    entropy@L, ...); `every`: FAST too. Plug-ins included."""
+    from falkit import registry
 
+    registry.load()
     out = []
     for name, cls in STRATEGIES.items():
         if cls.per_cycle or every:

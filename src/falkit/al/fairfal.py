@@ -12,6 +12,8 @@ stage-1 uncertainty filter, stage-2 k-center on global gradient embeddings.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ from falkit.al.primitives import (
     margin,
     top_k,
 )
+from falkit.errors import ConfigError
+from falkit.options import Options, option
 
 
 def balanced_rows(labels: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -83,9 +87,37 @@ def prototype_pseudo_labels(feat_l: torch.Tensor, labels_l: np.ndarray,
     return present[as_numpy((z_u @ protos.T).argmax(1))]
 
 
+@dataclass
+class FairFALConfig(Options):
+    """[fairfal] (ALGORITHMS.md §5): defaults are the paper's; the ablation switches of its
+    Table 2 and appendix, and the reference code's choice as `embedding_probs = "code"`."""
+
+    selector: str = option("adaptive", choices=("adaptive", "complement", "global", "local"))
+    # off = plain top-b uncertainty of the chosen model
+    classwise: bool = True
+    # global | local features for the prototype pseudo-labels
+    prototypes: str = option("global", choices=("global", "local"))
+    # stage-1 pool = floor(kappa * q_c) most uncertain; 0 = one stage
+    kappa: float = 4.0
+    delta: float = option(0.75, low=0, high=1)  # global model iff s_k > delta
+    uncertainty: str = option("entropy", choices=("entropy", "margin", "least_confidence"))
+    # paper: global probs | code: global iff gamma_bar < 0.5
+    embedding_probs: str = option("paper", choices=("paper", "code"))
+    # prototype pseudo-labels: cosine = cos(z, mu_c) with normalised prototypes (the paper's
+    # text and the authors' code) | dot = <z, mu_c> with mu_c the plain mean of unit vectors
+    similarity: str = option("cosine", choices=("cosine", "dot"))
+
+    def check(self, cfg: Any) -> None:
+        if self.kappa != 0 and self.kappa < 1:
+            # stage 1 keeps floor(kappa * q_c) candidates: fewer than q_c when kappa < 1
+            raise ConfigError(f"fairfal.kappa must be 0 (one stage) or >= 1, got "
+                              f"{self.kappa:g}")
+
+
 @register
 class FairFAL(Strategy):
     name = "fairfal"
+    options = FairFALConfig  # its section [fairfal]
     description = "FairFAL: adaptive global/local model, prototype quotas, 2-stage sampling"
     local_model_mode = "scratch"
     server_stats = ("gamma",)  # γ_k, the only value that leaves a client

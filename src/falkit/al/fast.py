@@ -13,9 +13,11 @@ process (`falkit.fast`) and in a Flower ClientApp.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,10 +25,14 @@ import torch
 
 from falkit.al.base import Strategy, register
 from falkit.al.primitives import top_k
-from falkit.config import CHOICES, Config
+from falkit.config import Config, Names, milestones
+from falkit.errors import ConfigError
+from falkit.options import Options, option
 from falkit.seeding import rng
 
-UNCERTAINTIES = CHOICES["fast.uncertainty"]  # one list: the config's choices
+# fast.uncertainty's choices: entropy (paper) | norm (reference code) | the rest
+UNCERTAINTIES = ("entropy", "norm", "least_confidence", "smallest_margin", "largest_margin",
+                 "random")
 MIB = 2 ** 20
 
 
@@ -227,10 +233,66 @@ def training_config(cfg: Config) -> Config:
         over["lr_milestones"] = f.lr_milestones
     if f.lr_decay_rule:
         over["lr_decay_rule"] = f.lr_decay_rule
-    return dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, **over))
+    out = copy.copy(cfg)  # the method sections shared, [fl] replaced
+    out.fl = dataclasses.replace(cfg.fl, **over)
+    return out
 
 
 # -- the strategy -----------------------------------------------------------------------------
+@dataclass
+class FASTConfig(Options):
+    """[fast] FAST (ALGORITHMS.md §6): defaults are the paper's Algorithm 1; `scope =
+    "pooled"` is the reference code's behaviour. Table II's components: ① linear probing is
+    `model.backbone = "linear"` (a linear head on the embeddings), ② `weak_labels`,
+    ③ `refine` (uncertainty refinement), ④ random refinement = `uncertainty = "random"`."""
+
+    # pixels | pca[:dim] | hf:<dir or id> | open_clip:<arch>:<file> | timm:<name>:<file>
+    # | torchscript:<file> (falkit.models.encoders)
+    encoder: str = "pca"
+    # client: per-client passes (Alg. 1) | pooled: the reference code's
+    scope: str = option("client", choices=("client", "pooled"))
+    # shared: every client's G_k^0 embeddings, redistributed | local
+    bank: str = option("shared", choices=("shared", "local"))
+    # r0: initial labeled fraction of each client's pool
+    initial: float = option(0.01, low=0, high=1, low_in=False, high_in=False)
+    # refinement budget b_k = budget x |pool_k| (0, 5, 40, 80 % study)
+    budget: float = option(0.05, low=0, high=1, high_in=False)
+    # proportional: b_k = budget x |pool_k| | even: budget x N split evenly over the clients
+    budget_split: str = option("even", choices=("proportional", "even"))
+    # SGD steps per FL round: the paper's tau = 5; 0 = fl.local_epochs epochs (the
+    # reference code: 5 local epochs)
+    local_steps: int = option(5, low=0)
+    k: int = option(10, low=1)  # kNN neighbours of the weak labels
+    # entropy (paper) | norm (reference code) | least_confidence | smallest_margin
+    # | largest_margin | random
+    uncertainty: str = option("entropy", choices=UNCERTAINTIES)
+    weak_labels: bool = True  # train on weak labels for the unqueried samples (Table II ②)
+    refine: bool = True  # spend the budget on the oracle (Table II ③/④)
+    # FAST's training recipe, where it differs from [fl] (None: the [fl] value): FedAvg
+    # weights (uniform: FAST Eq. 2 and Algorithm 1 line 25, 1/|K_t| | labeled: each
+    # client's training-set size, FAST-official's num_samples), SGD lr, weight decay, batch,
+    # random-crop padding (None: the dataset's) and lr milestones (fractions of R)
+    weighting: str = option("uniform", choices=("uniform", "labeled"))
+    lr: float | None = option(None, low=0, low_in=False)
+    weight_decay: float | None = option(None, low=0)
+    batch_size: int | None = option(None, low=2)
+    crop_pad: int | None = option(None, low=0)
+    lr_milestones: Names = ""
+    # "" = fl.lr_decay_rule
+    lr_decay_rule: str = option("", choices=("", "paper", "code", "at"))
+    # scope = pooled: the refinement count, all = ceil(budget x N) | code = int(budget x
+    # |U_0|), the samples left unlabeled after the initial set (FAST-official data.py)
+    pooled_budget: str = option("all", choices=("all", "code"))
+    encode_batch: int = option(64, low=1)
+    cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
+
+    def check(self, cfg: Any) -> None:
+        if self.initial + self.budget > 1:
+            raise ConfigError(f"fast.initial + fast.budget must be <= 1, got "
+                              f"{self.initial:g} + {self.budget:g}")
+        milestones(self.lr_milestones, "fast.lr_milestones")
+
+
 @register
 class Fast(Strategy):
     """FAST as a strategy of the driver: one cycle, whose query phase is the two passes
@@ -238,6 +300,13 @@ class Fast(Strategy):
     trained on human plus weak labels with τ local SGD steps per round."""
 
     name = "fast"
+    options = FASTConfig  # its section [fast]
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.oracle != "simulated":
+            raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
+                              "passes is not supported yet)")
     description = ("FAST: frozen-encoder kNN weak labels and one-shot uncertainty "
                    "refinement, one training")
     per_cycle: ClassVar[bool] = False

@@ -12,12 +12,15 @@ subsample is enlarged to the budget, so the contract (exactly b picks) always ho
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import kcenter_greedy
+from falkit.options import Options, option
 
 SUBSAMPLE_CAP = 10_000  # unlabeled nodes in the graph (CoreGCN's SUBSET)
 HIDDEN = 128  # GCN hidden width
@@ -117,9 +120,20 @@ def train_gcn_hidden(x: torch.Tensor, n_unlabeled: int, gen: torch.Generator,
     return hidden, float(loss.detach())
 
 
+@dataclass
+class GCNALConfig(Options):
+    """[gcnal] CoreGCN (ALGORITHMS.md §4 gcnal): defaults are the reference code's."""
+
+    steps: int = option(200, low=1)  # full-batch Adam steps of the GCN
+    # weight of the unlabeled term of its loss (CoreGCN's lambda_loss)
+    eta: float = option(1.2, low=0)
+    subsample: int = option(10_000, low=1)  # unlabeled nodes in the graph (CoreGCN's SUBSET)
+
+
 @register
 class GCNAL(Strategy):
     name = "gcnal"
+    options = GCNALConfig  # its section [gcnal]
     description = "CoreGCN: k-center on hidden features of a labeled-vs-unlabeled GCN"
     uses_selector = True
 

@@ -14,6 +14,8 @@ centre.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, nearest_to_centres, top_k
 from falkit.errors import ConfigError
+from falkit.options import Options, option
 
 W1_MODES = ("reference", "histogram")
 _EPS = 1e-5  # IFAL: U1's ratio guard, ALGORITHMS.md §4 (the reference's 1e-5)
@@ -99,6 +102,27 @@ def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
+@dataclass
+class IFALConfig(Options):
+    """[ifal] (ALGORITHMS.md §4 ifal): defaults are the reference code's."""
+
+    # reference: W1 of the sorted probability values | histogram: CDFs
+    w1: str = option("reference", choices=("reference", "histogram"))
+    # rkNN: each row lists its top_k most similar unlabeled points
+    top_k: int = option(250, low=1)
+    n_init: int = option(10, low=1)  # k-means restarts on the candidates
+    kd_lr: float = option(1e-3, low=0, low_in=False)  # the distilled local model: SGD lr
+    kd_epochs: int = option(500, low=1)  # at most this many epochs ...
+    # ... stopping after this many without a lower training loss
+    kd_patience: int = option(5, low=1)
+    kd_temperature: float = option(4.0, low=0, low_in=False)
+    kd_ce_weight: float = option(0.1, low=0, high=1)  # loss = w * CE + (1 - w) * KD
+    # the weights it ends with: best = a copy of the lowest-loss epoch's (what early stopping
+    # means) | last = the last epoch's (the IFAL code's EarlyStopping keeps a live
+    # state_dict() reference, so its "best" is the last)
+    kd_keep: str = option("best", choices=("best", "last"))
+
+
 @register
 class IFAL(Strategy):
     """IFAL: rkNN class distributions in three feature spaces (global, `last_round` local,
@@ -107,6 +131,7 @@ class IFAL(Strategy):
     same with U1 alone; if still short, top-b by U."""
 
     name = "ifal"
+    options = IFALConfig  # its section [ifal]
     description = "IFAL: rkNN label shifts of global/local/distilled models, Otsu + k-means"
     uses_selector = False  # a fixed design: three models
     local_model_mode = "last_round"

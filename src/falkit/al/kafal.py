@@ -23,6 +23,7 @@ the distillation is off in the first round of each cycle.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from torch import nn
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import top_k
 from falkit.errors import ConfigError
+from falkit.options import Options, option
 
 _EPS = 1e-12  # floor for log p: keeps exact zeros finite (log 0 = -inf would poison softmax)
 
@@ -76,6 +78,18 @@ def kafal_scores(p_global: torch.Tensor, p_local: torch.Tensor,
     return (0.5 * (kl_gl + kl_lg)).clamp_min(0.0)
 
 
+@dataclass
+class KAFALConfig(Options):
+    """[kafal] (ALGORITHMS.md §4 kafal)."""
+
+    kcfu: bool = False  # also train KAFAL's way (logit-adjusted CE + unlabeled-mixup KD)
+    # its mixup partner: shared = one for the whole batch (KAFAL main.py's scalar
+    # np.random.choice) | permutation = a permutation of the batch
+    mix_partner: str = option("shared", choices=("shared", "permutation"))
+    # its KD weights: mixed = lam w[y_i] + (1 - lam) w[y_j] (main.py) | pseudo = w[y_i]
+    mix_weights: str = option("mixed", choices=("mixed", "pseudo"))
+
+
 @register
 class KAFAL(Strategy):
     """KAFAL's KSAS query (Cao et al., ICCV 2023): top-b symmetric KL between the global and
@@ -83,6 +97,7 @@ class KAFAL(Strategy):
     all-zero scores of a client with a single labeled class — go to the smaller position."""
 
     name = "kafal"
+    options = KAFALConfig  # its section [kafal]
     description = "KAFAL KSAS: top-b symmetric KL of global vs local model, log-count prior"
     uses_selector = False  # a fixed design: always compares the global and the local model
     local_model_mode = "last_round"

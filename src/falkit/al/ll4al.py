@@ -19,6 +19,8 @@ Query side: every unlabeled sample of the client is scored by the predicted loss
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -26,6 +28,19 @@ from torch import nn
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, top_k
 from falkit.models.lossnet import WithLossModule
+from falkit.options import Options, option
+
+
+@dataclass
+class LL4ALConfig(Options):
+    """[ll4al] Learning Loss (ALGORITHMS.md §4 ll4al): defaults are LL4AL's §4.1 and
+    Fig. 2."""
+
+    margin: float = option(1.0, low=0)  # xi of the margin ranking loss
+    weight: float = option(1.0, low=0)  # lambda: loss = CE + lambda x ranking loss
+    # the module's input is detached in rounds r + 1 > int(this x R)
+    detach_from: float = option(0.75, low=0, high=1)
+    hidden: int = option(128, low=1)  # width of each block of the loss-prediction module
 
 
 @register
@@ -36,6 +51,7 @@ class LL4AL(Strategy):
     """
 
     name = "ll4al"
+    options = LL4ALConfig  # its section [ll4al]
     description = "Learning Loss: top-b loss predicted by a federated loss-prediction module"
     uses_selector = False  # always the global model: only it is trained with the module
     outputs = ("predicted_loss",)  # the module's l̂(x) (falkit.client.PROVIDERS)

@@ -11,12 +11,14 @@ highest predictive entropy under the global model.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from falkit.al.base import QueryContext, Strategy, register
 from falkit.al.primitives import as_numpy, entropy
+from falkit.options import Options, option
 
 
 def logo_embedding(feats_local: torch.Tensor, probs_local: torch.Tensor) -> np.ndarray:
@@ -50,6 +52,13 @@ def cluster_round_robin(labels: np.ndarray, uncertainty: np.ndarray, budget: int
     return final[:budget]
 
 
+@dataclass
+class LoGoConfig(Options):
+    """[logo] LoGo (ALGORITHMS.md §4 logo)."""
+
+    n_init: int = option(10, low=1)  # k-means restarts of the macro step
+
+
 @register
 class LoGo(Strategy):
     """LoGo (Kim et al., CVPR 2023): k-means (b clusters) on the local-only model's
@@ -57,6 +66,7 @@ class LoGo(Strategy):
     cluster; a shortfall (fewer distinct clusters than b) is filled round-robin."""
 
     name = "logo"
+    options = LoGoConfig  # its section [logo]
     description = "LoGo: k-means on local-model embeddings, top global entropy per cluster"
     uses_selector = False  # a fixed design: local model clusters, global model picks
     # local_model.mode: scratch in LoGo's own paper, last_round in the FairFAL authors'

@@ -4,13 +4,14 @@ record a call returns, so clients can train concurrently (engine workers)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from falkit.errors import ConfigError, FalkitError
+from falkit.errors import FalkitError
 
 State = dict[str, torch.Tensor]
 
@@ -24,6 +25,15 @@ def client_weight(cfg: Any, labeled: int) -> float:
     """A client's aggregation weight: its labeled count (FedAvg) or 1 (`fl.weighting =
     "uniform"`, FAST's option)."""
     return float(labeled) if cfg.fl.weighting == "labeled" else 1.0
+
+
+ALGORITHMS: dict[str, type[FedAvg]] = {}  # name -> class (`register`; falkit.registry)
+
+
+def register(cls: type[FedAvg]) -> type[FedAvg]:
+    """Class decorator: make `cls` an `fl.algorithm` under its `name`."""
+    ALGORITHMS[cls.name] = cls
+    return cls
 
 
 class TrainingDiverged(FalkitError):
@@ -94,14 +104,30 @@ def _param_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+@register
 class FedAvg:
     """FedAvg (McMahan et al. 2017): global = Σ_k |L_k|/Σ|L| · w_k over every state entry,
-    BatchNorm running statistics included."""
+    BatchNorm running statistics included.
 
-    name = "fedavg"
+    The base of every FL algorithm: a subclass sets `name` and `description`, overrides the
+    hooks below it needs, and is registered with `@register`. Its settings are an options
+    dataclass (`options`, falkit.options: the config section [<name>]) or, for the
+    algorithms older than that, keys of [fl] that `config_options` reads."""
+
+    name: ClassVar[str] = "fedavg"
+    description: ClassVar[str] = ("FedAvg: labeled-count weighted average of all weights "
+                                  "and BN buffers")
+    options: ClassVar[type | None] = None  # its options dataclass: the section [<name>]
 
     def __init__(self, **options: Any):
         self.options = options
+
+    @classmethod
+    def config_options(cls, cfg: Any) -> dict[str, Any]:
+        """The keyword options this algorithm is built with from a run's config: its own
+        section's fields (the default), or the [fl] keys it has always read."""
+        section = cfg.section(cls.name) if cls.options is not None else None
+        return dataclasses.asdict(section) if section is not None else {}
 
     def begin_round(self, global_state: State, param_names: list[str]) -> None:
         """Called on the main thread before the round's clients train."""
@@ -166,10 +192,16 @@ class FedAvg:
         """Restore what state_dict returned (resume)."""
 
 
+@register
 class FedProx(FedAvg):
     """FedProx (Li et al. 2020): local loss += (mu/2) Σ_params ‖w − w_global‖²."""
 
     name = "fedprox"
+    description = "FedProx: proximal term (fl.mu/2)·‖w − w_global‖² in the local loss"
+
+    @classmethod
+    def config_options(cls, cfg: Any) -> dict[str, Any]:
+        return {"mu": cfg.fl.mu}
 
     def __init__(self, mu: float = 0.01, **options: Any):
         super().__init__(**options)
@@ -193,12 +225,14 @@ class FedProx(FedAvg):
         return 0.5 * self.mu * prox  # FedProx Eq. 2, per client (one global model)
 
 
+@register
 class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al. 2020), option II: each step uses g − c_k + c on trainable
     parameters (not BN buffers); c_k⁺ = c_k − c + (w_global − w_k)/(steps · lr);
     c += (1/K) Σ_{k ∈ S} (c_k⁺ − c_k), i.e. the participants' mean × |S|/K."""
 
     name = "scaffold"
+    description = "SCAFFOLD: control variates correct client drift"
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -281,6 +315,7 @@ class Scaffold(FedAvg):
         self.c_k = state.get("c_k", {})
 
 
+@register
 class FedNova(FedAvg):
     """FedNova (Wang et al. 2020): normalised averaging of local updates. Client k reports
     τ_k local steps and a_k = ‖a_k‖₁ (plain SGD: τ_k; momentum ρ:
@@ -289,6 +324,11 @@ class FedNova(FedAvg):
     statistics) are averaged as in FedAvg."""
 
     name = "fednova"
+    description = "FedNova: normalised averaging by each client's local steps"
+
+    @classmethod
+    def config_options(cls, cfg: Any) -> dict[str, Any]:
+        return {"momentum": cfg.fl.momentum}
 
     uplink_scalars = ("a",)  # the client's normaliser a_k
 
@@ -332,15 +372,17 @@ class FedNova(FedAvg):
         return out
 
 
-ALGORITHMS: dict[str, tuple[type[FedAvg], str]] = {
-    "fedavg": (FedAvg, "FedAvg: labeled-count weighted average of all weights and BN buffers"),
-    "fedprox": (FedProx, "FedProx: proximal term (fl.mu/2)·‖w − w_global‖² in the local loss"),
-    "scaffold": (Scaffold, "SCAFFOLD: control variates correct client drift"),
-    "fednova": (FedNova, "FedNova: normalised averaging by each client's local steps"),
-}
-
-
 def create(name: str, **options: Any) -> FedAvg:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown fl.algorithm '{name}' (valid: {', '.join(ALGORITHMS)})")
-    return ALGORITHMS[name][0](**options)
+    """The FL algorithm registered as `name` (a built-in, a plug-in's entry point, or a
+    `module:Class` spec; falkit.registry), built with `options`."""
+    from falkit import registry
+
+    return registry.algorithm(name)(**options)
+
+
+def for_config(cfg: Any) -> FedAvg:
+    """The run's FL algorithm (`fl.algorithm`) with the options its config gives it."""
+    from falkit import registry
+
+    cls = registry.algorithm(cfg.fl.algorithm)
+    return cls(**cls.config_options(cfg))

@@ -26,7 +26,7 @@ from torch import nn
 
 from falkit.config import Config
 from falkit.fl.algorithms import Client, State, client_weight, clone_state
-from falkit.fl.algorithms import create as create_algorithm
+from falkit.fl.algorithms import for_config as algorithm_for
 from falkit.metrics import Evaluation, evaluation
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
@@ -129,8 +129,7 @@ class Engine:
         self.memory_format = (torch.channels_last if cfg.runtime.channels_last
                               else torch.contiguous_format)
         self.in_channels, self.image_size = c, train.x.shape[2]
-        self.algorithm = create_algorithm(cfg.fl.algorithm, mu=cfg.fl.mu,
-                                          momentum=cfg.fl.momentum)
+        self.algorithm = algorithm_for(cfg)  # fl.algorithm with its config's options
         self.model = self.new_model(init_seed=0)  # the working model, reused for every client
         self.workers = cfg.runtime.workers
         self._optimizers: dict[int, torch.optim.SGD] = {}

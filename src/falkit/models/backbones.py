@@ -378,11 +378,16 @@ BACKBONES: dict[str, tuple[type[Backbone], str]] = {
 
 
 def create(name: str, num_classes: int, in_channels: int, image_size: int) -> Backbone:
-    """Build backbone `name`; raises ConfigError for an unknown name."""
-    if name not in BACKBONES:
+    """Build backbone `name` (a built-in, a plug-in's entry point or a `module:Class` spec:
+    falkit.registry); raises ConfigError for an unknown name."""
+    from falkit import registry
+
+    key = registry.resolve("backbone", name)
+    if key not in BACKBONES:
         raise ConfigError(
-            f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
-    return BACKBONES[name][0](num_classes, in_channels, image_size)
+            f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}, or a "
+            "plug-in: module:Class")
+    return BACKBONES[key][0](num_classes, in_channels, image_size)
 
 
 def describe() -> list[tuple[str, str]]:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from falkit import stats
-from falkit.config import STRATEGY_SECTIONS, Config, flatten, loads
+from falkit.config import Config, flatten, loads, method_sections, to_dict
 from falkit.errors import FalkitError
 from falkit.results import parse_value, read_csv_records, read_csv_table, read_status
 
@@ -88,7 +88,7 @@ class Run:
         """The strategy, plus its own option section's non-default values (an ablation or
         variant is a method of its own: `fairfal[selector=global]`, `kafal[kcfu=True]`)."""
         name = self.config.strategy.partition("@")[0]
-        section = getattr(self.config, name, None) if name in STRATEGY_SECTIONS else None
+        section = self.config.section(name)
         if section is None:
             return self.config.strategy
         default = type(section)()
@@ -106,10 +106,11 @@ class Run:
         return sum(1 for k in self.metrics[0] if k.startswith("acc_")) if self.metrics else 0
 
     def setting_key(self) -> tuple[tuple[str, str], ...]:
-        flat = flatten(dataclasses.asdict(self.config))
+        flat = flatten(to_dict(self.config))
         # a strategy's own options belong to the method (see `method`), not the setting
+        own = method_sections("strategy")
         return tuple(sorted((k, _fmt(v)) for k, v in flat.items() if k not in _NOT_SETTING
-                            and k.split(".", 1)[0] not in STRATEGY_SECTIONS))
+                            and k.split(".", 1)[0] not in own))
 
     def curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(labeled %, accuracy %) per cycle."""
