@@ -197,7 +197,7 @@ class Config:
         if self.name:
             return self.name
         alpha = f"{self.partition.alpha:g}"
-        strategy = self.strategy.replace("@", "-")
+        strategy = self.strategy.replace("@", "-").replace(":", "-")  # module:Class too
         dataset = self.data.dataset.replace(":", "-").replace("/", "-")[-40:].lstrip(".")
         return (f"{dataset}_{self.partition.method}_a{alpha}_{strategy}_s{self.seed}_"
                 f"{self.settings_hash()}")
