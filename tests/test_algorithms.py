@@ -7,7 +7,9 @@ import torch
 
 from falkit import config
 from falkit.data.sources import load
-from falkit.fl.algorithms import Client, FedNova, Scaffold, create, weighted_average
+from falkit.fl.algorithms import Client, create, weighted_average
+from falkit.fl.algorithms.fednova import FedNova
+from falkit.fl.algorithms.scaffold import Scaffold
 from falkit.fl.engine import Engine, ImageTensors
 from falkit.loop import run
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tests.test_engine import make_engine
 
+from falkit.fl.algorithms import ALGORITHMS, FedAvg
 from falkit.fl.engine import _equal_pools
 
 
@@ -41,7 +42,7 @@ EVEN = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30), np.arange(30, 40
 UNEVEN = [np.arange(0, 12), np.arange(12, 24), np.arange(24, 33), np.arange(33, 40)]
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "scaffold", "fednova"])
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))  # every registered one
 @pytest.mark.parametrize("pools, clients", [
     (EVEN, [0, 1, 2, 3]),  # FairFAL: every client as many labels
     (UNEVEN, [0, 1, 2, 3]),  # grouped by pool size
@@ -52,13 +53,15 @@ def test_batched_round_equals_one_client_at_a_time(algorithm, pools, clients):
     over = {"fl.algorithm": algorithm, "fl.mu": "0.5", "fl.batch_size": "4"}
     one = double_engine("off", **over)
     many = double_engine("on", **over)
-    assert not one.batches_clients() and many.batches_clients()
+    assert not one.batches_clients()
+    assert many.batches_clients() == ALGORITHMS[algorithm].batchable()
     calls = []
     group = many.sgd_group
     many.sgd_group = lambda *a, **k: calls.append(len(a[0])) or group(*a, **k)
     s1, k1 = rounds(one, pools, clients)
     s2, k2 = rounds(many, pools, clients)
-    assert calls and max(calls) >= 2  # some clients really trained as a group
+    if many.batches_clients():
+        assert calls and max(calls) >= 2  # some clients really trained as a group
     assert_states_equal(s1, s2)
     assert sorted(k1) == sorted(k2) == sorted(clients)
     for k in clients:  # each client's last-round weights (the last_round local model)
@@ -137,3 +140,27 @@ def test_batched_weights_give_identical_picks():
         pa, _ = one.predict(a, pool)
         pb, _ = many.predict(b, pool)
         assert top_k(entropy(pa), 10).tolist() == top_k(entropy(pb), 10).tolist()
+
+
+def test_an_algorithm_with_a_per_client_hook_and_no_batched_form_never_batches():
+    """Forgetting `extra_loss_batched` must not drop the algorithm's term in batched
+    training (issue 26): such an algorithm trains one client at a time, and equals it."""
+
+    class Pull(FedAvg):
+        name = "pull-test"
+
+        def extra_loss(self, model, client):
+            return 0.5 * sum((p ** 2).sum() for p in model.parameters())
+
+    assert not Pull.batchable() and FedAvg.batchable()
+    assert all(cls.batchable() for cls in ALGORITHMS.values())  # falkit's own all batch
+    one = double_engine("off", **{"fl.batch_size": "4"})
+    many = double_engine("on", **{"fl.batch_size": "4"})
+    one.algorithm, many.algorithm = Pull(), Pull()
+    assert not many.batches_clients()
+    s1, _ = rounds(one, EVEN, [0, 1, 2, 3])
+    s2, _ = rounds(many, EVEN, [0, 1, 2, 3])
+    assert_states_equal(s1, s2)
+    plain = double_engine("off", **{"fl.batch_size": "4"})
+    s3, _ = rounds(plain, EVEN, [0, 1, 2, 3])
+    assert not torch.allclose(s1["classifier.weight"], s3["classifier.weight"])

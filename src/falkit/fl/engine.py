@@ -452,13 +452,15 @@ class Engine:
         """Whether clients with equally many labels train as one batched computation: the
         setting (auto = on a GPU), and only for plain cross-entropy — a strategy's own
         training objective (KAFAL) or loss module (ll4al) trains one client at a time, and
-        so does bf16 on the CPU."""
+        so do bf16 on the CPU and an FL algorithm without batched hooks (`batchable`)."""
         mode = self.cfg.runtime.batch_clients
         on = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         # under vmap a convolution reaches autocast as aten.convolution, which CPU autocast
         # leaves in fp32 (CUDA's casts it): bf16 on the CPU trains one client at a time
         bf16_cpu = self.cfg.runtime.precision == "bf16" and self.device.type != "cuda"
-        return on and not bf16_cpu and not custom_loss and not hasattr(self.model, "extra_loss")
+        # an algorithm with a per-client hook but no batched form trains one at a time
+        return (on and not bf16_cpu and not custom_loss and self.algorithm.batchable()
+                and not hasattr(self.model, "extra_loss"))
 
     def train_clients(self, global_state: State, ks: list[int], pools: list[np.ndarray],
                       lr: float, gens: list[torch.Generator]) -> list[Client]:

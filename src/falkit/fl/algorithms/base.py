@@ -1,6 +1,7 @@
-"""Federated optimisation algorithms (ALGORITHMS.md §3): what a client adds to local SGD, and
-how the server aggregates. One object per run; everything per client lives in the `Client`
-record a call returns, so clients can train concurrently (engine workers)."""
+"""The FL-algorithm contract and FedAvg (ALGORITHMS.md §3): what a client adds to local SGD,
+and how the server aggregates. One object per run; everything per client lives in the
+`Client` record a call returns, so clients can train concurrently (engine workers). Every
+other algorithm is one module of this package (`fedprox.py`, ...), found without a list."""
 
 from __future__ import annotations
 
@@ -157,6 +158,18 @@ class FedAvg:
     def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
         return weighted_average(clients, global_state)
 
+    @classmethod
+    def batchable(cls) -> bool:
+        """Whether clients may train as one batched computation with this algorithm: each
+        per-client hook it overrides (`extra_loss`, `correct_grads`) has its batched form.
+        Where one is missing the engine trains one client at a time (never without the
+        algorithm's term); tests/test_batched.py checks batched = one at a time for every
+        registered algorithm."""
+        return ((cls.extra_loss is FedAvg.extra_loss
+                 or cls.extra_loss_batched is not FedAvg.extra_loss_batched)
+                and (cls.correct_grads is FedAvg.correct_grads
+                     or cls.correct_grads_batched is not FedAvg.correct_grads_batched))
+
     def reset(self) -> None:
         """A fresh model: forget any server/client state (called at each fresh init)."""
 
@@ -190,186 +203,6 @@ class FedAvg:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned (resume)."""
-
-
-@register
-class FedProx(FedAvg):
-    """FedProx (Li et al. 2020): local loss += (mu/2) Σ_params ‖w − w_global‖²."""
-
-    name = "fedprox"
-    description = "FedProx: proximal term (fl.mu/2)·‖w − w_global‖² in the local loss"
-
-    @classmethod
-    def config_options(cls, cfg: Any) -> dict[str, Any]:
-        return {"mu": cfg.fl.mu}
-
-    def __init__(self, mu: float = 0.01, **options: Any):
-        super().__init__(**options)
-        self.mu = float(mu)
-
-    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
-        client.global_params = {n: global_state[n].detach() for n in _param_names(model)}
-
-    def extra_loss(self, model: nn.Module, client: Client) -> torch.Tensor | None:
-        if self.mu == 0:
-            return None
-        prox = sum(((p - client.global_params[n]) ** 2).sum()
-                   for n, p in model.named_parameters() if n in client.global_params)
-        return 0.5 * self.mu * prox  # FedProx Eq. 2
-
-    def extra_loss_batched(self, params: State, clients: list[Client]) -> torch.Tensor | None:
-        if self.mu == 0:
-            return None
-        prox = sum(((p - clients[0].global_params[n]) ** 2).flatten(1).sum(1)
-                   for n, p in params.items() if n in clients[0].global_params)
-        return 0.5 * self.mu * prox  # FedProx Eq. 2, per client (one global model)
-
-
-@register
-class Scaffold(FedAvg):
-    """SCAFFOLD (Karimireddy et al. 2020), option II: each step uses g − c_k + c on trainable
-    parameters (not BN buffers); c_k⁺ = c_k − c + (w_global − w_k)/(steps · lr);
-    c += (1/K) Σ_{k ∈ S} (c_k⁺ − c_k), i.e. the participants' mean × |S|/K."""
-
-    name = "scaffold"
-    description = "SCAFFOLD: control variates correct client drift"
-
-    def __init__(self, **options: Any):
-        super().__init__(**options)
-        self.c: dict[str, torch.Tensor] = {}
-        self.c_k: dict[int, dict[str, torch.Tensor]] = {}
-        # this round's c − c_k stacked per batched group (correct_grads_batched)
-        self._stacked: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-
-    def begin_round(self, global_state: State, param_names: list[str]) -> None:
-        self._stacked = {}
-        if not self.c:  # control variates start at zero
-            self.c = {n: torch.zeros_like(global_state[n]) for n in param_names}
-
-    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
-        names = list(self.c)
-        ck = self.c_k.get(client.id) or {n: torch.zeros_like(self.c[n]) for n in names}
-        client.extras["c_k"] = ck
-        client.extras["delta"] = {n: self.c[n] - ck[n] for n in names}  # c − c_k
-
-    def correct_grads(self, model: nn.Module, client: Client) -> None:
-        delta = client.extras["delta"]
-        for n, p in model.named_parameters():
-            if p.grad is not None and n in delta:
-                p.grad.add_(delta[n])
-
-    def correct_grads_batched(self, params: State, clients: list[Client]) -> None:
-        ids = tuple(c.id for c in clients)  # stacked once per group and round
-        stacked = self._stacked.get(ids)
-        if stacked is None:
-            stacked = {n: torch.stack([c.extras["delta"][n] for c in clients])
-                       for n in clients[0].extras["delta"]}
-            self._stacked[ids] = stacked
-        for n, p in params.items():
-            if p.grad is not None and n in stacked:
-                p.grad.add_(stacked[n])
-
-    def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
-        assert client.state is not None
-        ck = client.extras["c_k"]
-        scale = 1.0 / max(client.steps * client.lr, 1e-12)
-        new = {n: ck[n] - self.c[n] + (global_state[n] - client.state[n]) * scale for n in ck}
-        client.extras["c_k_new"] = new
-        client.extras["dc"] = {n: new[n] - ck[n] for n in ck}  # c_k⁺ − c_k
-
-    def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
-        for client in clients:  # in client order: deterministic sums
-            dc = client.extras["dc"]
-            for n in self.c:
-                self.c[n] += dc[n] / num_clients
-            if "c_k_new" in client.extras:  # a client elsewhere keeps its own c_k
-                self.c_k[client.id] = client.extras["c_k_new"]
-        return weighted_average(clients, global_state)
-
-    uplink_arrays = True  # c_k⁺ − c_k, one array per trainable parameter
-
-    def downlink(self) -> State:
-        return dict(self.c)
-
-    def at_client(self, client_id: int, downlink: State, memory: State) -> None:
-        self.c = dict(downlink)
-        self.c_k = {client_id: dict(memory)} if memory else {}
-
-    def uplink(self, client: Client) -> tuple[State, dict[str, float]]:
-        return client.extras["dc"], {}
-
-    def client_memory(self, client: Client) -> State:
-        return client.extras["c_k_new"]
-
-    def from_uplink(self, client: Client, arrays: State, scalars: dict[str, float]) -> None:
-        client.extras["dc"] = arrays
-
-    def reset(self) -> None:
-        self.c, self.c_k = {}, {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"c": self.c, "c_k": self.c_k}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.c = state.get("c", {})
-        self.c_k = state.get("c_k", {})
-
-
-@register
-class FedNova(FedAvg):
-    """FedNova (Wang et al. 2020): normalised averaging of local updates. Client k reports
-    τ_k local steps and a_k = ‖a_k‖₁ (plain SGD: τ_k; momentum ρ:
-    [τ_k − ρ(1 − ρ^τ_k)/(1 − ρ)]/(1 − ρ)); the server sets
-    w ← w_g − τ_eff Σ_k p_k (w_g − w_k)/a_k with τ_eff = Σ_k p_k a_k. Buffers (BN running
-    statistics) are averaged as in FedAvg."""
-
-    name = "fednova"
-    description = "FedNova: normalised averaging by each client's local steps"
-
-    @classmethod
-    def config_options(cls, cfg: Any) -> dict[str, Any]:
-        return {"momentum": cfg.fl.momentum}
-
-    uplink_scalars = ("a",)  # the client's normaliser a_k
-
-    def __init__(self, momentum: float = 0.0, **options: Any):
-        super().__init__(**options)
-        self.rho = float(momentum)
-        self.params: list[str] = []
-
-    def begin_round(self, global_state: State, param_names: list[str]) -> None:
-        self.params = list(param_names)
-
-    def uplink(self, client: Client) -> tuple[State, dict[str, float]]:
-        return {}, {"a": float(client.extras["a"])}
-
-    def from_uplink(self, client: Client, arrays: State, scalars: dict[str, float]) -> None:
-        client.extras["a"] = float(scalars["a"])
-        client.extras["params"] = self.params
-
-    def begin_client(self, model: nn.Module, global_state: State, client: Client) -> None:
-        client.extras["params"] = _param_names(model)
-
-    def end_client(self, model: nn.Module, global_state: State, client: Client) -> None:
-        tau, rho = client.steps, self.rho
-        if rho == 0:
-            a = float(tau)
-        else:
-            a = (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
-        client.extras["a"] = max(a, 1e-12)
-
-    def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
-        out = weighted_average(clients, global_state)  # buffers (and a template)
-        total = sum(c.weight for c in clients)
-        p = [c.weight / total for c in clients]
-        tau_eff = sum(pk * c.extras["a"] for pk, c in zip(p, clients, strict=True))
-        for n in clients[0].extras["params"]:
-            d = torch.zeros_like(global_state[n])
-            for pk, c in zip(p, clients, strict=True):
-                assert c.state is not None
-                d.add_(global_state[n] - c.state[n], alpha=pk / c.extras["a"])
-            out[n] = global_state[n] - tau_eff * d
-        return out
 
 
 def create(name: str, **options: Any) -> FedAvg:
