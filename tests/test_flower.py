@@ -17,7 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa
 from tests.deployment import BIN, Deployment  # noqa: E402
 
 from falkit import config  # noqa: E402
-from falkit.flower import APP_DIR  # noqa: E402
+from falkit.flower.common import app_dir  # noqa: E402
+
+APP_DIR = app_dir()  # the App with every registered method's run-config keys
 from falkit.flower.common import (  # noqa: E402
     PrivacyViolation,
     array_record,

@@ -2,6 +2,7 @@
 own, named `module:Class` in a config, validated like built-ins, run in process and on
 Flower with the same results, checked by falkit.testing; broken ones are one-line errors."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -136,6 +137,10 @@ def test_a_plugins_options_are_a_config_section_validated_like_a_builtins(plugin
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace("[", r"\[")
                            .replace("]", r"\]").replace(")", r"\)")):
             config.load(None, overrides={**SMALL, **USE, bad[0]: bad[1]})
+    if importlib.util.find_spec("flwr"):  # on Flower its options are native run-config keys
+        from falkit.flower.common import app_dir
+
+        assert 'skiptop.skip = ""  # 0' in (app_dir() / "pyproject.toml").read_text()
     # a builtin's run does not carry the plug-in's section: its name and hash do not move
     plain = config.load(None, overrides=SMALL)
     assert "skiptop" not in config.identity(plain) and "[skiptop]" not in config.dumps(plain)

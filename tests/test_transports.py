@@ -162,6 +162,8 @@ def test_a_new_clientapp_process_per_message_gives_the_same_run(tmp_path, strate
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,extra", [
     ("fairfal", {"fl.algorithm": "scaffold", "runtime.eval_every": "1"}),
+    # FedDyn's server h and each client's gradient state carried across cycles
+    ("entropy@G", {"fl.algorithm": "feddyn", "fl.reset": "continue"}),
     ("entropy@L", {"fl.fraction": "0.67"}),  # last-round local models kept across the stop
 ])
 def test_flower_run_resumes_after_a_finished_cycle(tmp_path, strategy, extra):
@@ -228,11 +230,17 @@ def test_every_falkit_setting_is_a_run_config_key_of_the_app():
 
     from falkit.errors import ConfigError
     from falkit.flower import APP_DIR
-    from falkit.flower.common import app_config_toml, load_config, setting_keys
+    from falkit.flower.common import app_config_toml, app_dir, load_config, setting_keys
     from falkit.flower.simulation import app_run_config
 
-    text = (APP_DIR / "pyproject.toml").read_text()
-    assert text.endswith(app_config_toml())  # the shipped App is the generated one
+    # the shipped App: falkit's own settings (generated); `app_dir()`'s adds every method's
+    shipped = (APP_DIR / "pyproject.toml").read_text()
+    assert shipped.endswith(app_config_toml(methods=False))
+    text = (app_dir() / "pyproject.toml").read_text()
+    assert text.endswith(app_config_toml()) and "fairfal.kappa" in text
+    assert "fairfal.kappa" not in shipped and "fl.rounds" in shipped
+    assert shipped[:shipped.index("[tool.flwr.app.config]")] == \
+        text[:text.index("[tool.flwr.app.config]")]  # the same components
     declared_keys = set(app_run_config({}))
     assert set(setting_keys()) <= declared_keys
     cfg, opts = load_config(app_run_config({

@@ -1,5 +1,6 @@
-"""`python -m falkit.flower`: print the Flower App directory to pass to `flwr run`."""
+"""`python -m falkit.flower`: print the Flower App directory to pass to `flwr run` (with a
+run-config key for every registered method's options, plug-ins included)."""
 
-from falkit.flower import APP_DIR
+from falkit.flower.common import app_dir
 
-print(APP_DIR)
+print(app_dir())

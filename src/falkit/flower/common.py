@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,10 +149,12 @@ def parse_run_config(text: str) -> dict[str, Any]:
     return {**run_config, **given}
 
 
-def app_config_toml() -> str:
+def app_config_toml(methods: bool = True) -> str:
     """The `[tool.flwr.app.config]` section of falkit's Flower App: the App's own keys, the
     conveniences, and every falkit setting under its dotted name ("" = falkit's default,
-    shown in the comment), so `flwr run --run-config "fl.rounds=5"` can set each."""
+    shown in the comment), so `flwr run --run-config "fl.rounds=5"` can set each.
+    `methods=False`: without the methods' option sections (the shipped App's: `app_dir`
+    adds those of every registered method, plug-ins included)."""
     lines = ["[tool.flwr.app.config]",
              "# true: clients also send what needs true labels (selected indices and their "
              "labels,", "# queried-class histograms, strategy diagnostics, class counts per "
@@ -164,10 +168,36 @@ def app_config_toml() -> str:
              "k=v ...`", 'config = ""', 'preset = ""', 'overrides = ""',
              "# every falkit setting (\"\" = its default, as in the comment); they win over "
              "config/preset/overrides"]
+    own = set() if methods else set(config_mod.method_sections())
     for key, default in setting_keys().items():
+        if key.split(".", 1)[0] in own:
+            continue
         shown = "none" if default is None else json.dumps(default)
         lines.append(f'{key} = ""  # {shown}')
     return "\n".join(lines) + "\n"
+
+
+def app_dir() -> Path:
+    """The Flower App directory to hand to `flwr run`: falkit's shipped App (its components
+    and falkit's own settings) with a run-config key for every option of every registered
+    method (built-ins, and the plug-ins installed here) - so a method added as one file, or
+    installed as a plug-in, is a native run-config key without editing the App. Written
+    once per set of keys under $FALKIT_CACHE (or ~/.cache/falkit)/flower-app-<hash>/."""
+    from falkit.flower import APP_DIR
+    from falkit.models.encoders import default_cache_dir
+
+    shipped = (APP_DIR / "pyproject.toml").read_text(encoding="utf-8")
+    head = shipped[: shipped.index("\n[tool.flwr.app.config]") + 1]
+    text = head + app_config_toml()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    out = default_cache_dir().parent / f"flower-app-{digest}"
+    target = out / "pyproject.toml"
+    if not (target.is_file() and target.read_text(encoding="utf-8") == text):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".pyproject.{os.getpid()}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)  # atomic: another process may be writing the same
+    return out
 
 
 # -- records ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """An in-process Flower simulation of a falkit run with Flower's public API
 (`flwr.simulation.run_simulation`, Ray backend): the ServerApp and one ClientApp per
-partition, given the App's run config (APP_DIR's `[tool.flwr.app.config]` defaults fused
+partition, given the App's run config (`app_dir()`'s `[tool.flwr.app.config]` defaults fused
 with `run_config`, as `flwr run` fuses them)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from falkit.config import flatten
-from falkit.flower import APP_DIR
+from falkit.flower.common import app_dir
 
 
 def backend_config(num_cpus: int = 2, client_cpus: int = 1,
@@ -43,7 +43,7 @@ def backend_config(num_cpus: int = 2, client_cpus: int = 1,
 def app_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
     """The App's run-config defaults with `run_config`'s keys on top (unknown keys are
     refused by the ServerApp, as with `flwr run`)."""
-    with (APP_DIR / "pyproject.toml").open("rb") as fh:
+    with (app_dir() / "pyproject.toml").open("rb") as fh:
         defaults = flatten(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     return {**defaults, **run_config}
 
