@@ -119,7 +119,7 @@ def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k
         if name not in PROVIDERS:
             raise RuntimeError(f"{strategy.id} declares the model output {name!r}, which no "
                                f"provider computes (known: {', '.join(sorted(PROVIDERS))})")
-        ctx.provided[name] = PROVIDERS[name](engine, state_of)
+        ctx.provided[name] = PROVIDERS[name](engine, state_of, ctx)
     ctx.predicted_loss = ctx.provided.get("predicted_loss")
     return ctx
 
@@ -140,11 +140,39 @@ def loss_predictor(engine: Engine, weights):
     return predicted_loss
 
 
+def mc_dropout_probs(ctx: QueryContext, p: float):
+    """(model, passes, generator, subset="unlabeled") -> passes × N × C softmax outputs of
+    `model` under MC dropout (Gal & Ghahramani 2016): each pass drops every penultimate
+    feature with probability `p` (`model.dropout`, where the backbone trains with dropout)
+    and applies the model's classifier. The features are the context's (inferred once, in
+    eval mode); only the classifier runs per pass, and the masks come from the given
+    generator, so the strategy's keyed RNG makes them reproducible."""
+    def mc_probs(model: str, passes: int, gen: torch.Generator,
+                 subset: str = "unlabeled") -> torch.Tensor:
+        if p <= 0:
+            raise RuntimeError("MC dropout needs model.dropout > 0 (the model trains with "
+                               "dropout on its classifier input)")
+        feats = ctx.features(model, subset).float()  # on whichever device they were computed
+        w, b = ctx.head(model)
+        w, b = w.to(feats.device), b.to(feats.device)
+        keep = 1.0 - p
+        out = torch.empty(passes, len(feats), len(b), device=feats.device)
+        for t in range(passes):  # masks from the CPU generator: the same on every device
+            mask = torch.empty(feats.shape).bernoulli_(keep, generator=gen).to(feats.device)
+            out[t] = torch.softmax((feats * mask / keep) @ w.T + b, dim=1)
+        return out
+
+    return mc_probs
+
+
 # Model outputs a strategy may declare (`Strategy.outputs`): name -> (engine, weights of a
-# model name) -> (model, indices) -> tensor. A new output is one function added here.
-PROVIDERS: dict[str, Callable[[Engine, Callable[[str], State]],
-                              Callable[[str, np.ndarray], torch.Tensor]]] = {
-    "predicted_loss": loss_predictor,
+# model name, the client's context) -> what `select` finds in ctx.provided[name]. A new
+# output is one function added here.
+PROVIDERS: dict[str, Callable[[Engine, Callable[[str], State], QueryContext], Any]] = {
+    # ll4al: (model, indices) -> the loss-prediction module's l̂(x)
+    "predicted_loss": lambda engine, state_of, ctx: loss_predictor(engine, state_of),
+    # MC-dropout strategies (bald): see mc_dropout_probs
+    "mc_probs": lambda engine, state_of, ctx: mc_dropout_probs(ctx, engine.cfg.model.dropout),
 }
 
 

@@ -120,6 +120,10 @@ class LocalModelConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "cnn4"
+    # dropout on the backbone's penultimate features (the classifier's input) while
+    # training, p of dropping each; 0 = none (every preset). What MC-dropout strategies
+    # (bald) sample at query time
+    dropout: float = 0.0
 
 
 @dataclass
@@ -358,7 +362,7 @@ ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": "",
                "fast.lr_decay_rule": "", "fast.pooled_budget": "all",
                "kafal.mix_partner": "shared",
-               "kafal.mix_weights": "mixed"}
+               "kafal.mix_weights": "mixed", "model.dropout": 0.0}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
 _BY_PATH = ("npz:", "imagefolder:")
 
@@ -606,6 +610,7 @@ CORE_RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("fl.lr_decay_at", 0, 1, True, True),
     ("fl.fraction", 0, 1, False, True),
     ("fl.mu", 0, None, True, True),
+    ("model.dropout", 0, 1, True, False),
     ("local_model.lr", 0, None, False, True),
     ("local_model.epochs", 1, None, True, True),
     ("local_model.decay_epoch", 0, None, True, True),

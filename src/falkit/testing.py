@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from falkit.al.base import QueryContext, Strategy
+from falkit.client import PROVIDERS, mc_dropout_probs
 
 NUM_CLASSES, DIM = 5, 8
 BUDGETS = (1, 7, 59, 60, 200)  # 60 = the whole pool of `fake_context`'s defaults
@@ -33,12 +34,13 @@ BUDGETS = (1, 7, 59, 60, 200)  # 60 = the whole pool of `fake_context`'s default
 
 def fake_context(seed: int = 0, n_unlabeled: int = 60, n_labeled: int = 12,
                  probs: dict[str, torch.Tensor] | None = None,
-                 feats: dict[str, torch.Tensor] | None = None
+                 feats: dict[str, torch.Tensor] | None = None, dropout: float = 0.5
                  ) -> tuple[QueryContext, list[tuple[str, int]]]:
     """A client's QueryContext over a 10,000-sample train set: `n_labeled` labeled and
     `n_unlabeled` unlabeled indices, random probabilities and features for the models
-    "global", "local" and "distilled" (or the given tables), random classifier heads and
-    predicted losses. `calls` records every inference: (model, number of samples)."""
+    "global", "local" and "distilled" (or the given tables), random classifier heads,
+    predicted losses and MC-dropout passes (at `dropout`) - every output a strategy may
+    declare. `calls` records every inference: (model, number of samples)."""
     g = np.random.default_rng(100 + seed)
     pool = np.sort(g.choice(10_000, n_unlabeled + n_labeled, replace=False))
     labeled = np.sort(g.choice(pool, n_labeled, replace=False))
@@ -74,6 +76,9 @@ def fake_context(seed: int = 0, n_unlabeled: int = 60, n_labeled: int = 12,
                        weights=heads.__getitem__)
     ctx.predicted_loss = predicted_loss
     ctx.provided["predicted_loss"] = predicted_loss
+    ctx.provided["mc_probs"] = mc_dropout_probs(ctx, dropout)
+    missing = set(PROVIDERS) - set(ctx.provided)
+    assert not missing, f"fake_context provides no {sorted(missing)}"  # keep up with falkit
     return ctx, calls
 
 

@@ -104,6 +104,9 @@ class Strategy:
     # of their provider in `falkit.client.PROVIDERS` ("predicted_loss": ll4al's module);
     # the client computes only what is declared, and they reach `select` in `ctx.provided`
     outputs: ClassVar[tuple[str, ...]] = ()
+    # settings beyond the defaults that any run of this strategy needs (bald:
+    # {"model.dropout": "0.5"}), as key=value: falkit's own test suites and examples use them
+    example_settings: ClassVar[dict[str, str]] = {}
 
     def __init__(self, at: str | None = None, **options: object):
         """`at` is the @G / @L suffix of the strategy id; `options` its config section."""

@@ -28,6 +28,7 @@ from falkit.config import Config
 from falkit.fl.algorithms import Client, State, client_weight, clone_state
 from falkit.fl.algorithms import for_config as algorithm_for
 from falkit.metrics import Evaluation, evaluation
+from falkit.models.backbones import Backbone
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
 
@@ -172,7 +173,24 @@ class Engine:
                                     in_channels=self.in_channels, image_size=self.image_size)
             if self.wrap_model is not None:
                 model = self.wrap_model(model)
+        if self.cfg.model.dropout > 0:  # on the backbone's classifier input, while training
+            for m in model.modules():
+                if isinstance(m, Backbone):
+                    m.dropout = float(self.cfg.model.dropout)
         return model.to(self.device, memory_format=self.memory_format)
+
+    @contextlib.contextmanager
+    def _dropout_masks(self, model: nn.Module, gen: torch.Generator):
+        """Dropout masks (model.dropout) drawn from the training's keyed generator `gen`
+        while in the block, so a run reproduces on any transport; none kept afterwards."""
+        backbones = [m for m in model.modules() if isinstance(m, Backbone) and m.dropout > 0]
+        for m in backbones:
+            m.dropout_generator = gen
+        try:
+            yield
+        finally:
+            for m in backbones:
+                m.dropout_generator = None
 
     def init_state(self, seed: int, *key: object) -> State:
         return clone_state(self.new_model(torch_seed(seed, "init", *key)))
@@ -325,6 +343,18 @@ class Engine:
         the samples after the epoch with the training augmentation, as the reference code
         does (it iterates its flipping training loader). `max_steps` trains exactly
         that many mini-batch steps instead of `epochs` epochs (reshuffling every pass)."""
+        with self._dropout_masks(model, gen):
+            return self._local_sgd(model, idx, epochs, lr, gen, labels, lr_at_epoch,
+                                   stop_accuracy, client, lr_at_step, stop_on_eval, max_steps,
+                                   progress, objective)
+
+    def _local_sgd(self, model: nn.Module, idx: np.ndarray, epochs: int, lr: float,
+                   gen: torch.Generator, labels: torch.Tensor | None,
+                   lr_at_epoch: Callable[[int], float] | None, stop_accuracy: float | None,
+                   client: Client | None, lr_at_step: Callable[[int], float] | None,
+                   stop_on_eval: bool, max_steps: int | None,
+                   progress: tuple[int, int] | None, objective: Objective | None
+                   ) -> tuple[int, float]:
         model.train()
         opt = self._optimizer(model, lr)
         model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
@@ -459,8 +489,9 @@ class Engine:
         # leaves in fp32 (CUDA's casts it): bf16 on the CPU trains one client at a time
         bf16_cpu = self.cfg.runtime.precision == "bf16" and self.device.type != "cuda"
         # an algorithm with a per-client hook but no batched form trains one at a time
+        # dropout masks come from each client's generator, which vmap cannot draw from
         return (on and not bf16_cpu and not custom_loss and self.algorithm.batchable()
-                and not hasattr(self.model, "extra_loss"))
+                and self.cfg.model.dropout == 0 and not hasattr(self.model, "extra_loss"))
 
     def train_clients(self, global_state: State, ks: list[int], pools: list[np.ndarray],
                       lr: float, gens: list[torch.Generator]) -> list[Client]:
@@ -678,6 +709,14 @@ class Engine:
             gen = torch_generator(seed, "distill_train", *key)
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
             best, best_loss, waited, losses = clone_state(model), float("inf"), 0, []
+            with self._dropout_masks(model, gen):  # model.dropout's masks, keyed
+                return epochs_of(model, frozen, opt, gen, idx_t, best, best_loss, waited,
+                                 losses)
+
+        def epochs_of(model: nn.Module, frozen: nn.Module, opt: torch.optim.SGD,
+                      gen: torch.Generator, idx_t: torch.Tensor, best: State,
+                      best_loss: float, waited: int, losses: list[float]
+                      ) -> tuple[State, list[float]]:
             for _ in range(epochs):
                 total, n = 0.0, 0
                 for bi in self._batches(idx_t, gen):

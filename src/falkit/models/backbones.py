@@ -41,10 +41,19 @@ __all__ = [
 
 
 class Backbone(nn.Module):
-    """Base class: subclasses set `classifier`, `feature_dim` and implement `embed`."""
+    """Base class: subclasses set `classifier`, `feature_dim` and implement `embed`.
+
+    `dropout` (`model.dropout`, set by the engine; 0 = none) drops each penultimate feature
+    with that probability before the classifier while training (inverted dropout: the kept
+    ones scaled by 1/(1 − p)); its masks come from `dropout_generator` when one is set (the
+    engine sets the local update's keyed generator, so runs reproduce), else from torch's
+    global RNG. Evaluation never drops; MC-dropout strategies sample the same masks on the
+    features themselves (`falkit.client.mc_dropout_probs`)."""
 
     classifier: nn.Linear
     feature_dim: int
+    dropout: float = 0.0
+    dropout_generator: torch.Generator | None = None
 
     def embed(self, x: Tensor) -> Tensor:
         """Penultimate features, N×D."""
@@ -57,6 +66,11 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         features = self.embed(x)
+        if self.training and self.dropout > 0:  # model.dropout, on the classifier's input
+            keep = 1.0 - self.dropout
+            mask = torch.empty(features.shape, dtype=features.dtype).bernoulli_(
+                keep, generator=self.dropout_generator).to(features.device)
+            return self.classifier(features * mask / keep), features
         return self.classifier(features), features
 
 
