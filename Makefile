@@ -18,9 +18,10 @@ $(VENV)/.base: pyproject.toml
 	touch $@
 
 # what the tests need besides: pytest, ruff, Flower, the labeling page, selenium, pandas,
-# transformers (the extras dev and fm)
-$(VENV)/.installed: $(VENV)/.base
+# transformers (the extras dev and fm), and the example plug-in (examples/plugin)
+$(VENV)/.installed: $(VENV)/.base examples/plugin/pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,fm]'
+	$(PY) -m pip install -q -e examples/plugin  # the example plug-in: its tests run too
 	touch $@
 
 # Fashion-MNIST: any data root falkit searches will do; on Debian/Ubuntu the package
@@ -81,7 +82,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs
