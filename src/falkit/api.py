@@ -49,6 +49,9 @@ def run(config: str | Path | Config | None = None, *, preset: str | None = None,
     """Run (or resume, or skip if finished) one experiment: a TOML file, a `Config`, or the
     defaults, with a preset and settings on top (`strategy="fairfal"`, `fl={"rounds": 3}`,
     `**{"partition.alpha": 100}`). Shows progress bars unless `quiet`. FAST runs too."""
+    # a class given for a method (strategy=MyStrategy): its `module:Class` spec
+    overrides = {k: (f"{v.__module__}:{v.__qualname__}" if isinstance(v, type) else v)
+                 for k, v in config_mod.flatten(overrides).items()}
     if isinstance(config, Config):  # its TOML, with the preset and settings on top
         cfg = config_mod.load(None, preset, config_mod.flatten(overrides),
                               text=config_mod.dumps(config))
