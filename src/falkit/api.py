@@ -60,14 +60,10 @@ def run(config: str | Path | Config | None = None, *, preset: str | None = None,
     from falkit.cli import RichReporter
 
     reporter = RichReporter(quiet)
-    if cfg.strategy == "fast":
-        from falkit.fast import run as run_fast
+    from falkit import registry
 
-        res = run_fast(cfg, reporter=reporter, overwrite=overwrite)
-    else:
-        from falkit.loop import run as run_loop
-
-        res = run_loop(cfg, reporter=reporter, overwrite=overwrite)
+    run = registry.strategy_class(cfg.strategy).runner()  # FAST: its two-pass round
+    res = run(cfg, reporter=reporter, overwrite=overwrite)
     return Result(res.run_dir, res.metrics, res.skipped, res.resumed_from)
 
 

@@ -103,10 +103,9 @@ def accuracy_text(run_dirs: list[str | Path]) -> str:
 
 
 def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
-    from falkit.loop import run
+    from falkit import registry
 
-    if cfg.strategy == "fast":  # FAST is one two-pass AL round, not a per-cycle strategy
-        from falkit.fast import run
+    run = registry.strategy_class(cfg.strategy).runner()  # FAST: its two-pass round
     result = run(cfg, reporter=RichReporter(quiet), overwrite=overwrite)
     if result.skipped:
         print(f"{result.run_dir}: already complete (use --overwrite to run again)",
@@ -180,8 +179,8 @@ def _int_list(text: str, what: str) -> list[int]:
 def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
     """Every job of a sweep is checked before the first one starts: its strategy (or FAST
     encoder) exists, its run directory is free or holds the same run. How many are done."""
+    from falkit import registry
     from falkit.al.base import create as create_strategy
-    from falkit.models import encoders
     from falkit.rundir import RunDir
 
     done = 0
@@ -190,10 +189,8 @@ def _check_jobs(cfgs: list[config_mod.Config], overwrite: bool = False) -> int:
         if cfg.oracle != "simulated":
             raise ConfigError("a sweep runs with oracle = simulated; with people labeling, "
                               "run each experiment with falkit run ... oracle=human")
-        if cfg.strategy == "fast":
-            encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
-        else:
-            create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+        create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+        registry.strategy_class(cfg.strategy).check_resources(cfg)  # FAST: its encoder
         rd = RunDir.of(cfg)
         if rd.path in names and names[rd.path] != config_mod.dumps(cfg):
             raise ConfigError(f"two jobs would share the run directory {rd.path}: drop the "
@@ -328,11 +325,9 @@ def _sweep_job(cfg: config_mod.Config, run_dir: str,
     if str(RunDir.of(cfg).path) != run_dir:  # the config did not arrive as it was sent
         raise FalkitError(f"the worker's run directory {RunDir.of(cfg).path} is not the "
                           f"sweep's {run_dir}")
-    from falkit.loop import run
+    from falkit import registry
 
-    if cfg.strategy == "fast":
-        from falkit.fast import run
-    result = run(cfg)
+    result = registry.strategy_class(cfg.strategy).runner()(cfg)
     return result.metrics, result.skipped, getattr(result, "resumed_from", None)
 
 
@@ -671,13 +666,13 @@ def cmd_fast_compare(args: argparse.Namespace) -> int:
     variants = [v.split(",") if v else [] for v in (args.fast or [""])]
     jobs = [("baseline", _load_config(path, args.preset, [*overrides, f"strategy={s}"]))
             for s in args.baselines.split(",") if s]
-    jobs += [("fast", _load_config(path, args.preset, [*overrides, "strategy=fast", *v]))
+    jobs += [("variant", _load_config(path, args.preset, [*overrides, "strategy=fast", *v]))
              for v in variants]
     _check_jobs([cfg for _, cfg in jobs])
     runs = []
     for i, (kind, cfg) in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {cfg.run_name()}", file=sys.stderr)
-        if kind == "fast":
+        if kind == "variant":  # a FAST variant
             runs.append(fast.run(cfg, reporter=RichReporter(args.quiet)).run_dir)
         else:
             runs.append(_run_one(cfg, args.quiet).run_dir)

@@ -141,6 +141,19 @@ class Strategy:
         """Reject, with a one-line ConfigError, a run config this strategy cannot run with
         (falkit.config.validate calls it for the run's strategy)."""
 
+    @classmethod
+    def check_resources(cls, cfg: Config) -> None:
+        """Reject what needs more than the config to know (FAST: its encoder can be built);
+        a sweep calls it for every job before the first one runs."""
+
+    @classmethod
+    def runner(cls) -> Callable[..., Any]:
+        """The entry point that runs (or resumes, or skips) an experiment of this strategy,
+        `run(cfg, reporter=..., overwrite=...)`: the one FAL cycle of `falkit.loop`."""
+        from falkit.loop import run
+
+        return run
+
     # -- what the driver asks a strategy (defaults: the FAL cycle of ALGORITHMS.md §1) -----
     def cycles(self, cfg: Config) -> int:
         """How many cycles a run has."""

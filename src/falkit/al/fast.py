@@ -303,6 +303,18 @@ class Fast(Strategy):
     options = FASTConfig  # its section [fast]
 
     @classmethod
+    def runner(cls) -> Callable[..., Any]:
+        from falkit.fast import run  # FAST's engine and its two passes as cycle 0
+
+        return run
+
+    @classmethod
+    def check_resources(cls, cfg: Config) -> None:
+        from falkit.models import encoders
+
+        encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch)
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         if cfg.oracle != "simulated":
             raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
