@@ -83,6 +83,17 @@ PLUGIN = textwrap.dedent('''
                     for k, g in global_state.items()}
 
 
+    def tinydata(data_root):
+        """A plug-in dataset: 4 classes of random 8x8 images."""
+        from falkit.data.sources import ImageDataset
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (400, 1, 8, 8), generator=g, dtype=torch.uint8)
+        y = np.arange(400) % 4
+        return ImageDataset("tinydata", x[:300], y[:300], x[300:], y[300:],
+                            ["a", "b", "c", "d"], (0.5,), (0.25,), False, 0, "plugin")
+
+
     class Tiny(Backbone):
         """A 2-layer MLP on the flattened image."""
 
@@ -255,3 +266,22 @@ def test_an_entry_point_plugin_is_listed_with_its_origin_and_a_broken_one_is_rep
     shown = capsys.readouterr().out
     assert "plug-in mylab (myplug:SkipTop)" in shown and "plug-in mylab (myplug:Tiny)" in shown
     assert "BROKEN" in shown
+
+
+def test_a_plugin_dataset_runs_and_a_bad_one_is_refused(plugin, tmp_path):
+    from falkit.data import sources
+    from falkit.errors import FalkitError
+    from falkit.loop import run
+
+    ds = sources.load("myplug:tinydata")
+    assert ds.num_classes == 4 and ds.image_size == 8
+    res = run(config.load(None, overrides={
+        "data.dataset": "myplug:tinydata", "data.rho": "1", "partition.num_clients": "2",
+        "budget.cycles": "2", "fl.rounds": "1", "fl.local_epochs": "1",
+        "model.backbone": "myplug:Tiny", "runtime.threads": "1",
+        "out_dir": str(tmp_path / "runs")}))
+    assert len(res.metrics) == 2 and res.run_dir.name.startswith("myplug-tinydata_")
+    (plugin / "badplug.py").write_text("def notdata(root):\n    return 42\n")
+    with pytest.raises(FalkitError, match="returned int, not a falkit.data.sources"):
+        sources.load("badplug:notdata")
+    sys.modules.pop("badplug", None)

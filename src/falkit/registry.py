@@ -188,6 +188,15 @@ def algorithm(name: str) -> type:
     return ALGORITHMS[key]
 
 
+def dataset(name: str) -> Any:
+    """A plug-in's dataset function (data_root) -> ImageDataset for `name` (an entry point's
+    name or a `module:function` spec), or None if `name` is neither."""
+    load()
+    if (("dataset", name) in BROKEN) or is_spec(name):
+        resolve("dataset", name)
+    return DATASETS.get(name)
+
+
 def option_sections(kind: str | None = None) -> dict[str, type]:
     """Method name -> its options dataclass, for every registered strategy and FL algorithm
     (or only those of `kind`) that has one: the method sections of a Config, in

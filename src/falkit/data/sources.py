@@ -308,6 +308,8 @@ def load(name: str, data_root: str | Path | None = None,
         return _load_npz(_local(name, arg, data_root, want_dir=False), name.strip())
     if kind == "imagefolder":
         return _load_imagefolder(_local(name, arg, data_root, want_dir=True), name.strip())
+    if kind == "plugin":
+        return _load_plugin(arg, data_root)
     info = _info(arg)
     assert info is not None  # _parse checked
     if info.kind == "digits":
@@ -319,6 +321,28 @@ def load(name: str, data_root: str | Path | None = None,
     if info.kind == "medmnist":
         return _load_medmnist(info, where, val_split)
     return _LOADERS[info.kind](info, where)
+
+
+def _load_plugin(name: str, data_root: str | Path | None) -> ImageDataset:
+    """A plug-in's dataset: its function (data_root) -> ImageDataset, checked like a file."""
+    from falkit import registry
+
+    try:
+        ds = registry.dataset(name)(data_root)
+    except (ConfigError, FalkitError):
+        raise
+    except Exception as e:  # noqa: BLE001 (the plug-in's own failure, in one line)
+        raise FalkitError(f"dataset {name!r}: the plug-in failed ({type(e).__name__}: "
+                          f"{e})") from None
+    if not isinstance(ds, ImageDataset):
+        raise FalkitError(f"dataset {name!r}: the plug-in returned {type(ds).__name__}, not "
+                          "a falkit.data.sources.ImageDataset")
+    for split, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.dtype != torch.uint8 or x.ndim != 4 or len(x) != len(y):
+            raise FalkitError(f"dataset {name!r}: its {split} split must be uint8 N×C×H×W "
+                              f"images with N labels, got {x.dtype} {tuple(x.shape)} and "
+                              f"{len(y)} labels")
+    return ds
 
 
 def normalization(ds: ImageDataset, mode: str = "dataset"
@@ -386,9 +410,13 @@ def _parse(name: str) -> tuple[str, str]:
     key = _ALIASES.get(text.lower(), text.lower())
     info = _info(key)
     if info is None:
+        from falkit import registry  # a plug-in's dataset: entry point or module:function
+
+        if registry.dataset(text) is not None:
+            return "plugin", text
         raise ConfigError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}, "
-                          "a MedMNIST set at 64/128/224 (e.g. pathmnist_64), npz:<file> or "
-                          "imagefolder:<dir>")
+                          "a MedMNIST set at 64/128/224 (e.g. pathmnist_64), npz:<file>, "
+                          "imagefolder:<dir> or a plug-in's (module:function)")
     return "named", info.name
 
 
