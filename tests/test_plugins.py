@@ -285,3 +285,62 @@ def test_a_plugin_dataset_runs_and_a_bad_one_is_refused(plugin, tmp_path):
     with pytest.raises(FalkitError, match="returned int, not a falkit.data.sources"):
         sources.load("badplug:notdata")
     sys.modules.pop("badplug", None)
+
+
+def test_registry_refuses_clashes_and_keeps_builtins_usable(plugin, monkeypatch):
+    import importlib.metadata as md
+
+    from falkit.al.base import Strategy
+
+    class Clash(Strategy):  # a strategy whose options would take FedDyn's section
+        name = "feddyn"
+        options = __import__("myplug").SkipOptions
+
+    with pytest.raises(ConfigError, match=r"\[feddyn\] is already the fl algorithm"):
+        registry._add("strategy", "", Clash, "test")
+
+    def eps(group):  # an installed plug-in that breaks and is named like a built-in
+        return ([md.EntryPoint("entropy", "myplug:Missing", group)]
+                if group == "falkit.strategies" else [])
+
+    monkeypatch.setattr(md, "entry_points", eps)
+    monkeypatch.setattr(registry, "_state", {"builtins": True, "plugins": False})
+    monkeypatch.setattr(registry, "BROKEN", {})
+    assert registry.strategy_class("entropy@G").__module__ == "falkit.al.uncertainty"
+    assert ("strategy", "entropy") in registry.BROKEN  # and `falkit list` reports it
+
+
+def test_a_config_made_before_a_plugin_registers_gets_its_defaults(plugin):
+    early = config.Config()
+    import myplug
+
+    registry.resolve("strategy", "myplug:SkipTop")
+    assert early.skiptop.skip == 0 and isinstance(early.skiptop, myplug.SkipOptions)
+    early.skiptop = myplug.SkipOptions(skip=5)  # a whole section set, seen everywhere
+    assert config.to_dict(early)["skiptop"]["skip"] == 5
+
+
+def test_check_strategy_refuses_an_output_used_without_declaring_it(plugin):
+    from falkit.testing import check_strategy
+
+    import myplug
+
+    class Sneaky(myplug.SkipTop):
+        name = "sneaky"
+
+        def select(self, ctx, budget):
+            ctx.provided["mc_probs"]  # never declared in `outputs`
+            return super().select(ctx, budget)
+
+    with pytest.raises(KeyError, match="mc_probs"):
+        check_strategy(Sneaky, budgets=(3,), seeds=(0,))
+
+
+def test_a_flower_site_ignores_unset_keys_it_does_not_know():
+    pytest.importorskip("flwr")
+    from falkit.flower.common import load_config
+
+    cfg, _ = load_config({"otherlab.beta": "", "fl.rounds": 3})  # "" = not set
+    assert cfg.fl.rounds == 3
+    with pytest.raises(ConfigError, match="otherlab"):
+        load_config({"otherlab.beta": 2})

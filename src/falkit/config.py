@@ -177,10 +177,20 @@ class Config:
                                       registry.option_sections().items()}
 
     def __getattr__(self, name: str) -> Any:  # only for names that are not attributes
-        sections = self.__dict__.get("_sections")
-        if sections is not None and name in sections:
-            return sections[name]
+        if "_sections" in self.__dict__:
+            sections = self.sections()
+            if name in sections:
+                return sections[name]
         raise AttributeError(f"'Config' has no setting or section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        sections = self.__dict__.get("_sections")
+        if sections is not None and name in self.sections():  # cfg.fairfal = FairFALConfig()
+            if type(value) is not type(sections[name]):
+                raise TypeError(f"cfg.{name} must be a {type(sections[name]).__name__}")
+            sections[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Config):
@@ -188,8 +198,16 @@ class Config:
         return to_dict(self) == to_dict(other)
 
     def sections(self) -> dict[str, Any]:
-        """Method name -> its options section, for every registered method with options."""
-        return self.__dict__["_sections"]
+        """Method name -> its options section, for every registered method with options (a
+        method registered after this config was made, a plug-in named later, gets its
+        defaults)."""
+        from falkit import registry
+
+        sections = self.__dict__["_sections"]
+        for name, cls in registry.option_sections().items():
+            if name not in sections:
+                sections[name] = cls()
+        return sections
 
     def section(self, name: str) -> Any:
         """The options section of method `name`, or None if it has none."""

@@ -88,8 +88,9 @@ def _check(kind: str, obj: Any, what: str) -> None:
     if want is None and not callable(obj):
         raise ConfigError(f"{what} is not callable (a dataset plug-in is a function "
                           "data_root -> ImageDataset)")
-    if kind in ("strategy", "fl_algorithm") and not getattr(obj, "name", ""):
-        raise ConfigError(f"{what} has no `name`")
+    if kind in ("strategy", "fl_algorithm") and (not obj.name or (
+            obj is not want and obj.name == want.name)):
+        raise ConfigError(f"{what} has no `name` of its own")
 
 
 def _add(kind: str, name: str, obj: Any, where: str) -> str:
@@ -121,16 +122,23 @@ def _check_options(cls: Any, where: str) -> None:
     already uses (a core section or another method's)."""
     import dataclasses
 
-    opts = getattr(cls, "options", None)
+    opts = cls.options
     if opts is None:
         return
     if not (isinstance(opts, type) and dataclasses.is_dataclass(opts)):
         raise ConfigError(f"{where}: `options` must be a dataclass, got {opts!r}")
-    from falkit.config import CORE_SECTIONS
+    from falkit.config import CORE_SECTIONS, Config
 
-    if cls.name in CORE_SECTIONS:
-        raise ConfigError(f"{where}: the name {cls.name!r} is a config section of falkit's "
-                          "own; give the method another name")
+    if cls.name in CORE_SECTIONS or hasattr(Config, cls.name):
+        raise ConfigError(f"{where}: the name {cls.name!r} is a config section or attribute "
+                          "of falkit's own; give the method another name")
+    tables = _tables()
+    for other in ("strategy", "fl_algorithm"):  # one options section per name
+        clash = tables[other].get(cls.name)
+        if clash is not None and clash is not cls and clash.options is not None:
+            raise ConfigError(f"{where}: the options section [{cls.name}] is already the "
+                              f"{other.replace('_', ' ')} {cls.name!r}'s; give the method "
+                              "another name")
 
 
 def is_spec(name: str) -> bool:
@@ -140,7 +148,7 @@ def is_spec(name: str) -> bool:
 def resolve(kind: str, name: str) -> str:
     """The registered name of `name` (a name, or a `module:attr` spec, imported now)."""
     load()
-    if (kind, name) in BROKEN:
+    if (kind, name) in BROKEN and name not in _tables()[kind]:  # a built-in stays usable
         raise ConfigError(BROKEN[(kind, name)])
     if not is_spec(name):
         return name
@@ -202,11 +210,11 @@ def option_sections(kind: str | None = None) -> dict[str, type]:
     (or only those of `kind`) that has one: the method sections of a Config, in
     registration order."""
     load()
-    out: dict[str, type] = {}
     tables = _tables()
+    out: dict[str, type] = {}
     for k in ((kind,) if kind else ("strategy", "fl_algorithm")):
         for name, cls in tables[k].items():
-            if getattr(cls, "options", None) is not None:
+            if cls.options is not None:
                 out[name] = cls.options
     return out
 

@@ -65,6 +65,8 @@ def fake_context(seed: int = 0, n_unlabeled: int = 60, n_labeled: int = 12,
     table_p["distilled"] = torch.softmax(3 * torch.randn(10_000, NUM_CLASSES, generator=gen), 1)
     table_f["distilled"] = torch.randn(10_000, DIM, generator=gen)
     table_l = torch.randn(10_000, generator=gen)  # predicted losses, drawn last too
+    heads["distilled"] = {"classifier.weight": torch.randn(NUM_CLASSES, DIM, generator=gen),
+                          "classifier.bias": torch.randn(NUM_CLASSES, generator=gen)}
 
     def predicted_loss(model: str, idx: np.ndarray) -> torch.Tensor:
         calls.append((f"{model}:predicted_loss", len(idx)))
@@ -91,6 +93,15 @@ def query_once(strategy: Strategy, ctx: QueryContext, budget: int) -> np.ndarray
     return strategy.query(ctx, budget)
 
 
+def _declared_only(ctx: QueryContext, calls: list[tuple[str, int]], strategy: Strategy
+                   ) -> tuple[QueryContext, list[tuple[str, int]]]:
+    """The context as a falkit client hands it to `strategy`: only the model outputs it
+    declares (`Strategy.outputs`) are provided."""
+    ctx.provided = {k: v for k, v in ctx.provided.items() if k in strategy.outputs}
+    ctx.predicted_loss = ctx.provided.get("predicted_loss")
+    return ctx, calls
+
+
 def _instances(strategy: type[Strategy] | Strategy | str, options: dict[str, Any]
                ) -> list[tuple[str, Any]]:
     """(label, factory) of every form of the strategy: @G and @L for one with a selector."""
@@ -106,6 +117,8 @@ def _instances(strategy: type[Strategy] | Strategy | str, options: dict[str, Any
     else:
         cls = strategy
         selectors = ["G", "L"] if cls.uses_selector else [None]
+    if cls.options is not None:  # built as falkit builds it: its options' defaults first
+        options = {**dataclasses.asdict(cls.options()), **options}
     return [(f"{cls.name}@{s}" if s else cls.name,
              (lambda s=s: cls(s, **options))) for s in selectors]
 
@@ -127,14 +140,15 @@ def check_strategy(strategy: type[Strategy] | Strategy | str,
         for seed in seeds:
             for budget in budgets:
                 where = f"{label}, seed {seed}, budget {budget}"
-                ctx, calls = fake_context(seed)
+                ctx, calls = _declared_only(*fake_context(seed), probe)
                 picks = np.asarray(query_once(make(), ctx, budget))
                 want = min(budget, len(ctx.unlabeled))
                 assert len(picks) == want, f"{where}: {len(picks)} picks, not {want}"
                 assert len(np.unique(picks)) == len(picks), f"{where}: duplicate picks"
                 assert np.isin(picks, ctx.unlabeled).all(), \
                     f"{where}: a pick is not in the client's unlabeled pool"
-                again = query_once(make(), fake_context(seed)[0], budget)
+                again = query_once(make(), _declared_only(*fake_context(seed), probe)[0],
+                                   budget)
                 assert np.array_equal(picks, again), \
                     f"{where}: not deterministic (the same seed gave other picks)"
                 models = [m for m, _ in calls]

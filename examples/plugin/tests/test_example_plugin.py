@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from falkit_example.density import InformationDensity
-from falkit_example.mlp import MLP2
 
-from falkit import config, registry
-from falkit.testing import check_options, check_strategy, fake_context
+pytest.importorskip("falkit_example")  # pip install -e examples/plugin (make test does)
+
+from falkit_example.density import InformationDensity  # noqa: E402
+from falkit_example.mlp import MLP2  # noqa: E402
+
+from falkit import config, registry  # noqa: E402
+from falkit.testing import check_options, check_strategy, fake_context  # noqa: E402
 
 SMALL = {"data.dataset": "digits", "data.rho": "5", "partition.num_clients": "3",
          "partition.alpha": "1.0", "budget.fraction": "0.05", "budget.cycles": "2",

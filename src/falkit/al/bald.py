@@ -9,7 +9,10 @@ and the model's weights, estimated over T stochastic passes with dropout on:
 (the predictive entropy minus the expected entropy); the top-b scores are queried. The
 passes are falkit's declared model output `mc_probs` (falkit.client.PROVIDERS): dropout on
 the backbone's classifier input at rate `model.dropout`, the masks drawn from this client's
-keyed query RNG. The model must train with that dropout (`model.dropout > 0`).
+keyed query RNG. The model must train with that dropout (`model.dropout > 0`). Unlike Gal et
+al.'s CNN, which also drops after its convolutions, only the classifier input is dropped
+(falkit's backbones have one dropout layer, there): the passes share the eval-mode
+features and differ in the classifier's input.
 """
 
 from __future__ import annotations

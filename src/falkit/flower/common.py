@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,8 @@ def load_config(run_config: dict[str, Any]) -> tuple[Config, Options]:
     for key, value in run_config.items():
         if key in FLOWER_KEYS or key in CONVENIENCE_KEYS:
             continue
+        if value == "" and key not in known:
+            continue  # declared by an App with a plug-in this machine lacks: not set
         if key not in known:
             try:  # falkit's own message: which keys are valid where the key went wrong
                 config_mod._field_type(Config(), key)
@@ -190,14 +193,21 @@ def app_dir() -> Path:
     head = shipped[: shipped.index("\n[tool.flwr.app.config]") + 1]
     text = head + app_config_toml()
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    out = default_cache_dir().parent / f"flower-app-{digest}"
-    target = out / "pyproject.toml"
-    if not (target.is_file() and target.read_text(encoding="utf-8") == text):
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".pyproject.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)  # atomic: another process may be writing the same
-    return out
+    for base in (default_cache_dir().parent, Path(tempfile.gettempdir()) / "falkit"):
+        out = base / f"flower-app-{digest}"
+        target = out / "pyproject.toml"
+        if target.is_file() and target.read_text(encoding="utf-8") == text:
+            return out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".pyproject.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)  # atomic: another process may be writing the same
+            return out
+        except OSError:
+            continue  # a read-only cache: the next place
+    raise ConfigError("cannot write the Flower App (no writable $FALKIT_CACHE, "
+                      "~/.cache/falkit or temporary directory)")
 
 
 # -- records ------------------------------------------------------------------------------

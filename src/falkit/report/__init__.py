@@ -87,8 +87,9 @@ class Run:
     def method(self) -> str:
         """The strategy, plus its own option section's non-default values (an ablation or
         variant is a method of its own: `fairfal[selector=global]`, `kafal[kcfu=True]`)."""
-        name = self.config.strategy.partition("@")[0]
-        section = self.config.section(name)
+        from falkit import registry
+
+        section = self.config.section(registry.strategy_class(self.config.strategy).name)
         if section is None:
             return self.config.strategy
         default = type(section)()

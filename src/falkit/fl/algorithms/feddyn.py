@@ -63,8 +63,9 @@ class FedDyn(FedAvg):
     def _term(self, p: torch.Tensor, g: torch.Tensor, w: torch.Tensor, dims: int
               ) -> torch.Tensor:
         """−⟨g, θ⟩ + (α/2)‖θ − θ^{t−1}‖², summed over all but the first `dims` axes."""
-        lin = (g * p).flatten(dims).sum(-1)
-        quad = ((p - w) ** 2).flatten(dims).sum(-1)
+        shape = (-1,) if dims == 0 else (p.shape[0], -1)  # 0-d parameters too
+        lin = (g * p).reshape(shape).sum(-1)
+        quad = ((p - w) ** 2).reshape(shape).sum(-1)
         return -lin + 0.5 * self.alpha * quad  # FedDyn Algorithm 1, the client's objective
 
     def extra_loss(self, model: nn.Module, client: Client) -> torch.Tensor | None:
