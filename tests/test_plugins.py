@@ -321,9 +321,9 @@ def test_a_config_made_before_a_plugin_registers_gets_its_defaults(plugin):
 
 
 def test_check_strategy_refuses_an_output_used_without_declaring_it(plugin):
-    from falkit.testing import check_strategy
-
     import myplug
+
+    from falkit.testing import check_strategy
 
     class Sneaky(myplug.SkipTop):
         name = "sneaky"
