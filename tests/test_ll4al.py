@@ -73,7 +73,9 @@ def _input(name: str, n: int = 4) -> torch.Tensor:
     return torch.randn(n, 1, 28, 28, generator=gen)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+# falkit's own backbones (a plug-in's may expose no block outputs: Backbone.block_taps says so)
+@pytest.mark.parametrize("name", [n for n, (c, _) in BACKBONES.items()
+                                  if c.__module__ == "falkit.models.backbones"])
 def test_every_backbone_takes_the_module_and_keeps_its_keys(name):
     torch.manual_seed(0)
     backbone = create_backbone(name, 10, 16 if name == "linear" else 1, 28)
