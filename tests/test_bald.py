@@ -66,14 +66,8 @@ def test_bald_picks_are_keyed_by_the_query_rng():
 @pytest.mark.slow
 def test_bald_in_process_equals_flower(tmp_path):
     pytest.importorskip("flwr")
-    from tests.test_transports import SMALL, flower_run, same_results
+    from tests.test_transports import same_in_process_and_on_flower
 
-    from falkit.loop import run
-
-    extra = {"strategy": "bald@G", "model.dropout": "0.5", "bald.passes": "8"}
-    ref = run(config.load(None, overrides={**SMALL, **extra,
-                                           "out_dir": str(tmp_path / "inproc")})).run_dir
-    got = flower_run(tmp_path / "flower", **extra)
-    assert got.name == ref.name
-    same_results(got, ref)
+    ref = same_in_process_and_on_flower(tmp_path, **{
+        "strategy": "bald@G", "model.dropout": "0.5", "bald.passes": "8"})
     assert "mutual_information_mean_selected" in (ref / "queries.jsonl").read_text()

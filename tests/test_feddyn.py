@@ -69,16 +69,12 @@ def test_server_h_and_the_new_global_model_by_hand():
 @pytest.mark.slow
 def test_feddyn_in_process_equals_flower_and_differs_from_fedavg(tmp_path):
     pytest.importorskip("flwr")
-    from tests.test_transports import SMALL, flower_run, metrics, same_results
+    from tests.test_transports import SMALL, metrics, same_in_process_and_on_flower
 
     from falkit.loop import run
 
     extra = {"strategy": "entropy@G", "fl.algorithm": "feddyn", "feddyn.alpha": "0.1"}
-    ref = run(config.load(None, overrides={**SMALL, **extra,
-                                           "out_dir": str(tmp_path / "inproc")})).run_dir
-    got = flower_run(tmp_path / "flower", **extra)
-    assert got.name == ref.name
-    same_results(got, ref)
+    ref = same_in_process_and_on_flower(tmp_path, **extra)
     avg = run(config.load(None, overrides={**SMALL, **extra, "fl.algorithm": "fedavg",
                                            "out_dir": str(tmp_path / "avg")})).run_dir
     assert metrics(avg) != metrics(ref)

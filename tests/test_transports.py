@@ -125,6 +125,17 @@ def same_results(a: Path, b: Path) -> None:
 FAST = {"fast.initial": "0.05", "fast.budget": "0.1", "fast.local_steps": "3"}
 
 
+def same_in_process_and_on_flower(tmp_path: Path, **extra: str) -> Path:
+    """The run `SMALL` + `extra` in process and on Flower (MemoryGrid): the same run
+    directory name and results; the in-process run directory."""
+    ref = run(config.load(None, overrides={**SMALL, **extra,
+                                           "out_dir": str(tmp_path / "inproc")})).run_dir
+    got = flower_run(tmp_path / "flower", **extra)
+    assert got.name == ref.name
+    same_results(got, ref)
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", [*list_ids(), "fast", "fast:linear,local"])
 def test_every_strategy_same_in_process_and_on_flower(tmp_path, strategy):
