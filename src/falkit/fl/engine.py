@@ -343,65 +343,54 @@ class Engine:
         the samples after the epoch with the training augmentation, as the reference code
         does (it iterates its flipping training loader). `max_steps` trains exactly
         that many mini-batch steps instead of `epochs` epochs (reshuffling every pass)."""
-        with self._dropout_masks(model, gen):
-            return self._local_sgd(model, idx, epochs, lr, gen, labels, lr_at_epoch,
-                                   stop_accuracy, client, lr_at_step, stop_on_eval, max_steps,
-                                   progress, objective)
-
-    def _local_sgd(self, model: nn.Module, idx: np.ndarray, epochs: int, lr: float,
-                   gen: torch.Generator, labels: torch.Tensor | None,
-                   lr_at_epoch: Callable[[int], float] | None, stop_accuracy: float | None,
-                   client: Client | None, lr_at_step: Callable[[int], float] | None,
-                   stop_on_eval: bool, max_steps: int | None,
-                   progress: tuple[int, int] | None, objective: Objective | None
-                   ) -> tuple[int, float]:
-        model.train()
-        opt = self._optimizer(model, lr)
-        model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
-        ys = self.train_y if labels is None else labels.to(self.device)
-        idx_t = torch.as_tensor(idx, dtype=torch.int64)
-        steps, acc = 0, 0.0
-        for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
-            if max_steps is not None and steps >= max_steps:
-                break
-            if lr_at_epoch is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at_epoch(epoch)
-            # counted on the device: no host sync per step
-            correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
-            # an objective draws from `gen` inside each step (KAFAL's mixup): then every
-            # batch's draws must come just before its step, as they always did
-            for bi_d, xb in self._epoch_batches(
-                    idx_t, gen, None if max_steps is None else max_steps - steps,
-                    up_front=objective is None):
-                if lr_at_step is not None:
+        with self._dropout_masks(model, gen):  # model.dropout's masks, keyed
+            model.train()
+            opt = self._optimizer(model, lr)
+            model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
+            ys = self.train_y if labels is None else labels.to(self.device)
+            idx_t = torch.as_tensor(idx, dtype=torch.int64)
+            steps, acc = 0, 0.0
+            for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                if lr_at_epoch is not None:
                     for group in opt.param_groups:
-                        group["lr"] = lr_at_step(steps)
-                yb = ys[bi_d]
-                with self._autocast():
-                    logits, _ = model(xb)
-                    loss = (F.cross_entropy(logits.float(), yb) if objective is None
-                            else objective(model, xb, logits, yb, gen))
-                    if model_loss is not None:
-                        loss = loss + model_loss(logits, yb, progress)
-                if client is not None:  # FL local update: the algorithm's hooks
-                    extra = self.algorithm.extra_loss(model, client)
-                    if extra is not None:
-                        loss = loss + extra
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if client is not None:
-                    self.algorithm.correct_grads(model, client)
-                opt.step()
-                steps += 1
-                correct += (logits.argmax(1) == yb).sum()
-                seen += len(yb)
-            acc = int(correct) / max(seen, 1)
-            if stop_on_eval:  # the reference's pass draws the training augmentation
-                acc = self._accuracy(model, idx_t, ys, gen)
-            if stop_accuracy is not None and acc >= stop_accuracy:
-                break
-        return steps, acc
+                        group["lr"] = lr_at_epoch(epoch)
+                # counted on the device: no host sync per step
+                correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
+                # an objective draws from `gen` inside each step (KAFAL's mixup): then every
+                # batch's draws must come just before its step, as they always did
+                for bi_d, xb in self._epoch_batches(
+                        idx_t, gen, None if max_steps is None else max_steps - steps,
+                        up_front=objective is None):
+                    if lr_at_step is not None:
+                        for group in opt.param_groups:
+                            group["lr"] = lr_at_step(steps)
+                    yb = ys[bi_d]
+                    with self._autocast():
+                        logits, _ = model(xb)
+                        loss = (F.cross_entropy(logits.float(), yb) if objective is None
+                                else objective(model, xb, logits, yb, gen))
+                        if model_loss is not None:
+                            loss = loss + model_loss(logits, yb, progress)
+                    if client is not None:  # FL local update: the algorithm's hooks
+                        extra = self.algorithm.extra_loss(model, client)
+                        if extra is not None:
+                            loss = loss + extra
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if client is not None:
+                        self.algorithm.correct_grads(model, client)
+                    opt.step()
+                    steps += 1
+                    correct += (logits.argmax(1) == yb).sum()
+                    seen += len(yb)
+                acc = int(correct) / max(seen, 1)
+                if stop_on_eval:  # the reference's pass draws the training augmentation
+                    acc = self._accuracy(model, idx_t, ys, gen)
+                if stop_accuracy is not None and acc >= stop_accuracy:
+                    break
+            return steps, acc
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor,
@@ -710,40 +699,33 @@ class Engine:
             idx_t = torch.as_tensor(idx, dtype=torch.int64)
             best, best_loss, waited, losses = clone_state(model), float("inf"), 0, []
             with self._dropout_masks(model, gen):  # model.dropout's masks, keyed
-                return epochs_of(model, frozen, opt, gen, idx_t, best, best_loss, waited,
-                                 losses)
-
-        def epochs_of(model: nn.Module, frozen: nn.Module, opt: torch.optim.SGD,
-                      gen: torch.Generator, idx_t: torch.Tensor, best: State,
-                      best_loss: float, waited: int, losses: list[float]
-                      ) -> tuple[State, list[float]]:
-            for _ in range(epochs):
-                total, n = 0.0, 0
-                for bi in self._batches(idx_t, gen):
-                    bi_d = bi.to(self.device)
-                    xb = self.train_batch(bi_d, gen)
-                    with torch.no_grad(), self._autocast():
-                        t_logits, _ = frozen(xb)
-                    with self._autocast():
-                        logits, _ = model(xb)
-                    loss = distillation_loss(logits.float(), t_logits.float(), labels[bi_d],
-                                             temperature, ce_weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total, n = total + loss.item(), n + 1
-                if n == 0:  # fewer than two labeled samples: nothing to train on
-                    break
-                losses.append(total / n)  # IFAL: early stopping on the mean training loss
-                if losses[-1] < best_loss:  # strict improvement (the reference's delta = 0)
-                    best_loss, waited = losses[-1], 0
-                    if keep == "best":
-                        best = clone_state(model)
-                else:
-                    waited += 1
-                    if waited >= patience:
+                for _ in range(epochs):
+                    total, n = 0.0, 0
+                    for bi in self._batches(idx_t, gen):
+                        bi_d = bi.to(self.device)
+                        xb = self.train_batch(bi_d, gen)
+                        with torch.no_grad(), self._autocast():
+                            t_logits, _ = frozen(xb)
+                        with self._autocast():
+                            logits, _ = model(xb)
+                        loss = distillation_loss(logits.float(), t_logits.float(), labels[bi_d],
+                                                 temperature, ce_weight)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        total, n = total + loss.item(), n + 1
+                    if n == 0:  # fewer than two labeled samples: nothing to train on
                         break
-            return (clone_state(model) if keep == "last" else best), losses
+                    losses.append(total / n)  # IFAL: early stopping on the mean training loss
+                    if losses[-1] < best_loss:  # strict improvement (the reference's delta = 0)
+                        best_loss, waited = losses[-1], 0
+                        if keep == "best":
+                            best = clone_state(model)
+                    else:
+                        waited += 1
+                        if waited >= patience:
+                            break
+                return (clone_state(model) if keep == "last" else best), losses
 
         return self.map(train, list(range(len(jobs))))
 
