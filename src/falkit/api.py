@@ -44,17 +44,6 @@ class Result:
         return load_model(model_file(self.run_dir, c))
 
 
-def _spec_of(cls: type) -> str:
-    from falkit import registry
-
-    registry.load()
-    for table in registry._tables().values():
-        for name, obj in table.items():
-            if obj is cls or (isinstance(obj, tuple) and obj[0] is cls):
-                return name
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
 def run(config: str | Path | Config | None = None, *, preset: str | None = None,
         quiet: bool = False, overwrite: bool = False, **overrides: Any) -> Result:
     """Run (or resume, or skip if finished) one experiment: a TOML file, a `Config`, or the
@@ -62,13 +51,14 @@ def run(config: str | Path | Config | None = None, *, preset: str | None = None,
     `**{"partition.alpha": 100}`). Shows progress bars unless `quiet`. FAST runs too."""
     # a class given for a method (strategy=MyStrategy): its registered name, or its
     # `module:Class` spec (a class defined in a script runs in this process only)
-    overrides = {k: (_spec_of(v) if isinstance(v, type) else v)
+    from falkit import registry
+
+    overrides = {k: (registry.name_of(v) if isinstance(v, type) else v)
                  for k, v in config_mod.flatten(overrides).items()}
     if isinstance(config, Config):  # its TOML, with the preset and settings on top
-        cfg = config_mod.load(None, preset, config_mod.flatten(overrides),
-                              text=config_mod.dumps(config))
+        cfg = config_mod.load(None, preset, overrides, text=config_mod.dumps(config))
     else:
-        cfg = config_mod.load(config, preset, config_mod.flatten(overrides))
+        cfg = config_mod.load(config, preset, overrides)
     from falkit.cli import RichReporter
 
     reporter = RichReporter(quiet)

@@ -205,6 +205,16 @@ def dataset(name: str) -> Any:
     return DATASETS.get(name)
 
 
+def name_of(cls: type) -> str:
+    """The name a method's class is registered under, else its `module:Class` spec."""
+    load()
+    for table in _tables().values():
+        for name, obj in table.items():
+            if obj is cls or (isinstance(obj, tuple) and obj[0] is cls):
+                return name
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
 def option_sections(kind: str | None = None) -> dict[str, type]:
     """Method name -> its options dataclass, for every registered strategy and FL algorithm
     (or only those of `kind`) that has one: the method sections of a Config, in
