@@ -4,6 +4,14 @@ inference, on in-memory tensors (DESIGN.md §7).
 One working model is reused for every client (its weights are overwritten from the global
 state), the images stay one uint8 tensor, a batch is gathered by index, normalised and
 augmented as a tensor op; nothing goes through a DataLoader.
+
+`Engine` is the facade over three parts, each its own file: the images as device tensors,
+their normalisation, augmentation and mini-batches (`falkit.fl.tensors`); the one training
+loop, `fit`, of which an FL round's local updates, a scratch local model and a distilled
+local model are calls with their own losses and stop rules (`falkit.fl.fit`); and batched
+eval-mode inference (`falkit.fl.inference`). What stays here: the working models (one per
+worker thread, `map`), their optimizers, and which loss and stop rule each training hands
+to `fit`.
 """
 
 from __future__ import annotations
@@ -16,27 +24,38 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from falkit.config import Config
+from falkit.fl import inference
 from falkit.fl.algorithms import Client, State, client_weight, clone_state
 from falkit.fl.algorithms import for_config as algorithm_for
-from falkit.metrics import Evaluation, evaluation
+from falkit.fl.fit import (
+    AccuracyStop,
+    Objective,
+    One,
+    PatienceStop,
+    Stack,
+    distillation_loss,
+    distilled_loss,
+    fit,
+    training_loss,
+)
+from falkit.fl.tensors import DeviceImages, ImageTensors, batches
+from falkit.metrics import Evaluation
 from falkit.models.backbones import Backbone
 from falkit.models.backbones import create as create_backbone
 from falkit.seeding import torch_generator, torch_seed
 
+__all__ = ["Engine", "ImageTensors", "Objective", "configure_process", "distillation_loss",
+           "tune_allocator"]
+
 J = TypeVar("J")
 R = TypeVar("R")
-# a client's training loss in place of cross-entropy: (model, x, logits, y, generator) -> loss
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
-                     torch.Tensor]
 
 
 _ALLOCATOR_TUNED = False
@@ -76,32 +95,25 @@ def configure_process(cfg: Config) -> None:
         torch.set_num_threads(cfg.runtime.threads)
 
 
-@dataclass
-class ImageTensors:
-    """Images (uint8 N×C×H×W) and labels of one split, plus how to normalise and augment."""
-
-    x: torch.Tensor
-    y: torch.Tensor  # int64
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool = False
-    crop_pad: int = 0
-
-
-def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor,
-                      temperature: float, ce_weight: float) -> torch.Tensor:
-    """IFAL's KD objective (ALGORITHMS.md §4 ifal; Hinton et al. 2015): ce_weight · CE(y) +
-    (1 − ce_weight) · T² · KL(softmax(teacher/T) ‖ softmax(student/T)), the KL summed over
-    classes and averaged over the batch."""
-    ce = F.cross_entropy(logits, y)
-    kd = F.kl_div(F.log_softmax(logits / temperature, 1),
-                  F.softmax(teacher_logits / temperature, 1), reduction="batchmean")
-    kd = kd * temperature ** 2
-    return ce_weight * ce + (1.0 - ce_weight) * kd
+def _images_attr(name: str, doc: str) -> property:
+    """An attribute of the engine's `DeviceImages`, readable and writable on the engine."""
+    return property(lambda self: getattr(self.images, name),
+                    lambda self, value: setattr(self.images, name, value), doc=doc)
 
 
 class Engine:
     """Trains, aggregates, evaluates and runs inference for one experiment."""
+
+    train_x = _images_attr("train_x", "the train images, uint8 N×C×H×W on the device")
+    train_y = _images_attr("train_y", "the train labels on the device (written in place as "
+                                      "the oracle reveals them)")
+    test_x = _images_attr("test_x", "the test images, uint8 on the device")
+    test_y = _images_attr("test_y", "the test labels on the device")
+    _scale = _images_attr("scale", "normalisation: x_u8 · _scale + _shift")
+    _shift = _images_attr("shift", "normalisation: x_u8 · _scale + _shift")
+    hflip = _images_attr("hflip", "training augmentation: random horizontal flips")
+    crop_pad = _images_attr("crop_pad", "training augmentation: random crop padding")
+    memory_format = _images_attr("memory_format", "the inputs' memory format")
 
     def __init__(self, cfg: Config, train: ImageTensors, test: ImageTensors, num_classes: int,
                  num_clients: int = 1,
@@ -114,22 +126,11 @@ class Engine:
         self.num_clients = num_clients  # K, for SCAFFOLD's partial-participation scaling
         # SGD steps per local update instead of fl.local_epochs epochs (FAST's tau)
         self.local_steps: int | None = None
-        self.train_x = train.x.to(self.device)
-        self.train_y = train.y.to(self.device)
-        self.test_x = test.x.to(self.device)
-        self.test_y = test.y.to(self.device)
-        c = train.x.shape[1]
-        # normalisation folded into one multiply-add: (x/255 - mean)/std
-        std = torch.tensor(train.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        mean = torch.tensor(train.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
-        self.hflip = train.hflip
-        self.crop_pad = train.crop_pad
+        self.images = DeviceImages(train, test, self.device,
+                                   torch.channels_last if cfg.runtime.channels_last
+                                   else torch.contiguous_format)
         self.mean, self.std = tuple(train.mean), tuple(train.std)  # recorded with saved models
-        self.memory_format = (torch.channels_last if cfg.runtime.channels_last
-                              else torch.contiguous_format)
-        self.in_channels, self.image_size = c, train.x.shape[2]
+        self.in_channels, self.image_size = train.x.shape[1], train.x.shape[2]
         self.algorithm = algorithm_for(cfg)  # fl.algorithm with its config's options
         self.model = self.new_model(init_seed=0)  # the working model, reused for every client
         self.workers = cfg.runtime.workers
@@ -200,107 +201,6 @@ class Engine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # -- batches --------------------------------------------------------------------------
-    def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
-        x = x_u8.to(torch.float32) * self._scale + self._shift
-        return x.contiguous(memory_format=self.memory_format)
-
-    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """The training inputs of the train samples `idx`, normalised and augmented (random
-        crop / flip from `gen`) on the engine's device: what local SGD feeds the model, for
-        strategies that build batches of their own (KAFAL's unlabeled mixup)."""
-        return self._augment(self._inputs(self.train_x[idx.to(self.device)]), gen)
-
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return self._apply_augment(x, *self._draw_augment(gen, x.shape[0]))
-
-    def _draw_augment(self, gen: torch.Generator, n: int
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """The random draws of augmenting n images, on the CPU from `gen`, in this order:
-        crop offsets dy, dx (when cropping), then flips (when flipping)."""
-        dy = dx = flip = None
-        if self.crop_pad:
-            dy = torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen)
-            dx = torch.randint(0, 2 * self.crop_pad + 1, (n,), generator=gen)
-        if self.hflip:
-            flip = torch.rand(n, generator=gen) < 0.5
-        return dy, dx, flip
-
-    def _apply_augment(self, x: torch.Tensor, dy: torch.Tensor | None,
-                       dx: torch.Tensor | None, flip: torch.Tensor | None) -> torch.Tensor:
-        """Random crop (pad, then the window at dy, dx) and flip of a batch, with the draws of
-        `_draw_augment` (moved to the batch's device here, if they are not there already)."""
-        n = x.shape[0]
-        if dy is not None and dx is not None:
-            p = self.crop_pad
-            padded = F.pad(x, (p, p, p, p))
-            h, w = x.shape[2], x.shape[3]
-            dy, dx = dy.to(x.device), dx.to(x.device)
-            rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1)
-            cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w)
-            idx_n = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-            idx_c = torch.arange(x.shape[1], device=x.device).view(1, -1, 1, 1)
-            x = padded[idx_n, idx_c, rows, cols]
-        if flip is not None:
-            x = torch.where(flip.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
-        return x.contiguous(memory_format=self.memory_format)
-
-    def _epoch_batches(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None,
-                       up_front: bool = True):
-        """(indices on the device, augmented inputs) of each mini-batch of one epoch, at most
-        `limit`. `up_front`: the epoch's draws are made first and copied to the device once
-        (`_epoch_plan`); else each batch's draws are made as it comes. Same draws, same
-        order within `gen`, either way."""
-        if up_front:
-            spans, flat, draws = self._epoch_plan(idx, gen, limit)
-            for a, b in spans:
-                bi_d = flat[a:b]
-                yield bi_d, self._apply_augment(self._inputs(self.train_x[bi_d]), *(
-                    None if d is None else d[a:b] for d in draws))
-            return
-        for n, bi in enumerate(self._batches(idx, gen)):
-            if limit is not None and n >= limit:
-                break
-            bi_d = bi.to(self.device)
-            yield bi_d, self.train_batch(bi_d, gen)
-
-    def _epoch_plan(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None = None
-                    ) -> tuple[list[tuple[int, int]], torch.Tensor, list[torch.Tensor | None]]:
-        """One epoch of local SGD drawn up front: the mini-batches of `_batches` (at most
-        `limit`) and each batch's augmentation draws, from `gen` in the order a step-by-step
-        loop draws them (the permutation, then each batch's crop offsets and flips), then
-        moved to the device in one copy each, so that the steps need no host sync. Returns
-        the batches' (start, end) in the flat order, the flat sample indices and the flat
-        draws (dy, dx, flip; None where unused), all on the device."""
-        spans: list[tuple[int, int]] = []
-        parts: list[torch.Tensor] = []
-        draws: list[list[torch.Tensor]] = [[], [], []]
-        pos = 0
-        for bi in self._batches(idx, gen):
-            if limit is not None and len(spans) >= limit:
-                break
-            for acc, d in zip(draws, self._draw_augment(gen, len(bi)), strict=True):
-                if d is not None:
-                    acc.append(d)
-            parts.append(bi)
-            spans.append((pos, pos + len(bi)))
-            pos += len(bi)
-        flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return (spans, flat.to(self.device),
-                [torch.cat(d).to(self.device) if d else None for d in draws])
-
-    def _batches(self, idx: torch.Tensor, gen: torch.Generator):
-        """Shuffled mini-batches of one epoch. A trailing batch of one sample is dropped:
-        BatchNorm cannot normalise one sample on a 1×1 feature map, which some backbones
-        reach at small image sizes (the FairFAL code's CNN-4, whose smallest map is 3×3 /
-        4×4, trains on it; no FMNIST-LT protocol budget makes one: README "Fidelity")."""
-        perm = idx[torch.randperm(len(idx), generator=gen)]
-        bs = self.cfg.fl.batch_size
-        for b in range(0, len(perm), bs):
-            bi = perm[b:b + bs]
-            if len(bi) > 1:
-                yield bi
-
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.SGD:
         """A fresh SGD optimizer for `model` (ALGORITHMS.md §3: fresh every round). Building
         torch.optim.SGD costs ~30 ms here (9 000 times in the paper protocol), so each
@@ -316,7 +216,34 @@ class Engine:
             group["lr"] = lr
         return opt
 
-    # -- local training -------------------------------------------------------------------
+    # -- batches (falkit.fl.tensors) ------------------------------------------------------
+    def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
+        return self.images.inputs(x_u8)
+
+    def train_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The training inputs of the train samples `idx`, normalised and augmented (random
+        crop / flip from `gen`) on the engine's device: what local SGD feeds the model, for
+        strategies that build batches of their own (KAFAL's unlabeled mixup)."""
+        return self.images.train_batch(idx, gen)
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.images.augment(x, gen)
+
+    def _epoch_batches(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None,
+                       up_front: bool = True):
+        """`DeviceImages.epoch_batches` at `fl.batch_size`."""
+        return self.images.epoch_batches(idx, gen, self.cfg.fl.batch_size, limit, up_front)
+
+    def _epoch_plan(self, idx: torch.Tensor, gen: torch.Generator, limit: int | None = None):
+        """`DeviceImages.epoch_plan` at `fl.batch_size`."""
+        return self.images.epoch_plan(idx, gen, self.cfg.fl.batch_size, limit)
+
+    def _batches(self, idx: torch.Tensor, gen: torch.Generator):
+        """`falkit.fl.tensors.batches` at `fl.batch_size` (a trailing batch of one sample is
+        dropped: BatchNorm)."""
+        return batches(idx, gen, self.cfg.fl.batch_size)
+
+    # -- local training: calls of falkit.fl.fit -------------------------------------------
     def local_sgd(self, model: nn.Module, idx: np.ndarray, epochs: int, lr: float,
                   gen: torch.Generator, labels: torch.Tensor | None = None,
                   lr_at_epoch: Callable[[int], float] | None = None,
@@ -327,15 +254,16 @@ class Engine:
                   max_steps: int | None = None,
                   progress: tuple[int, int] | None = None,
                   objective: Objective | None = None) -> tuple[int, float]:
-        """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3). Returns the number
-        of steps and the training accuracy of the last epoch.
+        """SGD on the samples `idx` (a fresh optimizer, ALGORITHMS.md §3): `fit` of a group
+        of one. Returns the number of steps and the training accuracy of the last epoch.
 
         A model may add its own term to the loss: `model.extra_loss(logits, targets,
         progress)`, called right after the forward pass (ll4al's loss-prediction module);
         `progress` = (round index r, rounds R) of the FL round this update belongs to, None
         outside FL training. Models without the method train on plain cross-entropy.
         `objective(model, x, logits, y, gen)`, if given, replaces that cross-entropy (KAFAL's
-        KCFU: logit-adjusted CE plus distillation on unlabeled mixup).
+        KCFU: logit-adjusted CE plus distillation on unlabeled mixup). With a `client`, the
+        FL algorithm's `extra_loss` and `correct_grads` hooks join the step.
 
         The learning rate follows `lr_at_epoch(epoch)` or `lr_at_step(step)` (the reference
         code's per-batch MultiStepLR); the early stop at `stop_accuracy` checks the running
@@ -348,70 +276,61 @@ class Engine:
             opt = self._optimizer(model, lr)
             model_loss = getattr(model, "extra_loss", None)  # looked up once, not per batch
             ys = self.train_y if labels is None else labels.to(self.device)
-            idx_t = torch.as_tensor(idx, dtype=torch.int64)
-            steps, acc = 0, 0.0
-            for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
-                if max_steps is not None and steps >= max_steps:
-                    break
-                if lr_at_epoch is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_at_epoch(epoch)
-                # counted on the device: no host sync per step
-                correct, seen = torch.zeros((), dtype=torch.int64, device=self.device), 0
-                # an objective draws from `gen` inside each step (KAFAL's mixup): then every
-                # batch's draws must come just before its step, as they always did
-                for bi_d, xb in self._epoch_batches(
-                        idx_t, gen, None if max_steps is None else max_steps - steps,
-                        up_front=objective is None):
-                    if lr_at_step is not None:
-                        for group in opt.param_groups:
-                            group["lr"] = lr_at_step(steps)
-                    yb = ys[bi_d]
-                    with self._autocast():
-                        logits, _ = model(xb)
-                        loss = (F.cross_entropy(logits.float(), yb) if objective is None
-                                else objective(model, xb, logits, yb, gen))
-                        if model_loss is not None:
-                            loss = loss + model_loss(logits, yb, progress)
-                    if client is not None:  # FL local update: the algorithm's hooks
-                        extra = self.algorithm.extra_loss(model, client)
-                        if extra is not None:
-                            loss = loss + extra
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if client is not None:
-                        self.algorithm.correct_grads(model, client)
-                    opt.step()
-                    steps += 1
-                    correct += (logits.argmax(1) == yb).sum()
-                    seen += len(yb)
-                acc = int(correct) / max(seen, 1)
-                if stop_on_eval:  # the reference's pass draws the training augmentation
-                    acc = self._accuracy(model, idx_t, ys, gen)
-                if stop_accuracy is not None and acc >= stop_accuracy:
-                    break
-            return steps, acc
+            algo = self.algorithm
+            loss = training_loss(
+                self._autocast, objective=objective, gen=gen, model_loss=model_loss,
+                progress=progress,
+                extra=None if client is None else (lambda m: algo.extra_loss(m, client)))
+            # an objective draws from `gen` inside each step (KAFAL's mixup): then every
+            # batch's draws must come just before its step, as they always did
+            one = One(model, opt, self.images, self.cfg.fl.batch_size,
+                      torch.as_tensor(idx, dtype=torch.int64), gen, ys, loss,
+                      after_backward=None if client is None
+                      else (lambda m: algo.correct_grads(m, client)),
+                      up_front=objective is None)
+            steps = fit(one, epochs, end_epoch=AccuracyStop(stop_accuracy, stop_on_eval,
+                                                            self._accuracy),
+                        max_steps=max_steps, lr_at_epoch=lr_at_epoch, lr_at_step=lr_at_step)
+            return steps, one.accuracy
 
-    @torch.no_grad()
     def _accuracy(self, model: nn.Module, idx: torch.Tensor, labels: torch.Tensor,
                   gen: torch.Generator | None = None) -> float:
-        """Eval-mode accuracy of `model` on the train samples `idx`; the model is back in
-        train mode afterwards. With `gen` the inputs get the training augmentation (random
-        flip / crop drawn from `gen`): the reference code's early-stop pass iterates its
-        training loader, whose transform flips, with the model in eval mode."""
-        model.eval()
-        correct = 0
-        for start in range(0, len(idx), self.cfg.runtime.eval_batch):
-            b = idx[start:start + self.cfg.runtime.eval_batch]
-            xb = self._inputs(self.train_x[b.to(self.device)])
-            if gen is not None:
-                xb = self._augment(xb, gen)
-            with self._autocast():
-                logits, _ = model(xb)
-            correct += int((logits.argmax(1) == labels[b.to(labels.device)]).sum())
-        model.train()
-        return correct / max(len(idx), 1)
+        """`falkit.fl.inference.accuracy`: eval-mode accuracy of `model` on the train
+        samples `idx`, with `gen` under the training augmentation (the reference's
+        early-stop pass); the model is back in train mode afterwards."""
+        return inference.accuracy(self, model, idx, labels, gen)
 
+    def sgd_group(self, inits: Sequence[State], idxs: Sequence[np.ndarray],
+                  gens: Sequence[torch.Generator], epochs: int, lr: float, *,
+                  labels: torch.Tensor | None = None,
+                  lr_at_epoch: Callable[[int], float] | None = None,
+                  lr_at_step: Callable[[int], float] | None = None,
+                  stop_accuracy: float | None = None, stop_on_eval: bool = False,
+                  clients: list[Client] | None = None, max_steps: int | None = None
+                  ) -> tuple[list[State], list[int], list[float]]:
+        """`local_sgd` for G models at once (`fit` of a `falkit.fl.fit.Stack`), each from its
+        own `inits[g]` on its own equally large sample set `idxs[g]` with its own generator;
+        with `clients`, the FL algorithm's batched hooks (`extra_loss_batched`,
+        `correct_grads_batched`) join the step. A model that reaches `stop_accuracy` leaves
+        the group at the end of that epoch. Returns each model's state, steps and last
+        epoch's accuracy."""
+        algo = self.algorithm
+        group = Stack(
+            self.model, inits, idxs, gens, self.train_y if labels is None
+            else labels.to(self.device), lr, momentum=self.cfg.fl.momentum,
+            weight_decay=self.cfg.fl.weight_decay, images=self.images,
+            batch_size=self.cfg.fl.batch_size, autocast=self._autocast,
+            extra=None if clients is None else (
+                lambda params, live: algo.extra_loss_batched(params, [clients[g] for g in live])),
+            after_backward=None if clients is None else (
+                lambda params, live: algo.correct_grads_batched(params,
+                                                                [clients[g] for g in live])))
+        steps = fit(group, epochs, end_epoch=AccuracyStop(stop_accuracy, stop_on_eval,
+                                                          self._accuracy),
+                    max_steps=max_steps, lr_at_epoch=lr_at_epoch, lr_at_step=lr_at_step)
+        return group.result(steps)
+
+    # -- FL rounds ------------------------------------------------------------------------
     def fl_round(self, global_state: State, clients: list[int], pools: list[np.ndarray],
                  lr: float, seed: int, key: tuple[object, ...],
                  keep_states: bool = False,
@@ -504,132 +423,7 @@ class Engine:
             algo.end_client(self.model, global_state, client)
         return clients
 
-    def sgd_group(self, inits: Sequence[State], idxs: Sequence[np.ndarray],
-                  gens: Sequence[torch.Generator], epochs: int, lr: float, *,
-                  labels: torch.Tensor | None = None,
-                  lr_at_epoch: Callable[[int], float] | None = None,
-                  lr_at_step: Callable[[int], float] | None = None,
-                  stop_accuracy: float | None = None, stop_on_eval: bool = False,
-                  clients: list[Client] | None = None, max_steps: int | None = None
-                  ) -> tuple[list[State], list[int], list[float]]:
-        """`local_sgd` for G models at once, each from its own `inits[g]` on its own equally
-        large sample set `idxs[g]` with its own generator: the weights are stacked along a
-        leading model dimension and one step is `torch.func.vmap` of the model's forward
-        (BatchNorm's running statistics stacked the same way) and one backward of the summed
-        losses (each model's gradient is its own loss's). SGD with momentum and weight decay
-        is elementwise, so one optimizer over the stacked weights steps every model as its
-        own would. A model that reaches `stop_accuracy` leaves the group at the end of that
-        epoch. Returns each model's state, steps and last epoch's accuracy."""
-        from torch.func import functional_call, vmap
-
-        n_models = len(inits)
-        sizes = {len(i) for i in idxs}
-        if len(sizes) != 1:
-            raise ValueError(f"sgd_group needs equally large sample sets, got sizes {sizes}")
-        model = self.model
-        model.train()
-        ys_all = self.train_y if labels is None else labels.to(self.device)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        keys = list(model.state_dict())  # state-dict order, as clone_state gives it
-
-        def step_loss(weights: State, x: torch.Tensor, y: torch.Tensor):
-            logits, _ = functional_call(model, weights, (x,))
-            return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
-
-        batched = vmap(step_loss)
-        live = list(range(n_models))  # models still training, in order
-        params = {n: torch.stack([st[n].detach() for st in inits]).requires_grad_()
-                  for n in names}
-        buffers = {n: torch.stack([st[n].detach() for st in inits])
-                   for n in keys if n not in params}
-        opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=self.cfg.fl.momentum,
-                              weight_decay=self.cfg.fl.weight_decay)
-        idx_ts = [torch.as_tensor(i, dtype=torch.int64) for i in idxs]
-        out: list[State | None] = [None] * n_models
-        steps, accs = [0] * n_models, [0.0] * n_models
-        done_steps = 0
-
-        def finish(rows: list[int]) -> None:
-            for pos, g in enumerate(live):
-                if g in rows:
-                    out[g] = {n: (params[n] if n in params else buffers[n])[pos].detach().clone()
-                              for n in keys}
-                    steps[g] = done_steps
-
-        for epoch in range(epochs if max_steps is None else max(max_steps, 1)):
-            if max_steps is not None and done_steps >= max_steps:
-                break
-            if lr_at_epoch is not None:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at_epoch(epoch)
-            correct = torch.zeros(len(live), dtype=torch.int64, device=self.device)
-            seen = 0
-            # each model's epoch drawn up front from its own generator (same draws, same
-            # order as one at a time), stacked: a step slices the group's batch, no host sync
-            limit = None if max_steps is None else max_steps - done_steps
-            plans = [self._epoch_plan(idx_ts[g], gens[g], limit) for g in live]
-            spans = plans[0][0]
-            flat = torch.stack([p[1] for p in plans])
-            draws = [None if plans[0][2][j] is None else torch.stack([p[2][j] for p in plans])
-                     for j in range(3)]
-            for a, b in spans:
-                if lr_at_step is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = lr_at_step(done_steps)
-                bi_d = flat[:, a:b].reshape(-1)  # one gather for the whole group
-                xb = self._apply_augment(self._inputs(self.train_x[bi_d]), *(
-                    None if d is None else d[:, a:b].reshape(-1) for d in draws))
-                xb = xb.view(len(live), -1, *xb.shape[1:])
-                yb = ys_all[bi_d].view(len(live), -1)
-                with self._autocast():
-                    losses, hits = batched({**params, **buffers}, xb, yb)
-                    total = losses.sum()
-                    if clients is not None:
-                        extra = self.algorithm.extra_loss_batched(
-                            params, [clients[g] for g in live])
-                        if extra is not None:
-                            total = total + extra.sum()
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if clients is not None:
-                    self.algorithm.correct_grads_batched(params, [clients[g] for g in live])
-                opt.step()
-                done_steps += 1
-                correct += hits
-                seen += b - a
-            epoch_acc = (correct.double() / max(seen, 1)).tolist()
-            if stop_on_eval:  # each model's own eval pass, with its own generator
-                epoch_acc = []
-                for pos, g in enumerate(live):
-                    model.load_state_dict({n: (params[n] if n in params else buffers[n])[pos]
-                                           for n in keys})
-                    epoch_acc.append(self._accuracy(model, idx_ts[g], ys_all, gens[g]))
-            for pos, g in enumerate(live):
-                accs[g] = epoch_acc[pos]
-            if stop_accuracy is None:
-                continue
-            stopped = [g for pos, g in enumerate(live) if epoch_acc[pos] >= stop_accuracy]
-            if not stopped:
-                continue
-            finish(stopped)
-            keep = [pos for pos, g in enumerate(live) if g not in stopped]
-            live = [live[pos] for pos in keep]
-            if not live:
-                break
-            # the group shrinks: the remaining weights and momentum buffers, sliced
-            momenta = [opt.state[p].get("momentum_buffer") for p in params.values()]
-            params = {n: p.detach()[keep].clone().requires_grad_() for n, p in params.items()}
-            buffers = {n: b[keep].clone() for n, b in buffers.items()}
-            lr_now = opt.param_groups[0]["lr"]
-            opt = torch.optim.SGD(list(params.values()), lr=lr_now,
-                                  momentum=self.cfg.fl.momentum,
-                                  weight_decay=self.cfg.fl.weight_decay)
-            for p, m in zip(params.values(), momenta, strict=True):
-                if m is not None:
-                    opt.state[p]["momentum_buffer"] = m[keep].clone()
-        finish(list(live))
-        return [o for o in out if o is not None], steps, accs
-
+    # -- local models ---------------------------------------------------------------------
     def train_scratch(self, jobs: Sequence[tuple[np.ndarray, tuple[object, ...]]],
                       labels: torch.Tensor, seed: int) -> list[State]:
         """`scratch` local models, one per job (labeled indices, key): fresh init, trained
@@ -676,9 +470,10 @@ class Engine:
                         epochs: int, patience: int, temperature: float, ce_weight: float,
                         keep: str = "best") -> list[tuple[State, list[float]]]:
         """Local models distilled from `teacher` (the global model), one per job (labeled
-        indices, key): IFAL's KD local model (ALGORITHMS.md §4 ifal). Fresh init, SGD at `lr`
-        (the FL momentum and weight decay) on the job's labeled samples only, both models
-        seeing the same augmented batch; stops once the epoch's mean training loss has not
+        indices, key): IFAL's KD local model (ALGORITHMS.md §4 ifal), `fit` of a group of
+        one with `distilled_loss` and `PatienceStop`. Fresh init, SGD at `lr` (the FL
+        momentum and weight decay) on the job's labeled samples only, both models seeing
+        the same augmented batch; stops once the epoch's mean training loss has not
         improved for `patience` epochs, or after `epochs`. Returns, per job, a copy of the
         best epoch's weights or (`keep = "last"`, `ifal.kd_keep`) the last epoch's — the IFAL
         code's EarlyStopping saved `model.state_dict()`, a live reference, so its "best" was
@@ -696,98 +491,38 @@ class Engine:
             model.train()
             opt = self._optimizer(model, lr)
             gen = torch_generator(seed, "distill_train", *key)
-            idx_t = torch.as_tensor(idx, dtype=torch.int64)
-            best, best_loss, waited, losses = clone_state(model), float("inf"), 0, []
+            stop = PatienceStop(model, patience, keep)
             with self._dropout_masks(model, gen):  # model.dropout's masks, keyed
-                for _ in range(epochs):
-                    total, n = 0.0, 0
-                    for bi in self._batches(idx_t, gen):
-                        bi_d = bi.to(self.device)
-                        xb = self.train_batch(bi_d, gen)
-                        with torch.no_grad(), self._autocast():
-                            t_logits, _ = frozen(xb)
-                        with self._autocast():
-                            logits, _ = model(xb)
-                        loss = distillation_loss(logits.float(), t_logits.float(), labels[bi_d],
-                                                 temperature, ce_weight)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        total, n = total + loss.item(), n + 1
-                    if n == 0:  # fewer than two labeled samples: nothing to train on
-                        break
-                    losses.append(total / n)  # IFAL: early stopping on the mean training loss
-                    if losses[-1] < best_loss:  # strict improvement (the reference's delta = 0)
-                        best_loss, waited = losses[-1], 0
-                        if keep == "best":
-                            best = clone_state(model)
-                    else:
-                        waited += 1
-                        if waited >= patience:
-                            break
-                return (clone_state(model) if keep == "last" else best), losses
+                # each batch drawn as it comes (model.dropout draws from `gen` in the step)
+                one = One(model, opt, self.images, self.cfg.fl.batch_size,
+                          torch.as_tensor(idx, dtype=torch.int64), gen, labels,
+                          distilled_loss(self._autocast, frozen, temperature, ce_weight),
+                          up_front=False)
+                fit(one, epochs, end_epoch=stop)
+                return stop.weights(), stop.losses
 
         return self.map(train, list(range(len(jobs))))
 
-    # -- inference ------------------------------------------------------------------------
+    # -- inference (falkit.fl.inference) --------------------------------------------------
     def _map_batches(self, state: State, idx: torch.Tensor, x_all: torch.Tensor,
                      head: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]
                      ) -> list[tuple[torch.Tensor, ...]]:
-        """`head(model, inputs)` of the model with weights `state` (eval mode, no
-        augmentation) over the samples `idx` of `x_all` in batches of `runtime.eval_batch`,
-        each output float32 on the CPU; one job per worker (a contiguous run of batches, the
-        weights loaded once per job). Returns the outputs per batch, in order."""
-        bs = self.cfg.runtime.eval_batch
-        batches = [idx[b:b + bs] for b in range(0, len(idx), bs)]
-        per_job = -(-len(batches) // max(self.workers, 1)) if batches else 1
-        jobs = [batches[j:j + per_job] for j in range(0, len(batches), per_job)]
-
-        @torch.inference_mode()
-        def infer(model: nn.Module, job: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
-            model.load_state_dict(state)
-            model.eval()
-            out = []
-            for sel in job:
-                with self._autocast():
-                    res = head(model, self._inputs(x_all[sel.to(self.device)]))
-                out.append(tuple(r.float().cpu() for r in res))
-            return out
-
-        return [batch for job in self.map(infer, jobs) for batch in job]
+        return inference.map_batches(self, state, idx, x_all, head)
 
     def predict(self, state: State, idx: np.ndarray | None = None, split: str = "train"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and penultimate features (float32, on CPU) for the samples
         `idx` of a split, in batches of `runtime.eval_batch`, without augmentation."""
-        x_all = self.train_x if split == "train" else self.test_x
-        n = len(x_all) if idx is None else len(idx)
-        idx_t = torch.arange(n) if idx is None else torch.as_tensor(idx, dtype=torch.int64)
-
-        def head(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, f = model(x)
-            return torch.softmax(logits.float(), 1), f
-
-        outs = self._map_batches(state, idx_t, x_all, head)
-        if not outs:
-            d = getattr(self.model, "feature_dim", 0)
-            return torch.zeros(0, self.num_classes), torch.zeros(0, d)
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return inference.predict(self, state, idx, split)
 
     def predict_loss(self, state: State, idx: np.ndarray) -> torch.Tensor:
         """The model's predicted loss (ll4al's loss-prediction module; float32, on CPU) for
         the train samples `idx`, batched like `predict`, without augmentation."""
-        if not hasattr(self.model, "predicted_loss"):
-            raise RuntimeError(f"backbone {self.cfg.model.backbone!r} carries no loss-prediction "
-                               "module (only strategy ll4al adds one)")
-        outs = self._map_batches(state, torch.as_tensor(idx, dtype=torch.int64), self.train_x,
-                                 lambda model, x: (model.predicted_loss(x),))
-        return torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
+        return inference.predict_loss(self, state, idx)
 
-    @torch.inference_mode()
     def evaluate(self, state: State) -> Evaluation:
         """Accuracy, per-class accuracy and AUC of a model on the full test set."""
-        probs, _ = self.predict(state, split="test")
-        return evaluation(self.test_y.cpu().numpy(), probs.numpy(), self.num_classes)
+        return inference.evaluate(self, state)
 
 
 def _equal_pools(ids: list[int], pools: Sequence[np.ndarray]) -> list[list[int]]:
