@@ -166,6 +166,7 @@ def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
     from falkit.loop import run
     from falkit.oracle import SimulatedOracle
     from falkit.rundir import RunDir
+    from falkit.site import ClientSite
 
     cfg = small_cfg(tmp_path, strategy="entropy@L", **{"fl.algorithm": "scaffold",
                                                         "budget.cycles": "3"})
@@ -178,6 +179,8 @@ def test_a_resumed_run_moves_its_checkpoint_to_the_engine_device(tmp_path):
         fed.known = np.full(100_000, -1, dtype=np.int64)
         fed.engine = SimpleNamespace(device=fed.device, train_y=torch.zeros(
             100_000, dtype=torch.int64, device=fed.device))
+        fed.sites = [ClientSite(cfg, k, np.arange(100_000), 10, fed.oracle, fed.known,
+                                fed.engine) for k in range(cfg.partition.num_clients)]
         st, first = _resume(RunDir.of(cfg), 3, create_strategy("entropy@L"), fed)
     assert first == 1
     tensors = [*st.global_state.values(), *fed.algorithm.c.values()]

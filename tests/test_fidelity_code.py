@@ -88,12 +88,14 @@ def test_cifar100_normalisation_dataset_or_the_codes_imagenet():
     assert tuple(eng.mean) == pytest.approx(IMAGENET_MEAN)
 
 
-def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference():
+def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference(tmp_path):
+    import numpy as np
+
     from falkit.al.base import create
     from falkit.al.fast import training_config
     from falkit.data.sources import load
-    from falkit.fast import fast_engine
     from falkit.fl.algorithms import client_weight
+    from falkit.site import site_engine
 
     paper = config.load(None, overrides={"strategy": "fast"})
     t = create("fast").training(paper)
@@ -115,11 +117,14 @@ def test_fast_trains_with_its_own_recipe_uniform_paper_code_reference():
     assert ref.fast.initial == 0.05 and paper.fast.initial == 0.01
     assert ref.fl.lr == 0.01  # [fl] itself is untouched: other strategies train as before
     ds = load("digits")
-    over = {"strategy": "fast", "model.backbone": "resnet8_preact16"}
-    eng = fast_engine(config.load(None, overrides=over), ds, 10, 2, None, None)
-    assert eng.crop_pad == 0 and eng.cfg.fl.weighting == "uniform"
-    eng = fast_engine(config.load(None, preset="reference", overrides=over), ds, 10, 2,
-                      None, None)
+    rows = np.arange(len(ds.y_train))
+    over = {"strategy": "fast", "model.backbone": "resnet8_preact16",
+            "fast.cache_dir": str(tmp_path)}
+    # the site's engine FAST's hooks build: its recipe, its crop, its local steps
+    eng, _ = site_engine(config.load(None, overrides=over), create("fast"), ds, ds, rows, 2)
+    assert eng.crop_pad == 0 and eng.cfg.fl.weighting == "uniform" and eng.local_steps == 5
+    ref_cfg = config.load(None, preset="reference", overrides=over)
+    eng, _ = site_engine(ref_cfg, create("fast"), ds, ds, rows, 2)
     assert eng.crop_pad == 4 and eng.cfg.fl.batch_size == 128  # RandomCrop(padding 4)
     with pytest.raises(config.ConfigError, match="fast.lr_milestones takes fractions"):
         config.load(None, overrides={"fast.lr_milestones": "0.5,2"})

@@ -62,9 +62,8 @@ def run(config: str | Path | Config | None = None, *, preset: str | None = None,
     from falkit.cli import RichReporter
 
     reporter = RichReporter(quiet)
-    from falkit import registry
+    from falkit.loop import run  # every strategy, FAST too, runs the one FAL cycle
 
-    run = registry.strategy_class(cfg.strategy).runner()  # FAST: its two-pass round
     res = run(cfg, reporter=reporter, overwrite=overwrite)
     return Result(res.run_dir, res.metrics, res.skipped, res.resumed_from)
 

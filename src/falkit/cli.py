@@ -103,9 +103,8 @@ def accuracy_text(run_dirs: list[str | Path]) -> str:
 
 
 def _run_one(cfg: config_mod.Config, quiet: bool, overwrite: bool = False):
-    from falkit import registry
+    from falkit.loop import run  # every strategy, FAST too, runs the one FAL cycle
 
-    run = registry.strategy_class(cfg.strategy).runner()  # FAST: its two-pass round
     result = run(cfg, reporter=RichReporter(quiet), overwrite=overwrite)
     if result.skipped:
         print(f"{result.run_dir}: already complete (use --overwrite to run again)",
@@ -325,10 +324,10 @@ def _sweep_job(cfg: config_mod.Config, run_dir: str,
     if str(RunDir.of(cfg).path) != run_dir:  # the config did not arrive as it was sent
         raise FalkitError(f"the worker's run directory {RunDir.of(cfg).path} is not the "
                           f"sweep's {run_dir}")
-    from falkit import registry
+    from falkit.loop import run
 
-    result = registry.strategy_class(cfg.strategy).runner()(cfg)
-    return result.metrics, result.skipped, getattr(result, "resumed_from", None)
+    result = run(cfg)
+    return result.metrics, result.skipped, result.resumed_from
 
 
 def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: Path,

@@ -28,11 +28,6 @@ def keeps_last_round(cfg: Config, strategy: Strategy) -> bool:
     return strategy.needs_local_model and local_mode(cfg, strategy) == "last_round"
 
 
-def initial_picks(cfg: Config, k: int, pool: np.ndarray, budget: int) -> np.ndarray:
-    """Cycle 0: client k's b_k labels, uniformly at random from its pool (ALGORITHMS.md §1)."""
-    return np.sort(rng(cfg.seed, "initial_labels", k).choice(pool, size=budget, replace=False))
-
-
 def client_models(cfg: Config, strategy: Strategy, engine: Engine, cycle: int,
                   labeled: dict[int, np.ndarray], labels: torch.Tensor, global_state: State,
                   last_round: dict[int, State]
@@ -122,14 +117,6 @@ def query_context(cfg: Config, strategy: Strategy, engine: Engine, cycle: int, k
         ctx.provided[name] = PROVIDERS[name](engine, state_of, ctx)
     ctx.predicted_loss = ctx.provided.get("predicted_loss")
     return ctx
-
-
-def select(strategy: Strategy, ctx: QueryContext, budget: int
-           ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The client's query and the strategy's diagnostics of it."""
-    strategy.clear_diagnostics()
-    picks = strategy.query(ctx, budget)
-    return picks, dict(strategy.diagnostics())
 
 
 def loss_predictor(engine: Engine, weights):

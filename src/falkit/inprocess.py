@@ -5,45 +5,33 @@ ServerApp's federation; `falkit.loop.run` builds it from a config."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from falkit.al.base import QueryContext, Strategy
-from falkit.client import (
-    client_models,
-    global_outputs_fn,
-    initial_picks,
-    query_context,
-    select,
-    train_hooks,
-)
+from falkit.client import client_models, global_outputs_fn, train_hooks
 from falkit.config import Config
 from falkit.data.federation import FederatedData, client_budgets
 from falkit.driver import Queried, to_device
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
 from falkit.metrics import Evaluation
-from falkit.oracle import (
-    UNSURE,
-    LabelsPending,
-    SimulatedOracle,
-    WaitingForLabels,
-)
+from falkit.oracle import UNSURE, LabelsPending, SimulatedOracle, WaitingForLabels
+from falkit.site import ClientSite, audit, initial_passes, initial_queried
 
 
 class InProcessFederation:
     transport = "in_process"
 
     def __init__(self, cfg: Config, strategy: Strategy, data: FederatedData, engine: Engine,
-                 oracle: SimulatedOracle | None = None,
-                 initial_labels: Callable[[InProcessFederation], Queried] | None = None):
-        """`initial_labels`: cycle 0's labeling in place of the random draw (FAST's two
-        passes, `falkit.fast`)."""
+                 oracle: SimulatedOracle | None = None, extras: dict[str, Any] | None = None,
+                 times: dict[str, float] | None = None):
+        """`extras`: what the strategy's engine inputs gave its passes (FAST: embeddings);
+        `times`: seconds of phases before cycle 0, reported with it (FAST: data, encode)."""
         self.cfg, self.strategy, self.data, self.engine = cfg, strategy, data, engine
-        self.y = data.dataset.y_train  # the simulated oracle's answers (and FAST's report)
+        self.y = data.dataset.y_train  # the simulated oracle's answers
         self.oracle = oracle or SimulatedOracle(self.y)
         # the labels the oracle gave (-1 where none): what the clients train and query with
         self.known = np.full(len(self.y), UNSURE, dtype=np.int64)
@@ -53,12 +41,23 @@ class InProcessFederation:
         self.num_train = data.num_train
         self.algorithm = engine.algorithm
         self.device = engine.device
-        self.labeled: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in data.clients]
+        truth = None if cfg.oracle == "human" else self.y
+        self.sites = [ClientSite(cfg, k, pool, data.num_classes, self.oracle, self.known,
+                                 engine, self.budgets[k], truth, extras)
+                      for k, pool in enumerate(data.clients)]
         # each client's model after its last local update of the last cycle (last_round mode)
         self.last_round: dict[int, State] = {}
         self._contexts: list[QueryContext] = []
-        self._initial = initial_labels
-        self.unsure = 0  # "unsure" answers so far: spent budget that labeled nothing
+        self._times = dict(times or {})
+
+    @property
+    def labeled(self) -> list[np.ndarray]:
+        return [s.labeled for s in self.sites]
+
+    @property
+    def unsure(self) -> int:
+        """"unsure" answers so far: spent budget that labeled nothing."""
+        return sum(s.unsure for s in self.sites)
 
     def partition(self) -> tuple[np.ndarray, list[str]]:
         return self.data.partition_counts(), self.data.dataset.classes
@@ -71,60 +70,16 @@ class InProcessFederation:
     def labeled_counts(self) -> dict[int, int]:
         return {k: len(lab) for k, lab in enumerate(self.labeled)}
 
-    def _audit(self, cycle: int) -> None:
-        """The oracle must have revealed exactly the budget so far, no more, no less."""
-        self.oracle.audit(sum(min(b * (cycle + 1), len(pool))
-                              for b, pool in zip(self.budgets, self.data.clients, strict=True)))
-
     def initial_labels(self) -> Queried:
-        if self._initial is not None:
-            return self._initial(self)
-        records, answers, pending = [], [], []
-        for k, pool in enumerate(self.data.clients):
-            pick = initial_picks(self.cfg, k, pool, self.budgets[k])
-            labels = self._ask(k, pick, 0, pending)
-            if labels is None:
-                continue
-            records.append({"cycle": 0, "client": k, "strategy": "initial_random",
-                            "indices": pick.tolist(), "labels": labels.tolist()})
-            answers.append(labels)
-        if pending:
-            raise WaitingForLabels(pending)
-        self._audit(0)
-        return Queried(records, self._histogram(answers))
-
-    def _ask(self, k: int, picks: np.ndarray, cycle: int, pending: list[LabelsPending]
-             ) -> np.ndarray | None:
-        """Client k's oracle answers `picks` (None while people have not answered them all,
-        noted in `pending`); the answered samples join its labeled pool ("unsure" ones stay
-        unlabeled)."""
-        try:
-            labels = self.oracle.label(k, picks, cycle)
-        except LabelsPending as p:
-            pending.append(p)
-            return None
-        got = labels != UNSURE
-        self.unsure += int((~got).sum())  # spent, not labeled (checkpointed)
-        self._reveal(picks[got], labels[got])
-        self.labeled[k] = np.union1d(self.labeled[k], picks[got])
-        return labels
-
-    def _reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
-        """The oracle's labels become what the clients query and train with."""
-        self.known[idx] = labels
-        dev = self.engine.device
-        self.engine.train_y[torch.as_tensor(idx, device=dev)] = torch.as_tensor(labels,
-                                                                                 device=dev)
-
-    def _histogram(self, answers: list[np.ndarray]) -> np.ndarray:
-        """The classes the oracle answered (an "unsure" counts in none)."""
-        labels = np.concatenate(answers) if answers else np.zeros(0, dtype=np.int64)
-        return np.bincount(labels[labels != UNSURE], minlength=self.num_classes)
+        out = initial_queried(self.cfg, self.strategy,
+                              initial_passes(self.cfg, self.strategy, self.sites, self.oracle))
+        out.times = dict(self._times)
+        return out
 
     def prepare_query(self, cycle: int, global_state: State) -> float:
         """Every client's QueryContext; the client models are trained here (all clients at
         once, concurrently when runtime.workers > 1)."""
-        cfg, engine, data = self.cfg, self.engine, self.data
+        cfg, engine = self.cfg, self.engine
         t = time.perf_counter()
         # only labeled[k] is read from these labels: the ones the oracle revealed; handed
         # over on the engine's device (its training indexes them there)
@@ -134,13 +89,11 @@ class InProcessFederation:
                                              global_state, self.last_round)
         local_s = time.perf_counter() - t
         global_outputs = global_outputs_fn(engine, global_state)
-        self._contexts = []
-        for k, lab in enumerate(self.labeled):
-            unl = np.setdiff1d(data.clients[k], lab, assume_unique=True)
-            self._contexts.append(query_context(
-                cfg, self.strategy, engine, cycle, k, lab, self.known[lab], unl, data.num_classes,
-                global_state, {m: by_client[k] for m, by_client in models.items()
-                               if k in by_client}, global_outputs, distill_info.get(k, {})))
+        self._contexts = [site.context(self.strategy, cycle, global_state,
+                                       {m: by_client[site.k] for m, by_client in models.items()
+                                        if site.k in by_client},
+                                       global_outputs, distill_info.get(site.k, {}))
+                          for site in self.sites]
         return local_s
 
     def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
@@ -150,25 +103,22 @@ class InProcessFederation:
 
     def select(self, cycle: int, global_state: State, server: dict[str, float] | None,
                advance) -> Queried:
-        records, answers, pending = [], [], []
-        for k, ctx in enumerate(self._contexts):
+        replies, pending = [], []
+        for site, ctx in zip(self.sites, self._contexts, strict=True):
             if server is not None:
                 ctx.server = dict(server)
-            picks, diagnostics = select(self.strategy, ctx, self.budgets[k])
-            labels = self._ask(k, picks, cycle, pending)
+            try:
+                replies.append(site.query(self.strategy, ctx, cycle))
+            except LabelsPending as p:
+                pending.append(p)
             advance()
-            if labels is None:
-                continue
-            record = {"cycle": cycle, "client": k, "strategy": self.strategy.id,
-                      "indices": picks.tolist(), "labels": labels.tolist()}
-            record.update(diagnostics)
-            records.append(record)
-            answers.append(labels)
         self._contexts = []
         if pending:
             raise WaitingForLabels(pending)
-        self._audit(cycle)
-        return Queried(records, self._histogram(answers))
+        audit(self.oracle, self.sites)
+        return Queried([r.record for r in replies],
+                       np.sum([r.classes for r in replies], axis=0) if replies
+                       else np.zeros(self.num_classes, dtype=np.int64))
 
     def begin_training(self, cycle: int, keep_last: bool) -> None:
         if keep_last:
@@ -190,18 +140,26 @@ class InProcessFederation:
     def state_dict(self) -> dict[str, Any]:
         # the oracle's labels too: a resumed run trains on exactly what this one used
         return {"labeled": self.labeled, "last_round": self.last_round,
-                "labels": [self.known[lab] for lab in self.labeled], "unsure": self.unsure}
+                "labels": [self.known[lab] for lab in self.labeled], "unsure": self.unsure,
+                "unsure_by_client": [s.unsure for s in self.sites]}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        self.labeled = list(checkpoint["labeled"])
+        for site, lab in zip(self.sites, checkpoint["labeled"], strict=True):
+            site.labeled = np.asarray(lab, dtype=np.int64)
         self.last_round = to_device(checkpoint["last_round"], self.device)
         revealed = np.concatenate(self.labeled)
         labels = None
         if "labels" in checkpoint:  # the labels the run used, as it used them
-            self.unsure = int(checkpoint.get("unsure", 0))
+            unsure = int(checkpoint.get("unsure", 0))
             labels = np.concatenate([np.asarray(x, dtype=np.int64)
                                      for x in checkpoint["labels"]])
         else:  # a checkpoint from before the labels were saved in it
-            self.unsure = self.oracle.unsure_before(checkpoint["cycle"])
-        self.oracle.restore(revealed, spent=self.unsure, labels=labels)
-        self._reveal(revealed, self.oracle.answers(revealed))
+            unsure = self.oracle.unsure_before(checkpoint["cycle"])
+        by_client = checkpoint.get("unsure_by_client") or [unsure] + [0] * (len(self.sites) - 1)
+        for site, n in zip(self.sites, by_client, strict=True):
+            site.unsure = int(n)
+        for site in self.sites:  # the budget so far, as the audit after that cycle had it
+            site.spend(int(checkpoint["cycle"]))
+        self.oracle.restore(revealed, spent=unsure, labels=labels)
+        for site in self.sites:
+            site.reveal(site.labeled, self.oracle.answers(site.labeled))

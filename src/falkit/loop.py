@@ -4,6 +4,9 @@ simulated oracle put together as an `InProcessFederation` and driven by the one 
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import torch
 
 from falkit import config as config_mod
@@ -11,14 +14,15 @@ from falkit import tracking
 from falkit.al.base import create as create_strategy
 from falkit.config import Config
 from falkit.data.federation import build
-from falkit.data.sources import ImageDataset, normalization
+from falkit.data.sources import ImageDataset, load
 from falkit.driver import Reporter, RunResult
 from falkit.driver import run as drive
-from falkit.fl.engine import Engine, ImageTensors, configure_process
+from falkit.fl.engine import Engine, configure_process
 from falkit.inprocess import InProcessFederation
 from falkit.oracle import HumanOracle
 from falkit.results import read_metrics
 from falkit.rundir import RunDir, data_fingerprint
+from falkit.site import image_inputs, site_engine
 
 __all__ = ["Reporter", "RunResult", "run", "engine_for"]
 
@@ -26,12 +30,12 @@ __all__ = ["Reporter", "RunResult", "run", "engine_for"]
 def engine_for(cfg: Config, ds: ImageDataset, num_classes: int, num_clients: int,
                engine_class: type[Engine] = Engine, wrap_model=None,
                train_y: torch.Tensor | None = None) -> Engine:
-    """The engine of a run on `ds` (train labels `train_y`, default the dataset's)."""
-    y = torch.as_tensor(ds.y_train) if train_y is None else train_y
-    mean, std = normalization(ds, cfg.data.normalization)
-    return engine_class(cfg, ImageTensors(ds.x_train, y, mean, std, ds.hflip, ds.crop_pad),
-                        ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), mean, std),
-                        num_classes, num_clients=num_clients, wrap_model=wrap_model)
+    """An engine on the images of `ds` (train labels `train_y`, default the dataset's), with
+    the config as it is (a run's engine is `falkit.site.site_engine`'s: its strategy's)."""
+    inputs = image_inputs(cfg, ds)
+    train = inputs.train if train_y is None else dataclasses.replace(inputs.train, y=train_y)
+    return engine_class(cfg, train, inputs.test, num_classes, num_clients=num_clients,
+                        wrap_model=wrap_model)
 
 
 def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
@@ -47,18 +51,26 @@ def run(cfg: Config, reporter: Reporter | None = None, overwrite: bool = False,
     if rd.inspect(cfg, overwrite) == "complete":
         return RunResult(rd.path, read_metrics(rd.path), skipped=True)
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
+    strategy.check_transport(cfg, InProcessFederation.transport)
     tracking.check(cfg)  # a tracker's package is missing: say so before anything is written
-    data = build(cfg, dataset)
+    t = time.perf_counter()
+    full = dataset if dataset is not None else load(cfg.data.dataset, cfg.data.data_root,
+                                                    cfg.data.val_split)
+    data = build(cfg, full)
+    data_s = time.perf_counter() - t
     configure_process(cfg)
-    # a strategy may wrap the run's backbone (ll4al: a loss-prediction module trained and
-    # federated with it)
-    engine = engine_for(cfg, data.dataset, data.num_classes, len(data.clients), engine_class,
-                        wrap_model=strategy.wrap_model)
+    # the strategy's inputs (FAST: the encoder's embeddings), training recipe and model
+    # wrapper (ll4al: a loss-prediction module trained and federated with the backbone)
+    engine, inputs = site_engine(cfg, strategy, full, data.dataset, data.source_indices,
+                                 len(data.clients), engine_class=engine_class)
     oracle = None
     if cfg.oracle == "human":  # people answer, through queues in the run directory
         oracle = HumanOracle(rd.path / "labeling", data.dataset.x_train,
                              list(data.dataset.classes), len(data.dataset.y_train))
-    fed = InProcessFederation(cfg, strategy, data, engine, oracle)
+    # the phases a strategy's inputs took (FAST: encode) are reported with the data's
+    times = {"data": data_s, **inputs.times} if inputs.times else {}
+    fed = InProcessFederation(cfg, strategy, data, engine, oracle, extras=inputs.extras,
+                              times=times)
     return drive(cfg, strategy, fed, rd, reporter=reporter, overwrite=overwrite,
                  fingerprint=data_fingerprint(data.dataset, cfg.data.dataset),
                  stop_after=stop_after)

@@ -17,6 +17,7 @@ from torch import nn
 
 from falkit.config import Config
 from falkit.errors import ConfigError
+from falkit.seeding import rng
 
 # (model, indices) -> (probs N×C, features N×D) for "global" or "local"
 Infer = Callable[[str, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
@@ -98,8 +99,14 @@ class Strategy:
     server_stats: ClassVar[tuple[str, ...]] = ()
     # a query in every cycle (the query contract below); False: FAST's one-shot passes
     per_cycle: ClassVar[bool] = True
-    # how cycle 0 labels: "random" (ALGORITHMS.md §1) | "fast" (FAST's two passes)
-    initial_query: ClassVar[str] = "random"
+    # cycle 0's labeling: the name (queries.jsonl's "strategy") of each of its passes; the
+    # default is one pass of random labels (ALGORITHMS.md §1), FAST's are its two
+    initial_passes: ClassVar[tuple[str, ...]] = ("initial_random",)
+    # what a client of an initial pass may send beyond its counts (audited on Flower): the
+    # names of its scalars, and its arrays by record -> {array: ndim} (every array of a
+    # record has the same number of rows: FAST's labeled-embedding bank, z: n × d, y: n)
+    initial_values: ClassVar[tuple[str, ...]] = ()
+    initial_uploads: ClassVar[dict[str, dict[str, int]]] = {}
     # model outputs beyond probabilities, features and weights that `select` reads, by name
     # of their provider in `falkit.client.PROVIDERS` ("predicted_loss": ll4al's module);
     # the client computes only what is declared, and they reach `select` in `ctx.provided`
@@ -147,12 +154,10 @@ class Strategy:
         a sweep calls it for every job before the first one runs."""
 
     @classmethod
-    def runner(cls) -> Callable[..., Any]:
-        """The entry point that runs (or resumes, or skips) an experiment of this strategy,
-        `run(cfg, reporter=..., overwrite=...)`: the one FAL cycle of `falkit.loop`."""
-        from falkit.loop import run
-
-        return run
+    def check_transport(cls, cfg: Config, transport: str) -> None:
+        """Reject, with a one-line ConfigError, a config this strategy cannot run with on
+        `transport` ("in_process" | "flower"), before any client is contacted (FAST: a
+        pooled first pass needs every client's samples in one place)."""
 
     # -- what the driver asks a strategy (defaults: the FAL cycle of ALGORITHMS.md §1) -----
     def cycles(self, cfg: Config) -> int:
@@ -191,6 +196,46 @@ class Strategy:
         """The config a run of this strategy trains with: `cfg` itself, or a strategy's own
         training recipe laid over its [fl] settings (FAST's, from its section)."""
         return cfg
+
+    # -- what the clients' engine trains and infers on -----------------------------------
+    def engine_inputs(self, cfg: Config, full: Any, ds: Any, rows: np.ndarray) -> Any:
+        """What a site's engine trains and infers on, when not the images of `ds` (its
+        train split, rows `rows` of the loaded dataset `full`): a `falkit.site.Inputs`
+        (FAST: the frozen encoder's embeddings, computed per site and cached), or None."""
+        return None
+
+    # -- cycle 0: one or more passes over the clients (`initial_passes`) ------------------
+    def initial_pass(self, cfg: Config, site: Any, p: int, down: Any) -> Any:
+        """Client `site` (a `falkit.site.ClientSite`) runs pass `p` of cycle 0 with what the
+        server sent it (`down`, a `falkit.site.Down`: nothing for the first pass) and returns
+        a `falkit.site.Reply`. The default: its b_k labels uniformly at random from its pool
+        (ALGORITHMS.md §1)."""
+        picks = initial_picks(cfg, site.k, site.pool, site.budget)
+        labels = site.ask(picks, 0)
+        site.spend(0)
+        return site.reply(0, self.initial_passes[p], picks, labels)
+
+    def central_pass(self, cfg: Config, p: int) -> bool:
+        """Whether pass `p` needs every client's samples in one place (simulation in
+        process only: `initial_central` runs it); see `check_transport`."""
+        return False
+
+    def initial_central(self, cfg: Config, sites: list[Any], p: int) -> dict[int, Any]:
+        """A central pass `p` over every client (`central_pass`): client -> its Reply."""
+        raise NotImplementedError(f"{self.id} declares no central initial pass")
+
+    def initial_down(self, cfg: Config, p: int, replies: dict[int, Any],
+                     pools: dict[int, int]) -> dict[int, Any]:
+        """The server between pass `p` and pass p+1: what each client gets (client -> a
+        `falkit.site.Down`) from the clients' replies (`falkit.site.Reply`: what the server
+        may learn) and their pool sizes."""
+        from falkit.site import Down
+
+        return {k: Down() for k in replies}
+
+    def initial_extra(self, cfg: Config, passes: list[dict[int, Any]]) -> dict[str, Any]:
+        """What cycle 0's passes report to `finish_cycle` (`passes[p]`: client -> Reply)."""
+        return {}
 
     def finish_cycle(self, cfg: Config, row: dict[str, Any], extra: dict[str, Any],
                      traffic: list[dict[str, int]], num_train: int
@@ -244,6 +289,11 @@ class Strategy:
     def clear_diagnostics(self) -> None:
         """Forget the last query's diagnostics (the loop calls it before every query)."""
         self._diag: dict[str, object] = {}
+
+
+def initial_picks(cfg: Config, k: int, pool: np.ndarray, budget: int) -> np.ndarray:
+    """Cycle 0: client k's b_k labels, uniformly at random from its pool (ALGORITHMS.md §1)."""
+    return np.sort(rng(cfg.seed, "initial_labels", k).choice(pool, size=budget, replace=False))
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -7,8 +7,9 @@ embeddings form the bank (shared: uploaded once and redistributed; local: the cl
 each unlabeled sample gets the majority label of its k nearest bank embeddings (weak label)
 and the uncertainty of its class-similarity vector. Pass 2 (refinement): the oracle labels the
 b_k most uncertain samples. Then one federated training on human plus weak labels — the
-driver's one cycle. `initial_set` and `refine` are one client's two passes, the same in
-process (`falkit.fast`) and in a Flower ClientApp.
+driver's one cycle. `initial_set` and `refine` are one client's two passes; the strategy's
+`initial_pass` hooks run them on a client site (`falkit.site`), the same in process and in a
+Flower ClientApp; `initial_down` is the server's part between them.
 """
 
 from __future__ import annotations
@@ -191,6 +192,33 @@ def refine(cfg: Config, k: int, pool: np.ndarray, initial: np.ndarray,
     return unl, weak, unl[top_uncertain(u, budget if f.refine else 0)]
 
 
+def pooled_budget(fraction: float, n: int, unlabeled: int, mode: str = "all") -> int:
+    """The pooled pass's refinement count: ceil(fraction · N) over all N samples (`all`),
+    or int(fraction · |U_0|) over those left unlabeled by the initial set (`code`:
+    FAST-official's `int(query_ratio * len(unlabeled_indices))`)."""
+    if mode == "code":
+        return min(unlabeled, int(fraction * unlabeled))
+    return min(unlabeled, fraction_count(fraction, n))
+
+
+def embeddings(cfg: Config, ds: Any, splits: tuple[str, ...] = ("train",),
+               enc: Any = None) -> tuple[dict[str, np.ndarray], bool]:
+    """The encoder's embeddings of the full splits of `ds` (before the long tail, so every
+    seed and setting reuses one cache entry); whether all came from the cache."""
+    from falkit.models import encoders
+
+    if enc is None:
+        enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch,
+                              device=cfg.runtime.device)  # runs on the run's device
+    enc.fit(ds.x_train)  # pca: fitted on the train split; others: nothing
+    out, hits = {}, []
+    for split in splits:
+        x = ds.x_train if split == "train" else ds.x_test
+        out[split], hit = encoders.embed(enc, x, ds.name, split, cfg.fast.cache_dir)
+        hits.append(hit)
+    return out, all(hits)
+
+
 def weak_row(k: Any, pool: int, initial: int, weak: np.ndarray, truth: np.ndarray,
              queried: np.ndarray) -> dict[str, Any]:
     """Weak-label accuracy of one client before and after refinement (§6 "Report"): over
@@ -223,7 +251,7 @@ def training_config(cfg: Config) -> Config:
     """`cfg` with FAST's training recipe over [fl]: `fast.weighting` (FAST Eq. 2: uniform),
     and each of fast.lr, weight_decay, batch_size, lr_milestones, lr_decay_rule that is set
     (`reference`: FAST-official's ablation/ code). The crop (`fast.crop_pad`) is the
-    engine's (`fast_engine`)."""
+    engine inputs' (`Fast.engine_inputs`)."""
     f = cfg.fast
     over: dict[str, Any] = {"weighting": f.weighting}
     for key in ("lr", "weight_decay", "batch_size"):
@@ -295,18 +323,26 @@ class FASTConfig(Options):
 
 @register
 class Fast(Strategy):
-    """FAST as a strategy of the driver: one cycle, whose query phase is the two passes
-    (the federation runs them: `falkit.fast` in process, the Flower ClientApps on Flower),
-    trained on human plus weak labels with τ local SGD steps per round."""
+    """FAST as a strategy of the driver: one cycle, whose cycle-0 labeling is the two passes
+    (its `initial_pass` hooks, run by each client site in process and in the Flower
+    ClientApps alike), trained on human plus weak labels with τ local SGD steps per round,
+    on the images or on the encoder's embeddings (`engine_inputs`)."""
 
     name = "fast"
     options = FASTConfig  # its section [fast]
 
-    @classmethod
-    def runner(cls) -> Callable[..., Any]:
-        from falkit.fast import run  # FAST's engine and its two passes as cycle 0
+    # cycle 0: Alg. 1's preliminary pass (G_k^0 and its bank entries), then its
+    # refinement pass (weak labels from the bank, the b_k most uncertain to the oracle)
+    initial_passes: ClassVar[tuple[str, ...]] = ("fast_initial", "fast")
+    initial_values: ClassVar[tuple[str, ...]] = ("dim", "cached")  # embedding size, cache hit
+    # §6 step 2: the labeled embeddings (n × d) with their labels, uploaded once
+    initial_uploads: ClassVar[dict[str, dict[str, int]]] = {"bank": {"z": 2, "y": 1}}
 
-        return run
+    @classmethod
+    def check_transport(cls, cfg: Config, transport: str) -> None:
+        if transport == "flower" and cfg.fast.scope != "client":
+            raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
+                              "samples in one place; on Flower use fast.scope = client")
 
     @classmethod
     def check_resources(cls, cfg: Config) -> None:
@@ -322,7 +358,6 @@ class Fast(Strategy):
     description = ("FAST: frozen-encoder kNN weak labels and one-shot uncertainty "
                    "refinement, one training")
     per_cycle: ClassVar[bool] = False
-    initial_query: ClassVar[str] = "fast"
 
     def cycles(self, cfg: Config) -> int:
         return 1
@@ -339,6 +374,161 @@ class Fast(Strategy):
 
     def select(self, ctx, budget: int) -> np.ndarray:
         raise RuntimeError("FAST queries once, in its two passes (cycle 0), not per cycle")
+
+    # -- what the engine trains on: the images, or the embeddings (linear probing) --------
+    def engine_inputs(self, cfg: Config, full: Any, ds: Any, rows: np.ndarray) -> Any:
+        """The frozen encoder's embeddings of the site's train split (rows `rows` of the
+        loaded dataset `full`; cached, keyed by encoder and data) for the passes, and what
+        the engine trains on: for linear probing (`model.backbone = "linear"`) the
+        embeddings as N×D×1×1 float tensors with mean 0 and std 1/255, so the engine's
+        normalisation (x/255 − mean)/std is the identity, and no augmentation; else the
+        images, with `fast.crop_pad`'s random crop (FAST-official: RandomCrop(padding 4))."""
+        import time
+
+        from falkit.fl.engine import ImageTensors
+        from falkit.site import Inputs, image_inputs
+
+        linear = cfg.model.backbone == "linear"
+        t = time.perf_counter()
+        z, cached = embeddings(cfg, full, ("train", "test") if linear else ("train",))
+        z_train = z["train"][rows]  # rows of the site's (long-tailed) train split
+        extras = {"z": z_train, "cached": cached}
+        times = {"encode": time.perf_counter() - t}
+        if not linear:
+            if cfg.fast.crop_pad is not None:
+                ds = dataclasses.replace(ds, crop_pad=cfg.fast.crop_pad)
+            images = image_inputs(cfg, ds)
+            return Inputs(images.train, images.test, extras, times)
+        d = z_train.shape[1]
+        ident = ((0.0,) * d, (1 / 255,) * d)
+        return Inputs(ImageTensors(torch.as_tensor(z_train).view(-1, d, 1, 1),
+                                   torch.as_tensor(ds.y_train), *ident),
+                      ImageTensors(torch.as_tensor(z["test"]).view(-1, d, 1, 1),
+                                   torch.as_tensor(ds.y_test), *ident), extras, times)
+
+    # -- cycle 0: the two passes -----------------------------------------------------------
+    def initial_pass(self, cfg: Config, site: Any, p: int, down: Any) -> Any:
+        """One client's pass (scope = client): 0 labels G_k^0 (Alg. 1 line 1) and, for the
+        shared bank, uploads its embeddings with their labels; 1 gives the rest of the pool
+        weak labels from the bank (line 3), has the b_k most uncertain labeled (Eq. 7, 8)
+        and trains on human plus weak labels (step 6)."""
+        z = site.extras["z"]
+        if p == 0:
+            picks = initial_set(cfg, site.k, site.pool)
+            return self._initial_reply(cfg, site, picks, site.ask(picks, 0),
+                                       upload=cfg.fast.bank == "shared")
+        initial = site.labeled
+        if cfg.fast.bank == "shared":  # every client's G^0, redistributed by the server
+            bank_z, bank_y = down.arrays["bank"]["z"], down.arrays["bank"]["y"].astype(np.int64)
+        else:
+            bank_z, bank_y = z[initial], site.known[initial]
+        unl, weak, picks = refine(cfg, site.k, site.pool, initial, z.__getitem__, bank_z,
+                                  bank_y, site.num_classes, int(down.values["budget"]))
+        return self._refined(cfg, site, initial, unl, weak, picks)
+
+    def central_pass(self, cfg: Config, p: int) -> bool:
+        return cfg.fast.scope == "pooled"
+
+    def initial_central(self, cfg: Config, sites: list[Any], p: int) -> dict[int, Any]:
+        """scope = pooled, the reference code's passes over the whole training set: a
+        class-balanced initial set over every sample (pass 0), then weak labels and the
+        most uncertain over everything left (pass 1), each client asking for its own."""
+        f = cfg.fast
+        C, z, y = sites[0].num_classes, sites[0].extras["z"], sites[0].truth
+        owner = np.full(len(z), -1, dtype=np.int64)
+        for s in sites:
+            owner[s.pool] = s.k
+        everyone = np.sort(np.concatenate([s.pool for s in sites]))
+        if p == 0:
+            g0 = class_balanced_pick(y, everyone, fraction_count(f.initial, len(everyone)), C,
+                                     rng(cfg.seed, "fast_initial_pooled"))
+            # the bank is counted as if uploaded and redistributed
+            return {s.k: self._initial_reply(cfg, s, picks, s.ask(picks, 0), upload=True)
+                    for s in sites for picks in [g0[owner[g0] == s.k]]}
+        initial = [s.labeled for s in sites]
+        bank_idx = np.concatenate(initial)
+        bank_y = np.concatenate([s.known[g] for s, g in zip(sites, initial, strict=True)])
+        unl = np.setdiff1d(everyone, bank_idx)
+        weak = knn_weak_labels(z[unl], z[bank_idx], bank_y, f.k, C)
+        sim, _ = class_similarity(z[unl], z[bank_idx], bank_y, C)
+        u = uncertainty(sim, f.uncertainty, rng(cfg.seed, "fast_query_pooled"))
+        b = pooled_budget(f.budget, len(everyone), len(unl), f.pooled_budget) if f.refine else 0
+        pick = unl[top_uncertain(u, b)]
+        return {s.k: self._refined(cfg, s, g, unl[owner[unl] == s.k],
+                                   weak[owner[unl] == s.k], pick[owner[pick] == s.k])
+                for s, g in zip(sites, initial, strict=True)}
+
+    def _initial_reply(self, cfg: Config, site: Any, picks: np.ndarray, labels: np.ndarray,
+                       upload: bool) -> Any:
+        z = site.extras["z"]
+        site.allowed = len(picks)
+        reply = site.reply(0, "fast_initial", picks, labels)
+        reply.values.update(dim=int(z.shape[1]), cached=int(site.extras["cached"]))
+        if upload:
+            reply.up["bank"] = {"z": z[picks], "y": labels}
+        return reply
+
+    def _refined(self, cfg: Config, site: Any, initial: np.ndarray, unl: np.ndarray,
+                 weak: np.ndarray, picks: np.ndarray) -> Any:
+        """The refinement's labels (Alg. 1: human labels for the top-b_k) and the client's
+        training pool: its human labels and (`fast.weak_labels`) the weak label of every
+        other sample of its pool; the weak-label accuracy before and after (simulation)."""
+        labels = site.ask(picks, 0)
+        site.allowed = len(initial) + len(picks)  # exactly the human labels FAST accounts for
+        site.extras["weak"] = (unl, weak)  # (in process: falkit.fast.two_passes reads them)
+        if cfg.fast.weak_labels:
+            site.reveal(unl, weak)
+            site.reveal(picks, labels)  # the human label wins over the weak one
+            site.labeled = np.union1d(site.labeled, unl).astype(np.int64)
+        reply = site.reply(0, "fast", picks, labels)
+        if site.truth is not None:  # §6 "Report": what the refinement corrected
+            row = weak_row(site.k, len(site.pool), len(initial), weak, site.truth[unl],
+                           np.isin(unl, picks))
+            reply.record.update(weak_acc_before=row["weak_acc_before"],
+                                weak_acc_after=row["weak_acc_after"])
+            reply.diag["weak-row"] = row
+        return reply
+
+    def initial_down(self, cfg: Config, p: int, replies: dict[int, Any],
+                     pools: dict[int, int]) -> dict[int, Any]:
+        """The server after the preliminary pass: the bank of every client's G_k^0 in client
+        order (shared bank), and each client's refinement budget b_k."""
+        from falkit.site import Down
+
+        f = cfg.fast
+        for k, r in replies.items():
+            if "bank" in r.up and len(r.up["bank"]["y"]) != int(r.values["labeled"]):
+                raise RuntimeError(f"client {k} uploaded {len(r.up['bank']['y'])} bank "
+                                   f"entries for {int(r.values['labeled'])} labels")
+        budgets = dict(zip(sorted(pools), refinement_budgets(
+            f.budget, [pools[k] for k in sorted(pools)], f.budget_split), strict=True))
+        arrays = {}
+        if f.bank == "shared":
+            ks = [k for k in sorted(replies) if "bank" in replies[k].up]
+            arrays["bank"] = {n: np.concatenate([replies[k].up["bank"][n] for k in ks])
+                              for n in ("z", "y")}
+        return {k: Down(arrays, {"budget": budgets[k]}) for k in replies}
+
+    def initial_extra(self, cfg: Config, passes: list[dict[int, Any]]) -> dict[str, Any]:
+        """For `finish_cycle`: human labels, training-set size, weak-label accuracy per
+        client (simulation metrics; else the counts), the bank sizes, the embedding size and
+        whether every embedding came from the cache."""
+        first, second = passes
+        ks = sorted(second)
+        if all("weak-row" in second[k].diag for k in ks):
+            weak = weak_rows_total([second[k].diag["weak-row"] for k in ks])
+        else:
+            weak = ([{"client": k, "initial": int(first[k].values["labeled"]),
+                      "queried": int(second[k].values["queried"])} for k in ks]
+                    + [{"client": "all", "weak_acc_before": None, "weak_acc_after": None}])
+        return {"human": sum(int(first[k].values["labeled"]) + int(second[k].values["queried"])
+                             for k in ks),
+                "trained_on": sum(int(second[k].values["labeled"]) for k in ks),
+                "weak_rows": weak,
+                "bank_sizes": [len(first[k].up["bank"]["y"]) if "bank" in first[k].up else 0
+                               for k in sorted(first)],
+                "dim": int(first[min(first)].values["dim"]),
+                "cached": all(bool(first[k].values["cached"]) for k in first)}
 
     def finish_cycle(self, cfg: Config, row: dict[str, Any], extra: dict[str, Any],
                      traffic: list[dict[str, int]], num_train: int

@@ -30,19 +30,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from falkit import config as config_mod
-from falkit import fast, labeling
+from falkit import labeling
 from falkit.al.base import PhaseA, QueryContext
 from falkit.al.base import create as create_strategy
-from falkit.al.fast import initial_set, refine
-from falkit.al.fast import weak_row as fast_weak_row
-from falkit.client import (
-    client_models,
-    global_outputs_fn,
-    initial_picks,
-    query_context,
-    select,
-    train_hooks,
-)
+from falkit.client import client_models, global_outputs_fn, train_hooks
 from falkit.data.federation import FederatedData, build
 from falkit.data.sources import ImageDataset, load
 from falkit.fl.algorithms import State
@@ -59,11 +50,11 @@ from falkit.flower.common import (
     state_record,
     versions,
 )
-from falkit.loop import engine_for
-from falkit.oracle import UNSURE, HumanOracle, LabelsPending, SimulatedOracle
+from falkit.oracle import HumanOracle, LabelsPending, SimulatedOracle
 from falkit.results import save_torch, write_atomic
 from falkit.rundir import RunDir, data_fingerprint
 from falkit.seeding import torch_generator
+from falkit.site import ClientSite, Down, site_engine
 
 app = ClientApp()
 
@@ -127,34 +118,42 @@ class Site:
         self.strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
         configure_process(cfg)
         unknown = torch.full((len(ds.y_train),), -1, dtype=torch.int64)
-        if self.strategy.initial_query == "fast":  # the frozen encoder's embeddings (cached)
-            linear = cfg.model.backbone == "linear"
-            z, self.cached = fast.embeddings(cfg, full, ("train", "test") if linear
-                                             else ("train",))
-            self.z_train = z["train"][rows]  # rows of this site's (long-tailed) train split
-            self.engine = fast.fast_engine(cfg, ds, self.num_classes, 1, self.z_train,
-                                           z.get("test"), train_y=unknown)
-        else:
-            self.engine = engine_for(cfg, ds, self.num_classes, 1,
-                                     wrap_model=self.strategy.wrap_model,
-                                     train_y=unknown)
+        # the strategy's inputs (FAST: the frozen encoder's embeddings, cached on this site)
+        self.engine, inputs = site_engine(cfg, self.strategy, full, ds, rows, 1,
+                                          train_y=unknown)
+        self.extras = inputs.extras
         self.device = self.engine.device  # where every received tensor goes
         self.state_dir = Path(node["state-dir"]) if "state-dir" in node else None
         name = RunDir.of(cfg).path.name  # people's label queues, on this site's disk
         self.label_root = (self.state_dir / name / "labeling" if self.state_dir is not None
                            else RunDir.of(cfg).path / "labeling")
-        self.labeled = np.zeros(0, dtype=np.int64)
-        self.unsure = 0
         self._reset_labels()
         self.phase_a: tuple[int, QueryContext] | None = None  # this cycle's, for select
 
     def _reset_labels(self) -> None:
-        self.known = np.full(len(self.dataset.y_train), -1, dtype=np.int64)  # oracle's answers
+        """A fresh client: no labels, a fresh oracle (audited), the engine's labels unknown."""
         y = self.dataset.y_train
-        self.oracle = (HumanOracle(self.label_root, self.dataset.x_train,
-                                   list(self.dataset.classes), len(y))
-                       if self.cfg.oracle == "human" else SimulatedOracle(y))  # audited
+        human = self.cfg.oracle == "human"
+        oracle = (HumanOracle(self.label_root, self.dataset.x_train,
+                              list(self.dataset.classes), len(y)) if human
+                  else SimulatedOracle(y))
         self.engine.train_y.fill_(-1)
+        self.client = ClientSite(self.cfg, max(self.partition_id, 0), self.pool,
+                                 self.num_classes, oracle,
+                                 np.full(len(y), -1, dtype=np.int64), self.engine,
+                                 truth=None if human else y, extras=self.extras)
+
+    @property
+    def labeled(self) -> np.ndarray:
+        return self.client.labeled
+
+    @property
+    def known(self) -> np.ndarray:
+        return self.client.known
+
+    @property
+    def oracle(self) -> SimulatedOracle:
+        return self.client.oracle
 
     def sync(self, context: Context) -> Site:
         """Take the pools of the node's state (a new process, a restore, or no change)."""
@@ -162,19 +161,14 @@ class Site:
         pools = record_arrays(context.state[POOLS]) if POOLS in context.state else {}
         labeled = pools.get("labeled", np.zeros(0, dtype=np.int64)).astype(np.int64)
         unsure = int(self.meta().get("unsure", 0))  # spent budget that labeled nothing
-        if not np.array_equal(labeled, self.labeled) or unsure != self.unsure:
+        if not np.array_equal(labeled, self.labeled) or unsure != self.client.unsure:
             self._reset_labels()
-            self.labeled, self.unsure = labeled, unsure
+            self.client.labeled, self.client.unsure = labeled, unsure
             if len(labeled):
-                self.reveal(labeled, pools["labels"].astype(np.int64))
+                self.client.reveal(labeled, pools["labels"].astype(np.int64))
             self.oracle.restore(labeled, spent=unsure, labels=pools["labels"].astype(
                 np.int64) if len(labeled) else None)
         return self
-
-    def reveal(self, idx: np.ndarray, labels: np.ndarray) -> None:
-        self.known[idx] = labels
-        self.engine.train_y[torch.as_tensor(idx, device=self.device)] = torch.as_tensor(
-            labels, device=self.device)
 
     def meta(self) -> dict[str, Any]:
         rec = self.context.state[META] if META in self.context.state else ConfigRecord()
@@ -199,13 +193,16 @@ class Site:
             return self.state_dir / name / f"client_{k}"
         return RunDir.of(self.cfg).path / "clients" / f"client_{k}"
 
-    def save_labels(self, k: int, cycle: int, picks: np.ndarray) -> None:
-        """pools.npz: every labeled index, its label and the cycle it was labeled in."""
+    def save_labels(self, k: int, cycle: int, picks: np.ndarray, later_pass: bool = False
+                    ) -> None:
+        """pools.npz: every labeled index, its label and the cycle it was labeled in
+        (`later_pass`: cycle 0's pass after the first, whose labels stay)."""
         path = self.folder(k) / "pools.npz"
         idx, lab, cyc = picks, self.known[picks], np.full(len(picks), cycle, dtype=np.int64)
-        if cycle > 0 and path.is_file():
+        if (cycle > 0 or later_pass) and path.is_file():
             old = dict(np.load(path))
-            keep = old["cycles"] < cycle  # a query of this cycle made before a resume goes
+            # a query of this cycle made before a resume goes (a later pass's are its own)
+            keep = old["cycles"] <= cycle if later_pass else old["cycles"] < cycle
             idx = np.concatenate([old["indices"][keep], idx])
             lab = np.concatenate([old["labels"][keep], lab])
             cyc = np.concatenate([old["cycles"][keep], cyc])
@@ -299,11 +296,9 @@ def _models(site: Site, conf: dict[str, Any], global_state: State) -> tuple[dict
 
 def _context(site: Site, conf: dict[str, Any], global_state: State) -> QueryContext:
     models, info = _models(site, conf, global_state)
-    unl = np.setdiff1d(site.pool, site.labeled, assume_unique=True)
-    return query_context(site.cfg, site.strategy, site.engine, conf["cycle"], conf["client"],
-                         site.labeled, site.known[site.labeled], unl, site.num_classes,
-                         global_state, models, global_outputs_fn(site.engine, global_state),
-                         info)
+    site.client.k = conf["client"]
+    return site.client.context(site.strategy, conf["cycle"], global_state, models,
+                               global_outputs_fn(site.engine, global_state), info)
 
 
 @app.query("stats")
@@ -325,104 +320,57 @@ def stats(msg: Message, context: Context) -> Message:
 
 @app.query("select")
 def select_(msg: Message, context: Context) -> Message:
-    """Cycle 0: the initial random labels; later: the strategy's query. The oracle answers
-    here; the server learns the counts (and, as simulation metrics, the record)."""
+    """Cycle 0: the strategy's initial pass `initial-pass` (the random labels; FAST's
+    passes); later: the strategy's query. The oracle answers here; the server learns the
+    counts and what the strategy declares (and, as simulation metrics, the record)."""
     site = site_of(context)
     conf = _conf(msg)
-    if "fast" in conf:
-        return _fast_pass(msg, site, conf)
-    cycle, k, budget = conf["cycle"], conf["client"], conf["budget"]
-    if cycle == 0:  # b_k labels uniformly at random from the pool (ALGORITHMS.md §1)
-        picks = initial_picks(site.cfg, k, site.pool, budget)
-        record = {"cycle": 0, "client": k, "strategy": "initial_random"}
-        diag: dict[str, Any] = {}
-    else:
-        site.strategy.load_state_dict(conf["strategy"])
-        kept = site.phase_a
-        if conf.get("two_phase") and kept is not None and kept[0] == cycle:
-            ctx = kept[1]  # phase A's context, in this process
-        else:
-            ctx = _context(site, conf, record_state(msg.content["global"], site.device))
-            if conf.get("two_phase"):  # a new ClientApp process: phase A from the node state
-                saved = site.meta().get("phase_a") or {}
-                if saved.get("cycle") != cycle:
-                    raise RuntimeError(f"client {k} has no phase A of cycle {cycle}")
-                ctx.phase_a = PhaseA(stats={}, kept=saved["kept"])
-                ctx.rng.bit_generator.state = saved["rng"]
-        if conf.get("two_phase"):
-            ctx.server = dict(conf["server"])
-        site.phase_a = None
-        picks, diag = select(site.strategy, ctx, budget)
-        record = {"cycle": cycle, "client": k, "strategy": site.strategy.id}
-    picks = np.asarray(picks, dtype=np.int64)
+    cycle, k = conf["cycle"], conf["client"]
+    client = site.client
+    client.k, client.budget = k, conf["budget"]
+    before, unsure = client.labeled, client.unsure
+    p = int(conf.get("initial_pass", 0))
     try:
-        labels = site.oracle.label(k, picks, cycle)
-    except LabelsPending as p:  # people have not answered this queue yet: the run waits
+        if cycle == 0:
+            down = Down({n: record_arrays(r) for n, r in msg.content.items()
+                         if n != "config"}, conf.get("down") or {})
+            reply = site.strategy.initial_pass(site.cfg, client, p, down)
+        else:
+            reply = client.query(site.strategy, _query_context(site, msg, conf), cycle)
+    except LabelsPending as e:  # people have not answered this queue yet: the run waits
         return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": 0,
-                                               "waiting": p.total - p.answered}))
-    got = labels != UNSURE  # an "unsure" sample stays in the pool (and counts as spent)
-    site.labeled = np.union1d(site.labeled, picks[got]).astype(np.int64)
-    site.reveal(picks[got], labels[got])
-    if not got.all():
-        site.unsure += int((~got).sum())  # (sync read it from the node state)
-        site.set_meta(unsure=site.unsure)
-    site.oracle.audit(min(budget * (cycle + 1), len(site.pool)))
+                                               "waiting": e.total - e.answered}))
+    site.oracle.audit(client.allowed)
+    if client.unsure != unsure:
+        site.set_meta(unsure=client.unsure)  # (sync reads it from the node state)
     site.save_pools()
-    site.save_labels(k, cycle, picks[got])
-    record.update({"indices": picks.tolist(), "labels": labels.tolist()})
-    record.update(diag)
-    queried = np.bincount(labels[got], minlength=site.num_classes).tolist()
-    return _reply(msg, query=MetricRecord({"labeled": len(site.labeled), "queried": len(picks)}),
-                  **site.diagnostics(record=record, **{"queried-classes": queried}))
+    site.save_labels(k, cycle, np.setdiff1d(client.labeled, before), later_pass=p > 0)
+    records = {n: array_record(**a) for n, a in reply.up.items()}
+    diag = {"diag": reply.diag} if reply.diag else {}
+    return _reply(msg, query=MetricRecord(reply.values), **records, **site.diagnostics(
+        record=reply.record, **{"queried-classes": reply.classes.tolist()}, **diag))
 
 
-def _fast_pass(msg: Message, site: Site, conf: dict[str, Any]) -> Message:
-    """FAST's cycle 0 on this client (ALGORITHMS.md §6, `falkit.al.fast`): "initial" labels
-    G_k^0 and returns its bank entries (shared bank); "refine" gives the rest of the pool
-    weak labels from the bank, has the b_k most uncertain labeled, and makes the training
-    pool (human + weak labels)."""
-    cfg, k = site.cfg, conf["client"]
-    y = site.dataset.y_train
-    shared = cfg.fast.bank == "shared"
-    if conf["fast"] == "initial":
-        picks = initial_set(cfg, k, site.pool)
-        labels = site.oracle.label(k, picks)
-        site.labeled = picks
-        site.reveal(picks, labels)
-        site.save_pools()
-        record = {"cycle": 0, "client": k, "strategy": "fast_initial",
-                  "indices": picks.tolist(), "labels": labels.tolist()}
-        bank = {"bank": array_record(z=site.z_train[picks], y=labels)} if shared else {}
-        query = {"labeled": len(picks), "queried": len(picks),
-                 "dim": int(site.z_train.shape[1]), "cached": int(site.cached)}
-        return _reply(msg, query=MetricRecord(query), **bank, **site.diagnostics(
-            record=record, **{"queried-classes": np.bincount(
-                y[picks], minlength=site.num_classes).tolist()}))
-    initial = site.labeled
-    if shared:
-        got = record_arrays(msg.content["bank"])
-        bank_z, bank_y = got["z"], got["y"].astype(np.int64)
+def _query_context(site: Site, msg: Message, conf: dict[str, Any]) -> QueryContext:
+    """This cycle's QueryContext: phase A's, kept in this process, or a new one (a
+    two-phase strategy's phase A then comes from the node state)."""
+    cycle, k = conf["cycle"], conf["client"]
+    site.strategy.load_state_dict(conf["strategy"])
+    kept = site.phase_a
+    if conf.get("two_phase") and kept is not None and kept[0] == cycle:
+        ctx = kept[1]  # phase A's context, in this process
     else:
-        bank_z, bank_y = site.z_train[initial], site.known[initial]
-    unl, weak, picks = refine(cfg, k, site.pool, initial, site.z_train.__getitem__, bank_z,
-                              bank_y, site.num_classes, conf["budget"])
-    labels = site.oracle.label(k, picks)  # Alg. 1 refinement pass: human labels, top-b_k
-    human = np.union1d(initial, picks)
-    site.oracle.audit(len(human))
-    row = fast_weak_row(k, len(site.pool), len(initial), weak, y[unl], np.isin(unl, picks))
-    train = np.union1d(human, unl) if cfg.fast.weak_labels else human
-    if cfg.fast.weak_labels:
-        site.reveal(unl, weak)
-    site.reveal(picks, labels)  # the human label wins over the weak one
-    site.labeled = train
-    site.save_pools()
-    record = {"cycle": 0, "client": k, "strategy": "fast", "indices": picks.tolist(),
-              "labels": labels.tolist(), "weak_acc_before": row["weak_acc_before"],
-              "weak_acc_after": row["weak_acc_after"]}
-    query = {"labeled": len(human), "queried": len(picks), "trained-on": len(train)}
-    return _reply(msg, query=MetricRecord(query), **site.diagnostics(
-        record=record, **{"queried-classes": np.bincount(
-            y[picks], minlength=site.num_classes).tolist(), "weak-row": row}))
+        ctx = _context(site, conf, record_state(msg.content["global"], site.device))
+        if conf.get("two_phase"):  # a new ClientApp process: phase A from the node state
+            saved = site.meta().get("phase_a") or {}
+            if saved.get("cycle") != cycle:
+                raise RuntimeError(f"client {k} has no phase A of cycle {cycle}")
+            ctx.phase_a = PhaseA(stats={}, kept=saved["kept"])
+            ctx.rng.bit_generator.state = saved["rng"]
+    if conf.get("two_phase"):
+        ctx.server = dict(conf["server"])
+    site.phase_a = None
+    return ctx
 
 
 @app.query("restore")

@@ -45,7 +45,6 @@ INFO, STATS, SELECT, RESTORE = "query.info", "query.stats", "query.select", "que
 INFO_KEYS = ("partition-id", "pool", "num-train", "num-classes", "in-channels", "image-size",
              "test")
 SELECT_KEYS = ("labeled", "queried", "waiting")  # waiting: labels people still owe
-FAST_KEYS = ("trained-on", "dim", "cached")  # FAST's passes: counts and the embedding size
 EVAL_KEYS = ("correct", "total")
 NUM_EXAMPLES = "num-examples"
 # query.info's `site` record: versions, and what the site holds (a partition of the configured
@@ -287,21 +286,23 @@ def config_json(record: ConfigRecord, key: str, default: Any = None) -> Any:
 def declared(strategy: Strategy, algorithm: FedAvg, simulation_metrics: bool
              ) -> dict[str, dict[str, tuple[str, ...]]]:
     """Per message type: record name -> the keys it may hold ("*" for the model's keys,
-    "*params" for parameter arrays, "bank" for FAST's labeled-embedding bank)."""
+    "*params" for parameter arrays, "=name:ndim,..." for a strategy's initial-pass arrays:
+    exactly those, with one number of rows)."""
     stats = tuple(strategy.server_stats)
     train: dict[str, tuple[str, ...]] = {
         "model": ("*",), "metrics": (NUM_EXAMPLES, *algorithm.uplink_scalars)}
     if algorithm.uplink_arrays:
         train["uplink"] = ("*params",)
-    select: dict[str, tuple[str, ...]] = {"query": SELECT_KEYS}
-    if strategy.initial_query == "fast":  # FAST's passes (ALGORITHMS.md §6, paper §IV-C)
-        select = {"query": (*SELECT_KEYS, *FAST_KEYS), "bank": ("bank",)}
+    # cycle 0's passes may send the strategy's declared scalars and arrays (FAST's bank)
+    select: dict[str, tuple[str, ...]] = {"query": (*SELECT_KEYS, *strategy.initial_values)}
+    for name, arrays in strategy.initial_uploads.items():
+        select[name] = tuple(f"={a}:{ndim}" for a, ndim in arrays.items())
     out = {INFO: {"info": INFO_KEYS, "site": SITE_KEYS}, STATS: {"stats": stats},
            SELECT: select, RESTORE: {"query": SELECT_KEYS}, TRAIN: train,
            EVALUATE: {"eval": EVAL_KEYS}}
     if simulation_metrics:
         out[INFO]["diagnostics"] = ("class-counts", "classes")
-        out[SELECT]["diagnostics"] = ("record", "queried-classes", "weak-row")
+        out[SELECT]["diagnostics"] = ("record", "queried-classes", "diag")
         out[EVALUATE]["diagnostics"] = ("labels", "probs")  # the AUC needs every score
     return out
 
@@ -333,12 +334,15 @@ def audit(message_type: str, content: RecordDict, allowed: dict[str, dict[str, t
                                                f"{shape}, the model's is "
                                                f"{tuple(model[k].shape)}")
                 continue
-            elif keys == ("bank",):  # FAST: the labeled embeddings (n × d) and their labels
+            elif keys and all(k.startswith("=") for k in keys):  # a strategy's arrays
+                want = dict(k[1:].split(":") for k in keys)  # name -> ndim
                 shapes = {k: tuple(a.shape) for k, a in record.items()}
-                if set(shapes) != {"z", "y"} or len(shapes["z"]) != 2 or \
-                        shapes["y"] != shapes["z"][:1]:
-                    raise PrivacyViolation(f"{message_type}: {name} is not an embedding bank "
-                                           f"(z: n × d, y: n), got {shapes}")
+                if set(shapes) != set(want) or any(len(shapes[a]) != int(n)
+                                                   for a, n in want.items()) or \
+                        len({s[0] for s in shapes.values()}) != 1:
+                    spec = ", ".join(f"{a}: {n}-D" for a, n in want.items())
+                    raise PrivacyViolation(f"{message_type}: {name} is not what {name} may "
+                                           f"hold ({spec}, one number of rows), got {shapes}")
                 continue
             else:
                 raise PrivacyViolation(f"{message_type}: {name} may not carry arrays")

@@ -32,13 +32,12 @@ from falkit import config as config_mod
 from falkit import tracking
 from falkit.al.base import Strategy
 from falkit.al.base import create as create_strategy
-from falkit.al.fast import refinement_budgets, weak_rows_total
 from falkit.config import Config
 from falkit.data.federation import budgets_for
 from falkit.data.sources import image_shape
 from falkit.driver import Queried, Reporter
 from falkit.driver import run as drive
-from falkit.errors import ConfigError, FalkitError
+from falkit.errors import FalkitError
 from falkit.fl.algorithms import Client, State, check_finite, client_weight
 from falkit.fl.engine import Engine, ImageTensors, configure_process
 from falkit.flower.common import (
@@ -51,7 +50,6 @@ from falkit.flower.common import (
     STATS,
     TRAIN,
     Options,
-    PrivacyViolation,
     array_record,
     audit,
     config_json,
@@ -68,6 +66,7 @@ from falkit.metrics import Evaluation, macro_auc
 from falkit.models.backbones import create as create_backbone
 from falkit.oracle import LabelsPending, WaitingForLabels
 from falkit.rundir import RunDir
+from falkit.site import Down, Reply, initial_queried
 
 app = ServerApp()
 
@@ -157,9 +156,7 @@ def validate(cfg: Config) -> Strategy:
     clients' pool sizes: checked right after `query.info`)."""
     strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
     tracking.check(cfg)
-    if strategy.initial_query == "fast" and cfg.fast.scope != "client":
-        raise ConfigError("fast.scope = pooled runs FAST's first pass over every client's "
-                          "samples in one place; on Flower use fast.scope = client")
+    strategy.check_transport(cfg, FlowerFederation.transport)  # (FAST: scope = client)
     shape = image_shape(cfg.data.dataset)
     if shape is not None and cfg.model.backbone != "linear":
         C, channels, size = shape
@@ -402,63 +399,49 @@ class FlowerFederation:
         return dict(self.labeled)
 
     def initial_labels(self) -> Queried:
-        if self.strategy.initial_query == "fast":
-            return self._fast_passes()
-        return self._select(0, {}, {}, lambda: None)
+        """Cycle 0: the strategy's initial passes (`query.select` with `initial-pass` p; the
+        random draw, or FAST's two), the server's `initial_down` between them (FAST: the
+        shared bank, concatenated in client order, and each client's budget b_k). The
+        server learns counts, the declared scalars and arrays, and (simulation metrics) the
+        records."""
+        names = self.strategy.initial_passes
+        downs = {k: Down() for k in self.nodes}
+        passes: list[dict[int, Reply]] = []
+        for p, what in enumerate(names):
+            label = f" ({what})" if len(names) > 1 else ""
+            replies = self._round(SELECT, {k: RecordDict({
+                **{n: array_record(**a) for n, a in downs[k].arrays.items()},
+                "config": json_config(cycle=0, client=k, budget=self.budgets[k],
+                                      initial_pass=p, down=downs[k].values)})
+                for k in self.nodes if k in downs}, f"query.select cycle 0{label}")
+            got = self._replies(0, what, replies)
+            passes.append(got)
+            if p + 1 < len(names):
+                downs = self.strategy.initial_down(self.cfg, p, got, self.pools)
+        return initial_queried(self.cfg, self.strategy, passes)
 
-    def _fast_passes(self) -> Queried:
-        """FAST's cycle 0 (ALGORITHMS.md §6): every client labels G_k^0 and, for the shared
-        bank, uploads its embeddings with their labels once; the server concatenates them
-        in client order and sends the bank to every client, which gives its other samples
-        weak labels and has the b_k most uncertain labeled. The server learns counts, the
-        bank, and (simulation metrics) the records and weak-label accuracies."""
-        f, sim = self.cfg.fast, self.opts.simulation_metrics
-        first = self._round(SELECT, {k: RecordDict({"config": json_config(
-            cycle=0, client=k, fast="initial")}) for k in self.nodes},
-            "query.select cycle 0 (FAST initial)")
-        banks = {}
-        for k, rep in first.items():
-            if "bank" in rep:
-                banks[k] = record_arrays(rep["bank"])
-                if len(banks[k]["y"]) != int(rep["query"]["labeled"]):
-                    raise PrivacyViolation(f"client {k} uploaded {len(banks[k]['y'])} bank "
-                                           f"entries for {int(rep['query']['labeled'])} "
-                                           "labels")
-        shared = f.bank == "shared"
-        bank = ({"bank": array_record(z=np.concatenate([banks[k]["z"] for k in sorted(banks)]),
-                                      y=np.concatenate([banks[k]["y"] for k in sorted(banks)]))}
-                if shared else {})
-        budgets = refinement_budgets(f.budget, [self.pools[k] for k in sorted(self.pools)],
-                                     f.budget_split)
-        second = self._round(SELECT, {k: RecordDict({**bank, "config": json_config(
-            cycle=0, client=k, fast="refine", budget=budgets[k])}) for k in self.nodes},
-            "query.select cycle 0 (FAST refinement)")
-        records, weak = [], []
-        hist = np.zeros(self.num_classes, dtype=np.int64) if sim else None
-        human = 0
-        for k in sorted(second):
-            human += int(first[k]["query"]["labeled"]) + int(second[k]["query"]["queried"])
-            self.labeled[k] = int(second[k]["query"]["trained-on"])
-            for rep, what in ((first[k], "fast_initial"), (second[k], "fast")):
-                if hist is not None:
-                    diag = rep["diagnostics"]
-                    hist += np.asarray(config_json(diag, "queried-classes"), dtype=np.int64)
-                    records.append(config_json(diag, "record"))
-                else:
-                    records.append({"cycle": 0, "client": k, "strategy": what,
-                                    "count": int(rep["query"]["queried"])})
-            if sim:
-                weak.append(config_json(second[k]["diagnostics"], "weak-row"))
-        weak_rows = (weak_rows_total(weak) if sim else
-                     [{"client": k, "initial": int(first[k]["query"]["labeled"]),
-                       "queried": int(second[k]["query"]["queried"])} for k in sorted(second)]
-                     + [{"client": "all", "weak_acc_before": None, "weak_acc_after": None}])
-        extra = {"human": human, "trained_on": sum(self.labeled.values()),
-                 "weak_rows": weak_rows,
-                 "bank_sizes": [len(banks[k]["y"]) if k in banks else 0 for k in sorted(first)],
-                 "dim": int(first[min(first)]["query"]["dim"]),
-                 "cached": all(bool(first[k]["query"]["cached"]) for k in first)}
-        return Queried(records, hist, extra=extra)
+    def _replies(self, cycle: int, what: str, replies: dict[int, RecordDict]
+                 ) -> dict[int, Reply]:
+        """The clients' `query.select` replies as the server may see them (the record and
+        the classes only as simulation metrics); the run pauses while people label."""
+        waiting = [LabelsPending(k, 0, int(rep["query"]["waiting"]), f"site of client {k}")
+                   for k, rep in replies.items() if int(rep["query"].get("waiting", 0)) > 0]
+        if waiting:  # people have not answered every queue yet: the run pauses here
+            raise WaitingForLabels(waiting)
+        out = {}
+        for k, rep in replies.items():
+            values = {n: float(v) for n, v in rep["query"].items()}
+            self.labeled[k] = int(values["labeled"])
+            up = {n: record_arrays(rep[n]) for n in self.strategy.initial_uploads if n in rep}
+            if self.opts.simulation_metrics:
+                diag = rep["diagnostics"]
+                out[k] = Reply(config_json(diag, "record"),
+                               np.asarray(config_json(diag, "queried-classes"), np.int64),
+                               values, up, config_json(diag, "diag", {}))
+            else:
+                out[k] = Reply({"cycle": cycle, "client": k, "strategy": what,
+                                "count": int(values["queried"])}, None, values, up)
+        return out
 
     def prepare_query(self, cycle: int, global_state: State) -> float:
         return 0.0  # each client trains its models in its first query message (query time)
@@ -483,32 +466,19 @@ class FlowerFederation:
 
     def _select(self, cycle: int, glob: dict[str, Any], extra: dict[str, Any], advance
                 ) -> Queried:
-        """`query.select`: the clients query (cycle 0: draw their initial labels), their
-        oracles answer; the server learns the counts (and, as simulation metrics, the
-        records and the queried-class histograms)."""
+        """`query.select`: the clients query, their oracles answer; the server learns the
+        counts (and, as simulation metrics, the records and the queried-class histograms)."""
         replies = self._round(SELECT, {k: RecordDict({
             **glob, "config": json_config(cycle=cycle, client=k, budget=self.budgets[k],
                                           **extra)})
             for k in self.nodes}, f"query.select cycle {cycle}")
-        waiting = [LabelsPending(k, 0, int(rep["query"]["waiting"]), f"site of client {k}")
-                   for k, rep in replies.items() if int(rep["query"].get("waiting", 0)) > 0]
-        if waiting:  # people have not answered every queue yet: the run pauses here
-            raise WaitingForLabels(waiting)
-        sim = self.opts.simulation_metrics
-        queried = np.zeros(self.num_classes, dtype=np.int64) if sim else None
-        records = []
-        for k, rep in replies.items():
-            self.labeled[k] = int(rep["query"]["labeled"])
-            if queried is not None:
-                diag = rep["diagnostics"]
-                queried += np.asarray(config_json(diag, "queried-classes"), dtype=np.int64)
-                records.append(config_json(diag, "record"))
-            else:
-                records.append({"cycle": cycle, "client": k,
-                                "strategy": "initial_random" if cycle == 0 else self.strategy.id,
-                                "count": int(rep["query"]["queried"])})
+        got = self._replies(cycle, self.strategy.id, replies)
+        for _ in got:
             advance()
-        return Queried(records, queried)
+        hists = [r.classes for r in got.values()]
+        classes = (np.sum(hists, axis=0) if hists else np.zeros(self.num_classes, np.int64)) \
+            if self.opts.simulation_metrics else None
+        return Queried([r.record for r in got.values()], classes)
 
     def begin_training(self, cycle: int, keep_last: bool) -> None:
         pass  # each client replaces its last-round model as it trains
