@@ -165,7 +165,7 @@ def check_options(method: Any) -> None:
     default meets its own declared choices and range, and the method builds with them."""
     from falkit import options as options_mod
 
-    opts = getattr(method, "options", None)
+    opts = method.options  # declared on Strategy and FedAvg (None: no options)
     if opts is None:
         return
     assert dataclasses.is_dataclass(opts), f"{method.__name__}.options is not a dataclass"
