@@ -6,7 +6,8 @@ invocation, the two interleaved rep by rep so that machine drift hits both alike
   300 labels, one local epoch, CNN-4 (the FairFAL protocol's round);
 * **scratch local model**: `Engine.train_scratch` for the 10 clients, 2 epochs each;
 * **FairFAL query step**: one client's phase A, the server's reduce and the query on a
-  synthetic client (20,000 unlabeled, C = 10, D = 64), as benchmarks/bench.py's query rows.
+  synthetic client (20,000 unlabeled, C = 10, D = 64), as benchmarks/bench.py's query rows
+  (each worker's figure: the median of 15 steps).
 
     python benchmarks/split_speed.py --old OLD/src            # writes SPLIT_RESULTS.md
 
@@ -66,7 +67,8 @@ def worker(what: str) -> float:
             return time.perf_counter() - t
 
         once()
-        return once()
+        # ~20 ms a query: the median of 15 in this process, less noisy than one
+        return statistics.median(once() for _ in range(15))
 
     from falkit.data.federation import build
     from falkit.fl.engine import configure_process
