@@ -54,7 +54,7 @@ def test_the_three_server_steps_by_hand():
     for name in NAMES:
         algo = create(name, eta=eta, beta1=b1, beta2=b2, tau=tau)
         out = _round(algo, glob, [(a, 1.0), (b, 3.0)])
-        want = [1.0 + eta * mi / (math.sqrt(vi) + tau) for mi, vi in zip(m, v[name])]
+        want = [1.0 + eta * mi / (math.sqrt(vi) + tau) for mi, vi in zip(m, v[name], strict=True)]
         assert out["w"].tolist() == pytest.approx(want, rel=1e-6), name
         assert algo.v["w"].tolist() == pytest.approx(v[name], rel=1e-6), name
         assert float(out["bn.running_mean"]) == pytest.approx(1.0)  # FedAvg: (4 + 0)/4

@@ -137,9 +137,16 @@ def same_in_process_and_on_flower(tmp_path: Path, **extra: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [*list_ids(), "fast", "fast:linear,local"])
-def test_every_strategy_same_in_process_and_on_flower(tmp_path, strategy):
+@pytest.mark.parametrize("strategy", [*list_ids(), "fast", "fast:linear,local",
+                                      *[f"{s}:frozen" for s in list_ids()]])
+def test_every_strategy_same_in_process_and_on_flower(tmp_path, strategy, monkeypatch):
+    frozen = strategy.endswith(":frozen")  # on a frozen encoder's embeddings, an MLP head
+    strategy = strategy.removesuffix(":frozen")
     extra = {"strategy": strategy}
+    if frozen:
+        monkeypatch.setenv("FALKIT_CACHE", str(tmp_path / "cache"))  # each site's own disk
+        extra.update({"model.backbone": "frozen:pca:16", "model.head": "mlp",
+                      "model.head_hidden": "32"})
     if not strategy.startswith("fast"):  # what a run of it needs (bald: model.dropout)
         extra.update(registry.strategy_class(strategy).example_settings)
     if strategy == "kafal":

@@ -620,9 +620,19 @@ def cmd_list(args: argparse.Namespace) -> int:
          [(n + ("@G|@L" if c.uses_selector else ""), c.description)
           for n, c in STRATEGIES.items()]),
         ("FL algorithms", [(n, c.description) for n, c in ALGORITHMS.items()]),
-        ("backbones", describe_backbones()),
+        ("backbones", [*describe_backbones(),
+                       ("frozen:<encoder>", "a frozen encoder (pixels, pca[:dim], hf:, "
+                                            "open_clip:, timm:, torchscript:) under a trained "
+                                            "model.head = linear | mlp")]),
         ("datasets", sources.describe()),
-        ("partitions", [(n, d) for n, (_, d) in partition.PARTITIONERS.items()]),
+        ("partitions", [*[(n, d) for n, (_, d) in partition.PARTITIONERS.items()],
+                        ("natural", "the data's own sites (npz site_train, image folders "
+                                    "train/<site>/<class>/, a CSV's site column)")]),
+        ("feature shifts (partition.shift)",
+         [("rotate", "each client's images rotated by its own angle, up to 180°·strength"),
+          ("color", "its own contrast and brightness per channel (a colour cast)"),
+          ("noise", "its own level of Gaussian noise"),
+          ("blur", "its own Gaussian blur")]),
         ("presets", [("paper", "the papers' protocol as their text states it (the defaults)"),
                      ("quick", "the same protocol scaled to a 2-core CPU (see README)"),
                      ("reference", "every choice of the authors' code (README Fidelity)")]),

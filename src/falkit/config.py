@@ -48,6 +48,7 @@ class DataConfig:
 class PartitionConfig:
     # dirichlet_balanced | dirichlet | dirichlet_flwr | iid | shards | pathological | json
     # | sites (Flower: each client a site with its own data, set by the ServerApp)
+    # | natural (the data says each sample's site: falkit.data.sources)
     method: str = "dirichlet_balanced"
     num_clients: int = 10
     alpha: float = 0.1
@@ -60,6 +61,12 @@ class PartitionConfig:
     # dir_balance(seed=0) for every run seed (one client x class matrix; the long-tail
     # subsample still follows the run seed)
     seed: int | None = None
+    # feature shift: each client's images through its own transform of this family
+    # (falkit.data.shift): none | rotate | color | noise | blur; its strength in (0, 1];
+    # shift_test: the test images too (each through a client's transform drawn for it)
+    shift: str = "none"
+    shift_strength: float = 0.5
+    shift_test: bool = False
 
 
 @dataclass
@@ -124,6 +131,13 @@ class ModelConfig:
     # training, p of dropping each; 0 = none (every preset). What MC-dropout strategies
     # (bald) sample at query time
     dropout: float = 0.0
+    # backbone = "frozen:<encoder spec>" (any of fast.encoder's: pixels, pca[:dim], hf:...,
+    # open_clip:..., timm:..., torchscript:...): a frozen encoder embeds every site's images
+    # once (cached on the site's disk) and this head is trained on the embeddings:
+    # linear | mlp (one hidden ReLU layer of head_hidden units)
+    head: str = "linear"
+    head_hidden: int = 256
+    encode_batch: int = 64  # images per encoder forward pass
 
 
 @dataclass
@@ -282,7 +296,9 @@ CORE_CHOICES = {
     "data.val_split": ("ignore", "train", "test"),
     "data.normalization": ("dataset", "code"),
     "partition.method": ("dirichlet_balanced", "dirichlet", "dirichlet_flwr", "iid", "shards",
-                         "pathological", "json", "sites"),
+                         "pathological", "json", "sites", "natural"),
+    "partition.shift": ("none", "rotate", "color", "noise", "blur"),
+    "model.head": ("linear", "mlp"),
     "budget.rule": ("fairfal", "proportional"),
     "fl.reset": ("random", "continue"),
     "fl.on_client_failure": ("stop", "continue"),
@@ -380,9 +396,12 @@ ADDED_LATER = {"oracle": "simulated", "partition.shards_per_client": 2,
                "fast.batch_size": None, "fast.crop_pad": None, "fast.lr_milestones": "",
                "fast.lr_decay_rule": "", "fast.pooled_budget": "all",
                "kafal.mix_partner": "shared",
-               "kafal.mix_weights": "mixed", "model.dropout": 0.0}
+               "kafal.mix_weights": "mixed", "model.dropout": 0.0,
+               "partition.shift": "none", "partition.shift_strength": 0.5,
+               "partition.shift_test": False, "model.head": "linear",
+               "model.head_hidden": 256, "model.encode_batch": 64}
 # a dataset given by path: its kind is identity, its path is not (data.json has the bytes)
-_BY_PATH = ("npz:", "imagefolder:")
+_BY_PATH = ("npz:", "imagefolder:", "csv:")
 
 
 def identity(cfg: Config) -> dict[str, Any]:
@@ -616,6 +635,7 @@ CORE_RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("partition.classes_per_client", 1, None, True, True),
     ("partition.shards_per_client", 1, None, True, True),
     ("partition.seed", 0, None, True, True),
+    ("partition.shift_strength", 0, 1, False, True),
     ("budget.fraction", 0, 1, False, False),
     ("budget.cycles", 1, None, True, True),
     ("fl.rounds", 1, None, True, True),
@@ -629,6 +649,8 @@ CORE_RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("fl.fraction", 0, 1, False, True),
     ("fl.mu", 0, None, True, True),
     ("model.dropout", 0, 1, True, False),
+    ("model.head_hidden", 1, None, True, True),
+    ("model.encode_batch", 1, None, True, True),
     ("local_model.lr", 0, None, False, True),
     ("local_model.epochs", 1, None, True, True),
     ("local_model.decay_epoch", 0, None, True, True),
@@ -723,6 +745,13 @@ def validate(cfg: Config) -> None:
             section.check(cfg)
     if cfg.partition.method == "json" and not cfg.partition.file:
         raise ConfigError("partition.method = json needs partition.file = PATH")
+    if cfg.partition.shift != "none" and cfg.partition.method == "sites":
+        raise ConfigError("partition.shift simulates domain shift on a partitioned dataset; "
+                          "with partition.method = sites each site's data has its own")
+    if cfg.model.backbone.startswith("frozen:"):  # models.backbones.FROZEN
+        from falkit.models.encoders import check_spec
+
+        check_spec(cfg.model.backbone[len("frozen:"):])
     strategy_cls.check_config(cfg)  # what the run's strategy rules out
     # the names `falkit run` resolves before it reads any data, with its own functions, so
     # that every command that loads a config (falkit config too) refuses what a run refuses

@@ -142,7 +142,8 @@ def _check_options(cls: Any, where: str) -> None:
 
 
 def is_spec(name: str) -> bool:
-    return ":" in name and not name.startswith(("npz:", "imagefolder:", "hf:"))
+    return ":" in name and not name.startswith(("npz:", "imagefolder:", "csv:", "hf:",
+                                                  "frozen:"))
 
 
 def resolve(kind: str, name: str) -> str:

@@ -196,6 +196,40 @@ def image_inputs(cfg: Config, ds: Any) -> Inputs:
                   ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), mean, std))
 
 
+def embedding_inputs(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray,
+                     y_test: np.ndarray, extras: dict[str, Any] | None = None,
+                     times: dict[str, float] | None = None) -> Inputs:
+    """Embeddings (N×D float) as the engine's inputs: N×D×1×1 tensors with mean 0 and std
+    1/255, so the engine's normalisation (x/255 − mean)/std is the identity, and no
+    augmentation."""
+    from falkit.fl.engine import ImageTensors
+
+    d = z_train.shape[1]
+    ident = ((0.0,) * d, (1 / 255,) * d)
+    return Inputs(ImageTensors(torch.as_tensor(z_train).view(-1, d, 1, 1),
+                               torch.as_tensor(y_train), *ident),
+                  ImageTensors(torch.as_tensor(z_test).view(-1, d, 1, 1),
+                               torch.as_tensor(y_test), *ident), dict(extras or {}),
+                  dict(times or {}))
+
+
+def frozen_inputs(cfg: Config, full: Any, ds: Any, rows: np.ndarray) -> Inputs:
+    """`model.backbone = "frozen:<encoder>"`: the encoder's embeddings of this site's train
+    split (rows `rows` of the loaded dataset `full`) and of the test split, computed here
+    and cached on this site's disk ($FALKIT_CACHE or ~/.cache/falkit), never sent anywhere.
+    The full splits are embedded (one cache entry for every seed and partition); under
+    feature shift (partition.shift) the site's own shifted images."""
+    from falkit.models import encoders
+    from falkit.models.backbones import FROZEN
+
+    enc = encoders.create(cfg.model.backbone[len(FROZEN):], batch_size=cfg.model.encode_batch,
+                          device=cfg.runtime.device)
+    src = full if cfg.partition.shift == "none" else ds
+    z, _ = encoders.embed_splits(enc, src, ("train", "test"))
+    z_train = z["train"][rows] if src is full else z["train"]
+    return embedding_inputs(z_train, ds.y_train, z["test"], ds.y_test)
+
+
 def site_engine(cfg: Config, strategy: Strategy, full: Any, ds: Any, rows: np.ndarray,
                 num_clients: int, train_y: torch.Tensor | None = None,
                 engine_class: type | None = None) -> tuple[Any, Inputs]:
@@ -204,8 +238,12 @@ def site_engine(cfg: Config, strategy: Strategy, full: Any, ds: Any, rows: np.nd
     the strategy's training recipe and local steps (FAST's), its model wrapper (ll4al's),
     and `train_y` as its train labels (default: the dataset's). Its Inputs too."""
     from falkit.fl.engine import Engine
+    from falkit.models.backbones import is_frozen
 
-    inputs = strategy.engine_inputs(cfg, full, ds, rows) or image_inputs(cfg, ds)
+    inputs = strategy.engine_inputs(cfg, full, ds, rows)
+    if inputs is None:  # a frozen encoder's embeddings, or the images
+        inputs = (frozen_inputs(cfg, full, ds, rows) if is_frozen(cfg.model.backbone)
+                  else image_inputs(cfg, ds))
     # the engine's own labels (the sites reveal into them): never the dataset's array itself
     train = dataclasses.replace(inputs.train,
                                 y=inputs.train.y.clone() if train_y is None else train_y)

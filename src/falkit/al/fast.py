@@ -210,13 +210,7 @@ def embeddings(cfg: Config, ds: Any, splits: tuple[str, ...] = ("train",),
     if enc is None:
         enc = encoders.create(cfg.fast.encoder, batch_size=cfg.fast.encode_batch,
                               device=cfg.runtime.device)  # runs on the run's device
-    enc.fit(ds.x_train)  # pca: fitted on the train split; others: nothing
-    out, hits = {}, []
-    for split in splits:
-        x = ds.x_train if split == "train" else ds.x_test
-        out[split], hit = encoders.embed(enc, x, ds.name, split, cfg.fast.cache_dir)
-        hits.append(hit)
-    return out, all(hits)
+    return encoders.embed_splits(enc, ds, splits, cfg.fast.cache_dir)
 
 
 def weak_row(k: Any, pool: int, initial: int, weak: np.ndarray, truth: np.ndarray,
@@ -355,6 +349,9 @@ class Fast(Strategy):
         if cfg.oracle != "simulated":
             raise ConfigError("FAST runs with oracle = simulated (people labeling FAST's two "
                               "passes is not supported yet)")
+        if cfg.model.backbone.startswith("frozen:"):
+            raise ConfigError("FAST embeds with its own fast.encoder: for its linear probe set "
+                              "model.backbone = linear, not a frozen: backbone")
     description = ("FAST: frozen-encoder kNN weak labels and one-shot uncertainty "
                    "refinement, one training")
     per_cycle: ClassVar[bool] = False
@@ -385,13 +382,15 @@ class Fast(Strategy):
         images, with `fast.crop_pad`'s random crop (FAST-official: RandomCrop(padding 4))."""
         import time
 
-        from falkit.fl.engine import ImageTensors
-        from falkit.site import Inputs, image_inputs
+        from falkit.site import Inputs, embedding_inputs, image_inputs
 
         linear = cfg.model.backbone == "linear"
         t = time.perf_counter()
-        z, cached = embeddings(cfg, full, ("train", "test") if linear else ("train",))
-        z_train = z["train"][rows]  # rows of the site's (long-tailed) train split
+        # the full splits (one cache entry for every seed); under feature shift
+        # (partition.shift) the site's own shifted images, as its clients see them
+        src = full if cfg.partition.shift == "none" else ds
+        z, cached = embeddings(cfg, src, ("train", "test") if linear else ("train",))
+        z_train = z["train"][rows] if src is full else z["train"]  # the site's train split
         extras = {"z": z_train, "cached": cached}
         times = {"encode": time.perf_counter() - t}
         if not linear:
@@ -399,12 +398,7 @@ class Fast(Strategy):
                 ds = dataclasses.replace(ds, crop_pad=cfg.fast.crop_pad)
             images = image_inputs(cfg, ds)
             return Inputs(images.train, images.test, extras, times)
-        d = z_train.shape[1]
-        ident = ((0.0,) * d, (1 / 255,) * d)
-        return Inputs(ImageTensors(torch.as_tensor(z_train).view(-1, d, 1, 1),
-                                   torch.as_tensor(ds.y_train), *ident),
-                      ImageTensors(torch.as_tensor(z["test"]).view(-1, d, 1, 1),
-                                   torch.as_tensor(ds.y_test), *ident), extras, times)
+        return embedding_inputs(z_train, ds.y_train, z["test"], ds.y_test, extras, times)
 
     # -- cycle 0: the two passes -----------------------------------------------------------
     def initial_pass(self, cfg: Config, site: Any, p: int, down: Any) -> Any:

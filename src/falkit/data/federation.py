@@ -22,6 +22,8 @@ class FederatedData:
     dataset: ImageDataset  # train split already reduced to the long-tailed subset
     clients: list[np.ndarray]  # per client: sorted indices into dataset.x_train
     source_indices: np.ndarray  # position of each kept train sample in the original split
+    # each client's feature-shift transform (partition.shift; falkit.data.shift), or None
+    shifts: list[dict[str, object]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -58,7 +60,47 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
     keep = long_tail(ds.y_train, len(ds.classes), cfg.data.rho, cfg.data.profile,
                      rng(cfg.seed, "long_tail"))
     seed = partition_seed(cfg)
-    ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep])
+    ds = dataclasses.replace(ds, x_train=ds.x_train[keep].contiguous(), y_train=ds.y_train[keep],
+                             site_train=None if ds.site_train is None else ds.site_train[keep])
+    p = cfg.partition
+    if p.method == "natural":
+        clients = natural_clients(cfg, ds)
+    else:
+        clients = _drawn_clients(cfg, ds, seed)
+    clients = [np.sort(np.asarray(c, dtype=np.int64)) for c in clients]
+    shifts = None
+    if p.shift != "none":  # each client's images through its own transform (feature shift)
+        from falkit.data import shift as shift_mod
+
+        x, shifts = shift_mod.shift_clients(ds.x_train, clients, p.shift, p.shift_strength,
+                                            seed)
+        x_test = (shift_mod.shift_test(ds.x_test, shifts, p.shift, seed) if p.shift_test
+                  else ds.x_test)
+        ds = dataclasses.replace(ds, x_train=x, x_test=x_test)
+    return FederatedData(dataset=ds, clients=clients, source_indices=keep, shifts=shifts)
+
+
+def natural_clients(cfg: Config, ds: ImageDataset) -> list[np.ndarray]:
+    """partition.method = natural: client k holds the (kept) train samples of site k."""
+    if ds.site_train is None:
+        raise ConfigError(f"partition.method = natural: {cfg.data.dataset} does not say which "
+                          "site holds each sample (an npz's site_train array, image folders "
+                          "train/<site>/<class>/, a CSV index's site column)")
+    sites = ds.sites or []
+    if cfg.partition.num_clients != len(sites):
+        raise ConfigError(f"partition.method = natural: {cfg.data.dataset} has {len(sites)} "
+                          f"sites ({', '.join(sites[:8])}{' ...' if len(sites) > 8 else ''}); "
+                          f"set partition.num_clients = {len(sites)}")
+    clients = [np.flatnonzero(ds.site_train == k) for k in range(len(sites))]
+    empty = [sites[k] for k, c in enumerate(clients) if not len(c)]
+    if empty:
+        raise ConfigError(f"partition.method = natural: site {empty[0]} keeps no train "
+                          "sample after the long tail (data.rho); lower data.rho")
+    return clients
+
+
+def _drawn_clients(cfg: Config, ds: ImageDataset, seed: int) -> list[np.ndarray]:
+    """The clients of a drawn partition (partition.method): falkit.data.partition."""
     p = cfg.partition
     options: dict[str, object] = {}
     if p.method in ("dirichlet_balanced", "dirichlet", "dirichlet_flwr"):
@@ -77,10 +119,8 @@ def build(cfg: Config, dataset: ImageDataset | None = None) -> FederatedData:
         options["classes_per_client"] = p.classes_per_client
     if p.method == "json":
         options["path"] = p.file
-    clients = partition_mod.make_partition(p.method, ds.y_train, p.num_clients,
-                                           rng(seed, "partition"), **options)
-    clients = [np.sort(np.asarray(c, dtype=np.int64)) for c in clients]
-    return FederatedData(dataset=ds, clients=clients, source_indices=keep)
+    return partition_mod.make_partition(p.method, ds.y_train, p.num_clients,
+                                        rng(seed, "partition"), **options)
 
 
 def client_budgets(cfg: Config, data: FederatedData) -> list[int]:

@@ -3,7 +3,8 @@
 Every loader returns an :class:`ImageDataset`; every malformed file becomes a one-line
 :class:`FalkitError` naming the file, and absent data a :class:`DataNotFoundError` saying how
 to get it. Data is searched under :func:`data_roots`; :func:`download` fetches the official
-files. Names users type: see :data:`DATASETS`, plus ``npz:<file>`` and ``imagefolder:<dir>``.
+files. Names users type: see :data:`DATASETS`, plus ``npz:<file>``, ``imagefolder:<dir>`` and
+``csv:<file>``.
 
 Conventions the rest of falkit relies on:
 
@@ -17,6 +18,10 @@ Conventions the rest of falkit relies on:
 * ``npz:`` and ``imagefolder:``: mean/std from the train set, no flip, no crop (the loader
   cannot know whether flipping preserves the label). An npz may carry ``mean`` and ``std``
   (per channel, of x/255): the sites of one federation then normalise alike.
+* The clients' own split (``partition.method = natural``): the site of every train sample,
+  ``site_train`` (ints 0..S-1, optional ``sites`` names) in an npz, a folder per site
+  (``train/<site>/<class>/``) in an image folder, a ``site`` column in a CSV index. The
+  test split stays one, shared.
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class ImageDataset:
     hflip: bool  # random horizontal flip while training
     crop_pad: int  # 0: no random crop; p: random crop after zero-padding by p
     source: str  # file or directory read, or "sklearn"
+    # the site (client) of every train sample, where the data says (partition.method =
+    # natural): int64 (N,) in 0..S-1, and the sites' names; None where it does not
+    site_train: np.ndarray | None = None
+    sites: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -245,7 +254,10 @@ _ALIASES = {"fashion-mnist": "fmnist", "fashion_mnist": "fmnist", "fashionmnist"
 GENERIC_FORMATS = [
     ("npz:<file>", "any .npz with x_train, y_train, x_test, y_test (optional classes, "
                    "mean, std)"),
-    ("imagefolder:<dir>", "<dir>/train/<class>/*.png|jpg|bmp and <dir>/test/<class>/..."),
+    ("imagefolder:<dir>", "<dir>/train/<class>/*.png|jpg|bmp and <dir>/test/<class>/... "
+                          "(or train/<site>/<class>/: the sites' own split)"),
+    ("csv:<file>", "an index with columns path, label, split (train|test) and optional site; "
+                   "paths relative to the file"),
 ]
 
 
@@ -274,6 +286,8 @@ def find(name: str, data_root: str | Path | None = None) -> Path | None:
         return _existing_local(arg, data_root, want_dir=False)
     if kind == "imagefolder":
         return _existing_local(arg, data_root, want_dir=True)
+    if kind == "csv":
+        return _existing_local(arg, data_root, want_dir=False)
     info = _info(arg)
     assert info is not None  # _parse checked
     if info.kind == "digits":
@@ -308,6 +322,8 @@ def load(name: str, data_root: str | Path | None = None,
         return _load_npz(_local(name, arg, data_root, want_dir=False), name.strip())
     if kind == "imagefolder":
         return _load_imagefolder(_local(name, arg, data_root, want_dir=True), name.strip())
+    if kind == "csv":
+        return _load_csv(_local(name, arg, data_root, want_dir=False), name.strip())
     if kind == "plugin":
         return _load_plugin(arg, data_root)
     info = _info(arg)
@@ -399,9 +415,10 @@ def download(name: str, data_root: str | Path | None = None) -> Path:
 # -- names and roots -----------------------------------------------------------------------
 
 def _parse(name: str) -> tuple[str, str]:
-    """("npz", path) | ("imagefolder", dir) | ("named", canonical name); unknown: ConfigError."""
+    """("npz", path) | ("imagefolder", dir) | ("csv", path) | ("named", canonical name);
+    unknown: ConfigError."""
     text = name.strip()
-    for prefix in ("npz", "imagefolder"):
+    for prefix in ("npz", "imagefolder", "csv"):
         if text.lower().startswith(prefix + ":"):
             arg = text[len(prefix) + 1:]
             if not arg:
@@ -416,7 +433,7 @@ def _parse(name: str) -> tuple[str, str]:
             return "plugin", text
         raise ConfigError(f"unknown dataset {text!r}; choose one of {', '.join(DATASETS)}, "
                           "a MedMNIST set at 64/128/224 (e.g. pathmnist_64), npz:<file>, "
-                          "imagefolder:<dir> or a plug-in's (module:function)")
+                          "imagefolder:<dir>, csv:<file> or a plug-in's (module:function)")
     return "named", info.name
 
 
@@ -597,9 +614,12 @@ def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
 def _build(name: str, source: Path | str, x_train: np.ndarray, y_train: np.ndarray,
            x_test: np.ndarray, y_test: np.ndarray, classes: Sequence[str] | None,
            mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-           hflip: bool, crop_pad: int) -> ImageDataset:
+           hflip: bool, crop_pad: int, site_train: np.ndarray | None = None,
+           sites: Sequence[str] | None = None) -> ImageDataset:
     """Check shapes, dtypes and labels once for every format, then wrap as tensors."""
     src = str(source)
+    if site_train is not None:
+        site_train, sites = _check_sites(src, site_train, sites, len(y_train))
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
             raise FalkitError(f"{src}: {split} images must be uint8 N×C×H×W with C in 1, 3, "
@@ -647,7 +667,33 @@ def _build(name: str, source: Path | str, x_train: np.ndarray, y_train: np.ndarr
         x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
         y_train=np.ascontiguousarray(y_train, dtype=np.int64),
         x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
-        y_test=np.ascontiguousarray(y_test, dtype=np.int64))
+        y_test=np.ascontiguousarray(y_test, dtype=np.int64),
+        site_train=site_train, sites=sites)
+
+
+def _check_sites(src: str, site: np.ndarray, names: Sequence[str] | None, n: int
+                 ) -> tuple[np.ndarray, list[str]]:
+    """The site of each of `n` train samples: integers 0..S-1, every site with a sample;
+    its names (default "0".."S-1")."""
+    site = np.asarray(site)
+    if site.ndim != 1 or len(site) != n or (len(site) and not (
+            np.issubdtype(site.dtype, np.integer) or
+            (np.issubdtype(site.dtype, np.floating) and np.isfinite(site).all()
+             and (site == np.round(site)).all()))):
+        raise FalkitError(f"{src}: site_train must be one integer site per train sample "
+                          f"({n}), got {site.dtype} {site.shape}")
+    site = site.astype(np.int64)
+    if len(site) and site.min() < 0:
+        raise FalkitError(f"{src}: site_train holds {int(site.min())}; sites are 0..S-1")
+    count = int(site.max()) + 1 if len(site) else 0
+    empty = np.setdiff1d(np.arange(count), site)
+    if len(empty):
+        raise FalkitError(f"{src}: site {int(empty[0])} has no train sample; sites are "
+                          "0..S-1, each with samples")
+    names = [str(x) for x in names] if names is not None else [str(i) for i in range(count)]
+    if len(names) != count:
+        raise FalkitError(f"{src}: {len(names)} site names for {count} sites")
+    return np.ascontiguousarray(site), names
 
 
 def _build_named(info: DatasetInfo, source: Path | str, x_train: np.ndarray,
@@ -853,7 +899,7 @@ def _load_medmnist(info: DatasetInfo, path: Path, val_split: str = "ignore") -> 
 
 def _load_npz(path: Path, name: str) -> ImageDataset:
     a = _npz_arrays(path, ("x_train", "y_train", "x_test", "y_test"),
-                    optional=("classes", "mean", "std"))
+                    optional=("classes", "mean", "std", "site_train", "sites"))
     where = str(path)
     classes = None
     if "classes" in a:
@@ -861,6 +907,8 @@ def _load_npz(path: Path, name: str) -> ImageDataset:
     # sites of one federation normalise alike only with agreed constants: optional per-
     # channel `mean` and `std` of x/255 (default: this file's own train split's)
     norm: dict[str, tuple[float, ...] | None] = {"mean": None, "std": None}
+    if "sites" in a and "site_train" not in a:
+        raise FalkitError(f"{where}: `sites` names the sites of `site_train`, which is missing")
     if ("mean" in a) != ("std" in a):
         raise FalkitError(f"{where}: give both `mean` and `std` (per channel, of x/255) "
                           "or neither")
@@ -875,7 +923,10 @@ def _load_npz(path: Path, name: str) -> ImageDataset:
                   _to_labels(a["y_train"], f"{where}: y_train"),
                   _to_uint8(_to_nchw(a["x_test"], f"{where}: x_test"), where),
                   _to_labels(a["y_test"], f"{where}: y_test"),
-                  classes, norm["mean"], norm["std"], hflip=False, crop_pad=0)
+                  classes, norm["mean"], norm["std"], hflip=False, crop_pad=0,
+                  site_train=a.get("site_train"),
+                  sites=[str(x) for x in np.asarray(a["sites"]).ravel()] if "sites" in a
+                  else None)
 
 
 # -- image files (Tiny-ImageNet, imagefolder) ----------------------------------------------
@@ -942,44 +993,118 @@ def _load_tinyimagenet(info: DatasetInfo, base: Path) -> ImageDataset:
                         [names[w] or w for w in wnids])
 
 
-def _load_imagefolder(root: Path, name: str) -> ImageDataset:
+def _mode_of(paths: Sequence[Path]) -> str:
+    """"L" if every image is 8-bit grayscale (one channel kept), else "RGB"; opening an
+    image reads just its header."""
     from PIL import Image
+
+    for p in paths:
+        with _reading(p), Image.open(p) as im:
+            if im.mode != "L":
+                return "RGB"
+    return "L"
+
+
+def _load_imagefolder(root: Path, name: str) -> ImageDataset:
+    """train/<class>/ and test/<class>/; or train/<site>/<class>/ (each train folder holds
+    class folders and no image): the sites' own split, sites and classes in name order."""
 
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise FalkitError(f"{root}: expected subfolders train/<class>/ and test/<class>/")
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    tops = sorted(d for d in train_dir.iterdir() if d.is_dir())
+    by_site = bool(tops) and all(not _image_files(d) and any(c.is_dir() for c in d.iterdir())
+                                 for d in tops)
+    site_dirs = tops if by_site else [train_dir]
+    classes = sorted({c.name for d in site_dirs for c in d.iterdir() if c.is_dir()})
     extra = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
     if extra:
         raise FalkitError(f"{test_dir}: classes {', '.join(extra)} have no folder in {train_dir}")
-    splits: list[tuple[list[Path], np.ndarray]] = []
-    for split_dir in (train_dir, test_dir):
-        paths, labels = [], []
-        for i, c in enumerate(classes):
-            if (split_dir / c).is_dir():
-                files = _image_files(split_dir / c)
-                paths += files
-                labels += [i] * len(files)
-        splits.append((paths, np.array(labels, np.int64)))
-    if not splits[0][0]:
+
+    def files(folders: list[Path]) -> tuple[list[Path], np.ndarray, np.ndarray]:
+        paths, labels, site = [], [], []
+        for s_i, folder in enumerate(folders):
+            for i, c in enumerate(classes):
+                if (folder / c).is_dir():
+                    found = _image_files(folder / c)
+                    paths += found
+                    labels += [i] * len(found)
+                    site += [s_i] * len(found)
+        return paths, np.array(labels, np.int64), np.array(site, np.int64)
+
+    train_paths, train_y, train_site = files(site_dirs)
+    test_paths, test_y, _ = files([test_dir])
+    if not train_paths:
         raise FalkitError(f"{train_dir}: no .png/.jpg/.jpeg/.bmp images in its class folders")
-    # keep one channel only if every image is 8-bit grayscale; opening reads just the header
-    gray = True
-    for p in splits[0][0] + splits[1][0]:
-        with _reading(p), Image.open(p) as im:
-            gray = gray and im.mode == "L"
-        if not gray:
-            break
-    mode = "L" if gray else "RGB"
-    x_train, x_test = (_read_images(paths, mode) for paths, _ in splits)
+    mode = _mode_of(train_paths + test_paths)
+    x_train, x_test = (_read_images(paths, mode) for paths in (train_paths, test_paths))
     if len(x_test) and x_test.shape[2:] != x_train.shape[2:]:
-        raise FalkitError(f"{splits[1][0][0]} is {x_test.shape[3]}×{x_test.shape[2]} but "
-                          f"{splits[0][0][0]} is {x_train.shape[3]}×{x_train.shape[2]}; "
+        raise FalkitError(f"{test_paths[0]} is {x_test.shape[3]}×{x_test.shape[2]} but "
+                          f"{train_paths[0]} is {x_train.shape[3]}×{x_train.shape[2]}; "
                           f"all images must share a size")
     if not len(x_test):
         x_test = np.empty((0, *x_train.shape[1:]), np.uint8)
-    return _build(name, root, x_train, splits[0][1], x_test, splits[1][1], classes, None, None,
-                  hflip=False, crop_pad=0)
+    return _build(name, root, x_train, train_y, x_test, test_y, classes, None, None,
+                  hflip=False, crop_pad=0, site_train=train_site if by_site else None,
+                  sites=[d.name for d in tops] if by_site else None)
+
+
+def _load_csv(path: Path, name: str) -> ImageDataset:
+    """An index of image files: a header with `path`, `label`, `split` (train | test) and
+    optionally `site` (the sites' own split); paths relative to the index's folder. Classes
+    in name order (numeric order where every label is an integer), sites likewise."""
+    import csv
+
+
+    with _reading(path), path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in ("path", "label", "split") if c not in cols]
+        if missing:
+            raise FalkitError(f"cannot read {path}: no column {', '.join(missing)} in its "
+                              f"header (it has {', '.join(cols) or 'none'}; want path, label, "
+                              "split and optional site)")
+        rows = list(reader)
+    if not rows:
+        raise FalkitError(f"{path}: no rows below the header")
+    has_site = "site" in cols
+    for n, r in enumerate(rows, 2):
+        if r["split"] not in ("train", "test"):
+            raise FalkitError(f"{path}: line {n}: split must be train or test, got "
+                              f"{r['split']!r}")
+        if not r["path"] or not r["label"] or (has_site and r["split"] == "train"
+                                                and not r["site"]):
+            raise FalkitError(f"{path}: line {n}: an empty path, label or site")
+
+    def order(values: set[str]) -> list[str]:
+        numeric = all(v.lstrip("-").isdigit() for v in values)
+        return sorted(values, key=int) if numeric else sorted(values)
+
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+    if not train:
+        raise FalkitError(f"{path}: no train rows")
+    classes = order({r["label"] for r in train})
+    unknown = sorted({r["label"] for r in test} - set(classes))
+    if unknown:
+        raise FalkitError(f"{path}: test labels {', '.join(unknown[:5])} have no train row")
+    index = {c: i for i, c in enumerate(classes)}
+    base = path.parent
+    paths = {k: [base / r["path"] for r in part] for k, part in (("train", train),
+                                                                 ("test", test))}
+    for p in paths["train"] + paths["test"]:
+        if not p.is_file():
+            raise FalkitError(f"{path}: {p} is not a file")
+    mode = _mode_of(paths["train"] + paths["test"])
+    x_train = _read_images(paths["train"], mode)
+    x_test = (_read_images(paths["test"], mode) if test
+              else np.empty((0, *x_train.shape[1:]), np.uint8))
+    sites = order({r["site"] for r in train}) if has_site else None
+    site_train = (np.array([sites.index(r["site"]) for r in train], np.int64)
+                  if sites is not None else None)
+    return _build(name, path, x_train, np.array([index[r["label"]] for r in train], np.int64),
+                  x_test, np.array([index[r["label"]] for r in test], np.int64), classes,
+                  None, None, hflip=False, crop_pad=0, site_train=site_train, sites=sites)
 
 
 # -- digits --------------------------------------------------------------------------------

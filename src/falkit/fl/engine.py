@@ -171,7 +171,9 @@ class Engine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             model = create_backbone(self.cfg.model.backbone, num_classes=self.num_classes,
-                                    in_channels=self.in_channels, image_size=self.image_size)
+                                    in_channels=self.in_channels, image_size=self.image_size,
+                                    head=self.cfg.model.head,
+                                    hidden=self.cfg.model.head_hidden)
             if self.wrap_model is not None:
                 model = self.wrap_model(model)
         if self.cfg.model.dropout > 0:  # on the backbone's classifier input, while training

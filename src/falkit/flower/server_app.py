@@ -64,6 +64,7 @@ from falkit.flower.common import (
 )
 from falkit.metrics import Evaluation, macro_auc
 from falkit.models.backbones import create as create_backbone
+from falkit.models.backbones import on_embeddings
 from falkit.oracle import LabelsPending, WaitingForLabels
 from falkit.rundir import RunDir
 from falkit.site import Down, Reply, initial_queried
@@ -158,7 +159,7 @@ def validate(cfg: Config) -> Strategy:
     tracking.check(cfg)
     strategy.check_transport(cfg, FlowerFederation.transport)  # (FAST: scope = client)
     shape = image_shape(cfg.data.dataset)
-    if shape is not None and cfg.model.backbone != "linear":
+    if shape is not None and not on_embeddings(cfg.model.backbone):
         C, channels, size = shape
         create_backbone(cfg.model.backbone, num_classes=C, in_channels=channels,
                         image_size=size)

@@ -374,6 +374,45 @@ class LinearHead(Backbone):
         return [(self.flatten, self.feature_dim)]
 
 
+class MLPHead(Backbone):
+    """An MLP head on precomputed embeddings (`model.head = "mlp"` on a `frozen:` backbone):
+    features = ReLU(Linear(D → hidden)) of the flattened input, logits = Linear(hidden → C)."""
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int = 1,
+                 hidden: int = 256) -> None:
+        super().__init__()
+        _check_positive(num_classes=num_classes, in_channels=in_channels, hidden=hidden)
+        self.embed_dim = in_channels
+        self.flatten = nn.Flatten(1)
+        self.hidden = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU())
+        self.feature_dim = hidden
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def embed(self, x: Tensor) -> Tensor:
+        z = self.flatten(x)
+        if z.shape[1] != self.embed_dim:
+            raise ValueError(f"mlp head expects {self.embed_dim}-dim embeddings, got shape "
+                             f"{tuple(x.shape)}")
+        return self.hidden(z)
+
+    def block_taps(self) -> list[tuple[nn.Module, int]]:
+        return [(self.flatten, self.embed_dim), (self.hidden, self.feature_dim)]
+
+
+#: `model.backbone = "frozen:<encoder spec>"`: a frozen encoder's embeddings (computed once
+#: per site, falkit.site.frozen_inputs) under a trained head (`model.head`)
+FROZEN = "frozen:"
+
+
+def is_frozen(name: str) -> bool:
+    return name.startswith(FROZEN)
+
+
+def on_embeddings(name: str) -> bool:
+    """Whether backbone `name` trains on embeddings rather than images."""
+    return name == "linear" or is_frozen(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +430,17 @@ BACKBONES: dict[str, tuple[type[Backbone], str]] = {
 }
 
 
-def create(name: str, num_classes: int, in_channels: int, image_size: int) -> Backbone:
+def create(name: str, num_classes: int, in_channels: int, image_size: int,
+           head: str = "linear", hidden: int = 256) -> Backbone:
     """Build backbone `name` (a built-in, a plug-in's entry point or a `module:Class` spec:
-    falkit.registry); raises ConfigError for an unknown name."""
+    falkit.registry; `frozen:<encoder>`: the head `head` on in_channels-dim embeddings);
+    raises ConfigError for an unknown name."""
     from falkit import registry
+
+    if is_frozen(name):
+        if head == "mlp":
+            return MLPHead(num_classes, in_channels, hidden=hidden)
+        return LinearHead(num_classes, in_channels)
 
     key = registry.resolve("backbone", name)
     if key not in BACKBONES:

@@ -431,6 +431,17 @@ def describe() -> list[tuple[str, str]]:
     return list(ENCODERS.items())
 
 
+def check_spec(spec: str) -> None:
+    """ConfigError unless `spec` names an encoder `create` knows (its files are not read)."""
+    kind, _, rest = spec.partition(":")
+    ok = ((kind == "pixels" and not rest) or kind == "pca" or (kind in ("hf", "torchscript")
+          and rest) or (kind in ("open_clip", "timm") and rest.count(":") >= 1))
+    if not ok:
+        raise ConfigError(f"unknown encoder {spec!r} (valid: {', '.join(ENCODERS)})")
+    if kind == "pca" and rest and not rest.isdigit():
+        raise ConfigError(f"encoder {spec!r}: pca:<dim> needs an integer dim")
+
+
 def create(spec: str, batch_size: int = 64, seed: int = 0,
            device: str | torch.device = "cpu") -> Encoder:
     """The encoder named by `spec` (see the module docstring), computing on `device`.
@@ -478,6 +489,19 @@ def cache_key(encoder: Encoder, x: torch.Tensor, dataset: str, split: str) -> di
     return {"format": CACHE_FORMAT, "dataset": dataset, "split": split,
             "images": fingerprint(x), "encoder": encoder.identity(),
             "preprocessing": encoder.preprocessing()}
+
+
+def embed_splits(encoder: Encoder, ds: Any, splits: tuple[str, ...] = ("train",),
+                 cache_dir: str | Path | None = None) -> tuple[dict[str, np.ndarray], bool]:
+    """The encoder (fitted on the train split: pca; others need nothing) on the named splits
+    of dataset `ds`, through the cache; whether every split came from it."""
+    encoder.fit(ds.x_train)
+    out, hits = {}, []
+    for split in splits:
+        x = ds.x_train if split == "train" else ds.x_test
+        out[split], hit = embed(encoder, x, ds.name, split, cache_dir)
+        hits.append(hit)
+    return out, all(hits)
 
 
 def embed(encoder: Encoder, x: torch.Tensor, dataset: str, split: str,

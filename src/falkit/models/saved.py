@@ -39,12 +39,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     from falkit.al.base import create as create_strategy
     from falkit.errors import FalkitError
     from falkit.models.backbones import create as create_backbone
+    from falkit.models.backbones import is_frozen
 
     rec = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise FalkitError(f"{path} is not a model falkit saved")
+    head: dict[str, Any] = {}
+    if is_frozen(rec["backbone"]) and rec.get("config"):  # its head (model.head, ...)
+        from falkit import config as config_mod
+
+        m = config_mod.loads(rec["config"]).model
+        head = {"head": m.head, "hidden": m.head_hidden}
     model = create_backbone(rec["backbone"], num_classes=rec["num_classes"],
-                            in_channels=rec["in_channels"], image_size=rec["image_size"])
+                            in_channels=rec["in_channels"], image_size=rec["image_size"],
+                            **head)
     # ll4al: its loss-prediction module was trained with the model
     model = create_strategy(rec["strategy"]).wrap_model(model)
     model.load_state_dict(rec["state_dict"], strict=True)
