@@ -17,9 +17,9 @@ from falkit.data.federation import FederatedData, client_budgets
 from falkit.driver import Queried, to_device
 from falkit.fl.algorithms import State
 from falkit.fl.engine import Engine
-from falkit.metrics import Evaluation
+from falkit.metrics import Evaluation, evaluation
 from falkit.oracle import UNSURE, LabelsPending, SimulatedOracle, WaitingForLabels
-from falkit.site import ClientSite, audit, initial_passes, initial_queried
+from falkit.site import ClientSite, audit, initial_passes, initial_queried, test_share
 
 
 class InProcessFederation:
@@ -88,12 +88,16 @@ class InProcessFederation:
                                              torch.as_tensor(self.known, device=engine.device),
                                              global_state, self.last_round)
         local_s = time.perf_counter() - t
-        global_outputs = global_outputs_fn(engine, global_state)
-        self._contexts = [site.context(self.strategy, cycle, global_state,
-                                       {m: by_client[site.k] for m, by_client in models.items()
-                                        if site.k in by_client},
-                                       global_outputs, distill_info.get(site.k, {}))
-                          for site in self.sites]
+        shared = global_outputs_fn(engine, global_state)
+        personal = bool(self.algorithm.local_keys(engine.model))  # FedBN: each its own view
+        self._contexts = []
+        for site in self.sites:
+            own = self.algorithm.personal(global_state, site.k) if personal else global_state
+            self._contexts.append(site.context(
+                self.strategy, cycle, own,
+                {m: by_client[site.k] for m, by_client in models.items() if site.k in by_client},
+                global_outputs_fn(engine, own) if personal else shared,
+                distill_info.get(site.k, {})))
         return local_s
 
     def query_stats(self, cycle: int, global_state: State) -> list[dict[str, float]]:
@@ -135,7 +139,17 @@ class InProcessFederation:
         return state
 
     def evaluate(self, state: State, final: bool, cycle: int) -> Evaluation:
-        return self.engine.evaluate(state)
+        if not self.algorithm.local_keys(self.engine.model):
+            return self.engine.evaluate(state)
+        # each client's own model on its share of the test set (FedBN), as on Flower
+        y = self.engine.test_y.cpu().numpy()
+        probs = np.zeros((len(y), self.num_classes), dtype=np.float32)
+        for k in range(self.num_clients):
+            share = test_share(len(y), self.cfg.runtime.eval_batch, k, self.num_clients)
+            if len(share):
+                probs[share] = self.engine.predict(self.algorithm.personal(state, k), share,
+                                                   split="test")[0].numpy()
+        return evaluation(y, probs, self.num_classes)
 
     def state_dict(self) -> dict[str, Any]:
         # the oracle's labels too: a resumed run trains on exactly what this one used

@@ -138,6 +138,14 @@ class ClientSite:
         return self.reply(cycle, strategy.id, picks, labels, **diagnostics)
 
 
+def test_share(num_test: int, batch: int, k: int, num_clients: int) -> np.ndarray:
+    """Client k's share of a shared test set (simulation): the blocks of `batch`
+    (runtime.eval_batch) dealt round-robin, so the shares cover it once."""
+    blocks = [np.arange(j * batch, min((j + 1) * batch, num_test))
+              for j in range(-(-num_test // batch)) if j % num_clients == k]
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+
+
 def audit(oracle: SimulatedOracle, sites: list[ClientSite]) -> None:
     """The oracle revealed exactly what the sites' budgets allow so far, no more, no less."""
     oracle.audit(sum(s.allowed for s in sites))

@@ -349,8 +349,8 @@ class Engine:
         algo.begin_round(global_state, [n for n, p in self.model.named_parameters()
                                         if p.requires_grad])
 
-        def one(model: nn.Module, k: int) -> Client:
-            return self.train_client(model, global_state, k, pools[k], lr,
+        def one(model: nn.Module, k: int) -> Client:  # from the client's own view of it
+            return self.train_client(model, algo.personal(global_state, k), k, pools[k], lr,
                                      torch_generator(seed, "train", *key, k), progress=progress,
                                      objective=objectives(k) if objectives else None)
 
@@ -418,7 +418,8 @@ class Engine:
             algo.begin_client(self.model, global_state, client)
             clients.append(client)
         states, steps, _ = self.sgd_group(
-            [global_state] * len(ks), [pools[k] for k in ks], gens, self.cfg.fl.local_epochs,
+            [algo.personal(global_state, k) for k in ks], [pools[k] for k in ks], gens,
+            self.cfg.fl.local_epochs,
             lr, clients=clients, max_steps=self.local_steps)
         for client, state, n in zip(clients, states, steps, strict=True):
             client.state, client.steps = state, n

@@ -54,7 +54,7 @@ from falkit.oracle import HumanOracle, LabelsPending, SimulatedOracle
 from falkit.results import save_torch, write_atomic
 from falkit.rundir import RunDir, data_fingerprint
 from falkit.seeding import torch_generator
-from falkit.site import ClientSite, Down, site_engine
+from falkit.site import ClientSite, Down, site_engine, test_share
 
 app = ClientApp()
 
@@ -109,10 +109,7 @@ class Site:
             self.num_train = data.num_train
             # the test set in blocks of eval_batch dealt round-robin: the clients' shares
             # cover it once, in the batches `falkit run` evaluates it in
-            bs, M = cfg.runtime.eval_batch, len(ds.y_test)
-            blocks = [np.arange(j * bs, min((j + 1) * bs, M))
-                      for j in range(-(-M // bs)) if j % K == self.partition_id]
-            self.test = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+            self.test = test_share(len(ds.y_test), cfg.runtime.eval_batch, self.partition_id, K)
         self.dataset: ImageDataset = ds
         self.num_classes = len(ds.classes)
         self.strategy = create_strategy(cfg.strategy, **config_mod.strategy_options(cfg))
@@ -297,8 +294,24 @@ def _models(site: Site, conf: dict[str, Any], global_state: State) -> tuple[dict
 def _context(site: Site, conf: dict[str, Any], global_state: State) -> QueryContext:
     models, info = _models(site, conf, global_state)
     site.client.k = conf["client"]
+    global_state = _own(site, conf, global_state)  # (FedBN: with its own BatchNorm layers)
     return site.client.context(site.strategy, conf["cycle"], global_state, models,
                                global_outputs_fn(site.engine, global_state), info)
+
+
+def _own(site: Site, conf: dict[str, Any], global_state: State) -> State:
+    """The global model as this client uses it: with its own `local_keys` entries (FedBN's
+    BatchNorm layers, from its FL memory), or as it came."""
+    algo = site.engine.algorithm
+    if not algo.local_keys(site.engine.model):
+        return global_state
+    meta, state = site.meta(), site.context.state
+    memory: State = {}
+    if FL_MEMORY in state and meta.get("fl_generation") == conf.get("generation",
+                                                                     meta.get("fl_generation")):
+        memory = record_state(state[FL_MEMORY], site.device)
+    algo.at_client(conf["client"], {}, memory)
+    return algo.personal(global_state, conf["client"])
 
 
 @app.query("stats")
@@ -428,7 +441,8 @@ def train(msg: Message, context: Context) -> Message:
     hooks = train_hooks(site.strategy, engine, global_state, r, cfg.fl.rounds, [site.labeled],
                         site.known, [site.pool])
     objectives = hooks.get("objectives")
-    client = engine.train_client(engine.model, global_state, k, site.labeled, lr,
+    client = engine.train_client(engine.model, algo.personal(global_state, k), k, site.labeled,
+                                 lr,
                                  torch_generator(cfg.seed, "train", cycle, r, k),
                                  progress=progress,
                                  objective=objectives(0) if objectives else None)
@@ -438,8 +452,9 @@ def train(msg: Message, context: Context) -> Message:
         context.state[MODEL + "last_round"] = state_record(client.state)
     site.set_meta(fl_generation=conf["generation"],
                   **({"last_round_cycle": cycle} if conf.get("keep_last") else {}))
+    local = algo.local_keys(engine.model)  # (FedBN's BatchNorm layers) never leave the site
     records: dict[str, Any] = {
-        "model": state_record(client.state),
+        "model": state_record({n: v for n, v in client.state.items() if n not in local}),
         "metrics": MetricRecord({NUM_EXAMPLES: len(site.labeled), **scalars})}
     if algo.uplink_arrays:
         records["uplink"] = state_record(arrays)
@@ -453,7 +468,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     simulation metrics) adds its test labels and softmax scores, for the cycle's AUC."""
     site = site_of(context)
     conf = _conf(msg)
-    state = record_state(msg.content["global"], site.device)
+    state = _own(site, conf, record_state(msg.content["global"], site.device))
     C = site.num_classes
     y = site.dataset.y_test[site.test]
     if len(site.test):

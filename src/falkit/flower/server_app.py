@@ -244,7 +244,7 @@ class FlowerFederation:
             if reply.has_error():
                 failed[k] = _failure(reply.error.code, reply.error.reason, took)
                 continue
-            audit(message_type, reply.content, self.allowed, self.model_like, self.params)
+            audit(message_type, reply.content, self.allowed, self.uplink_like, self.params)
             out[k] = reply.content
         for k in contents:
             if k not in out and k not in failed:
@@ -297,6 +297,7 @@ class FlowerFederation:
         # query.info before the declarations are known: only the info keys may come back
         self.allowed = {INFO: declared(self.strategy, _NoAlgo, self.opts.simulation_metrics)[INFO]}
         self.model_like, self.params = {}, []
+        self.uplink_like: State = {}
         self.nodes = dict(enumerate(nodes))
         info = self._round(INFO, {k: RecordDict({"config": json_config(**versions())})
                                   for k in self.nodes}, "query.info")
@@ -339,6 +340,9 @@ class FlowerFederation:
         self.algorithm, self.device = self.engine.algorithm, self.engine.device
         self.engine.mean = self.engine.std = None  # the sites normalise with their data's
         self.model_like = self.engine.init_state(cfg.seed, 0)
+        # what a client's model uplink holds: every entry but the FL algorithm's local ones
+        local = self.algorithm.local_keys(self.engine.model)
+        self.uplink_like = {k: v for k, v in self.model_like.items() if k not in local}
         self.params = [n for n, p in self.engine.model.named_parameters() if p.requires_grad]
         self.allowed = declared(self.strategy, self.engine.algorithm,
                                 self.opts.simulation_metrics)

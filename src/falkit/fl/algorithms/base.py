@@ -158,6 +158,18 @@ class FedAvg:
     def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
         return weighted_average(clients, global_state)
 
+    # Entries of the model that never leave a client (FedBN: its BatchNorm layers').
+    def local_keys(self, model: nn.Module) -> frozenset[str]:
+        """The state entries of `model` that stay with each client: it trains, queries and
+        is evaluated with its own (`personal`), its uplink omits them (audited on Flower)
+        and the server's global model keeps its initial ones. Default: none."""
+        return frozenset()
+
+    def personal(self, global_state: State, client_id: int) -> State:
+        """The global model as client `client_id` uses it: `global_state` with the client's
+        own `local_keys` entries (once it has trained). Default: `global_state` itself."""
+        return global_state
+
     @classmethod
     def batchable(cls) -> bool:
         """Whether clients may train as one batched computation with this algorithm: each
