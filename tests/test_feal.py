@@ -10,6 +10,7 @@ import torch
 
 from falkit import config
 from falkit.al import feal
+from falkit.errors import ConfigError
 
 
 def a(*rows):
@@ -66,7 +67,7 @@ def test_options_and_a_run_with_the_evidential_loss(tmp_path):
 
     from falkit.loop import run
 
-    with pytest.raises(Exception, match="feal.fill"):
+    with pytest.raises(ConfigError, match="feal.fill"):
         config.load(None, overrides={"strategy": "feal", "feal.fill": "random"})
     cfg = config.load(None, overrides={**SMALL, "strategy": "feal", "feal.neighbors": "3",
                                        "out_dir": str(tmp_path)})

@@ -62,7 +62,8 @@ def _engine(digits, algorithm):
     from falkit.fl.engine import Engine, ImageTensors
 
     cfg = config.load(None, overrides={"fl.algorithm": algorithm, "fl.local_epochs": "1",
-                                       "model.backbone": "resnet8_preact16", "runtime.threads": "1"})
+                                       "model.backbone": "resnet8_preact16",
+                                       "runtime.threads": "1"})
     ds = digits
     return Engine(cfg, ImageTensors(ds.x_train, torch.as_tensor(ds.y_train), ds.mean, ds.std),
                   ImageTensors(ds.x_test, torch.as_tensor(ds.y_test), ds.mean, ds.std), 10,

@@ -27,7 +27,7 @@ import torch
 from falkit.al.base import Strategy, register
 from falkit.al.primitives import top_k
 from falkit.config import Config, Names, milestones
-from falkit.errors import ConfigError
+from falkit.errors import ConfigError, FalkitError
 from falkit.options import Options, option
 from falkit.seeding import rng
 
@@ -492,7 +492,7 @@ class Fast(Strategy):
         f = cfg.fast
         for k, r in replies.items():
             if "bank" in r.up and len(r.up["bank"]["y"]) != int(r.values["labeled"]):
-                raise RuntimeError(f"client {k} uploaded {len(r.up['bank']['y'])} bank "
+                raise FalkitError(f"client {k} uploaded {len(r.up['bank']['y'])} bank "
                                    f"entries for {int(r.values['labeled'])} labels")
         budgets = dict(zip(sorted(pools), refinement_budgets(
             f.budget, [pools[k] for k in sorted(pools)], f.budget_split), strict=True))

@@ -105,6 +105,7 @@ def kl_to_uniform(alpha: torch.Tensor) -> torch.Tensor:
 def edl_loss(logits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, round_index: int,
              kl_weight: float = 0.01, annealing_step: int = 10) -> torch.Tensor:
     """FEAL's training loss (module docstring) of one batch."""
+    logits = logits.float()  # digamma / lgamma in fp32 (bf16 autocast hands bf16)
     c = logits.shape[1]
     alpha = dirichlet(logits)
     s = alpha.sum(1)
@@ -141,7 +142,8 @@ def relaxation(order: np.ndarray, feats: torch.Tensor, budget: int, neighbors: i
         sim = as_numpy(f @ f[i])
         close = np.argsort(-sim, kind="stable")
         close = close[sim[close] > cosine]
-        close = close[close != i][:neighbors]  # the authors drop the first (itself)
+        # the authors drop the first of the ranking (itself, but for an exact duplicate)
+        close = close[close != i][:neighbors]
         if len(close) < neighbors or not is_taken[close].any():
             taken.append(int(i))
             is_taken[i] = True

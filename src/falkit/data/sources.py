@@ -1056,7 +1056,7 @@ def _load_csv(path: Path, name: str) -> ImageDataset:
     import csv
 
 
-    with _reading(path), path.open(newline="", encoding="utf-8") as f:
+    with _reading(path), path.open(newline="", encoding="utf-8-sig") as f:  # (Excel's BOM)
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in ("path", "label", "split") if c not in cols]

@@ -63,7 +63,7 @@ class FedOpt(FedAvg):
         self.names = list(param_names)
 
     def aggregate(self, global_state: State, clients: list[Client], num_clients: int) -> State:
-        out = weighted_average(clients, global_state)  # FedAvg's mean (buffers kept as is)
+        out = weighted_average(clients, global_state)  # FedAvg's mean (buffers: that mean)
         for n in self.names:
             x = global_state[n]
             delta = out[n] - x  # Δ_t, the pseudo-gradient
