@@ -104,7 +104,7 @@ def test_a_run_differs_from_fedavg_and_trains(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedyogi"])
+@pytest.mark.parametrize("name", NAMES)
 def test_in_process_equals_flower(tmp_path, name):
     pytest.importorskip("flwr")
     from tests.test_transports import same_in_process_and_on_flower

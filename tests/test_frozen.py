@@ -41,6 +41,9 @@ def test_bad_specs_are_refused_when_the_config_loads():
         config.load(None, overrides={"model.backbone": "frozen:pca:x"})
     with pytest.raises(ConfigError, match="model.head"):
         config.load(None, overrides={"model.backbone": "frozen:pixels", "model.head": "deep"})
+    with pytest.raises(ConfigError, match="would not share coordinates"):
+        config.load(None, overrides={"model.backbone": "frozen:pca:8",
+                                     "partition.method": "sites"})
     with pytest.raises(ConfigError, match="model.backbone = linear"):
         config.load(None, overrides={"strategy": "fast", "model.backbone": "frozen:pixels"})
     base = config.load(None)

@@ -752,6 +752,10 @@ def validate(cfg: Config) -> None:
         from falkit.models.encoders import check_spec
 
         check_spec(cfg.model.backbone[len("frozen:"):])
+        if cfg.partition.method == "sites" and cfg.model.backbone.startswith("frozen:pca"):
+            raise ConfigError("model.backbone = frozen:pca fits its basis on each site's own "
+                              "data: with partition.method = sites the sites' embeddings "
+                              "would not share coordinates; use a pretrained encoder")
     strategy_cls.check_config(cfg)  # what the run's strategy rules out
     # the names `falkit run` resolves before it reads any data, with its own functions, so
     # that every command that loads a config (falkit config too) refuses what a run refuses

@@ -9,7 +9,8 @@ uniformly for it.
 
 Families, with s = `partition.shift_strength` in (0, 1] and u_k the client's draws:
 
-* rotate: a rotation by θ_k = 180° · s · u_k, u_k ~ U(−1, 1) (bilinear, zeros outside);
+* rotate: a rotation by θ_k = 180° · s · u_k, u_k ~ U(−1, 1) (bilinear, zeros outside; in
+  normalised coordinates, so a rotation proper on square images only);
 * color: per channel x ↦ g_{k,c} (x − 128) + 128 + 64 s v_{k,c}, g ~ 1 + s U(−1, 1),
   v ~ U(−1, 1) (contrast and brightness; per channel on RGB: a colour cast);
 * noise: additive Gaussian noise of σ_k = 64 s u_k grey levels, u_k ~ U(0.5, 1), fixed
