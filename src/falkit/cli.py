@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -226,6 +227,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from falkit.results import csv_text, write_atomic
+    from falkit.rundir import RunDir, RunLocked
 
     n_jobs = _jobs_arg(args.jobs)
     path, overrides = _split_config_arg(args)
@@ -244,7 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         k, v = g.split("=", 1)
         grid.append((k, v.split(",")))
     combos = list(itertools.product(*[v for _, v in grid])) or [()]
-    jobs = []
+    jobs, commands = [], []
+    out_csv = "sweep.csv"
     for values in combos:
         for strategy in strategies:
             for seed in seeds:
@@ -253,21 +256,83 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 extra.update(strategy=strategy, seed=str(seed))
                 jobs.append((config_mod.load(path, args.preset, extra), dict(zip(
                     [k for k, _ in grid], values, strict=True))))
+                commands.append(_run_command(path, args.preset, extra))
+    shard = _shard_arg(args.shard) if args.shard else None
+    if shard is not None:
+        keep = shard_jobs([RunDir.of(c).path for c, _ in jobs], *shard)
+        jobs, commands = [jobs[i] for i in keep], [commands[i] for i in keep]
+        out_csv = f"sweep.shard{shard[0]}of{shard[1]}.csv"
+    if args.list:
+        _check_jobs([c for c, _ in jobs])  # a listed job is one that would start
+        for (cfg, _), command in zip(jobs, commands, strict=True):
+            print(f"{cfg.run_name()}\t{command}")
+        return 0
+    if not jobs:
+        print(f"sweep: shard {shard[0]}/{shard[1]} holds no run (the sweep has fewer runs "
+              "than shards)", file=sys.stderr)
+        return 0
     done = _check_jobs([c for c, _ in jobs])
     plan = _parallel_plan([c for c, _ in jobs], n_jobs) if n_jobs > 1 else None
     if plan is not None:
-        return _sweep_parallel(jobs, out, done, *plan)
+        return _sweep_parallel(jobs, out / out_csv, done, *plan)
     print(f"sweep: {len(jobs)} runs ({done} already complete)", file=sys.stderr)
-    long_rows = []
+    long_rows, locked = [], []
     for i, (cfg, settings) in enumerate(jobs):
         print(f"[{i + 1}/{len(jobs)}] {cfg.run_name()}", file=sys.stderr)
-        result = _run_one(cfg, args.quiet)
+        try:
+            result = _run_one(cfg, args.quiet)
+        except RunLocked as e:  # another host's or sweep's run: not ours to fail
+            print(f"[{i + 1}/{len(jobs)}] skipped {cfg.run_name()}: {e.holder}", file=sys.stderr)
+            locked.append((cfg.run_name(), e.holder))
+            continue
         for row in result.metrics:
             long_rows.append({"run": cfg.run_name(), "strategy": cfg.strategy, "seed": cfg.seed,
                               **settings, **row})
-    write_atomic(out / "sweep.csv", csv_text(long_rows))
-    print(f"sweep results: {out / 'sweep.csv'}")
+    _report_locked(locked, len(jobs))
+    if long_rows or not locked:
+        write_atomic(out / out_csv, csv_text(long_rows))
+        print(f"sweep results: {out / out_csv}")
     return 0
+
+
+def _report_locked(locked: list[tuple[str, str]], total: int) -> None:
+    """The runs a sweep skipped because a live process holds them (another host, another
+    sweep): a note, not a failure; the same command again runs (or reads) them."""
+    if not locked:
+        return
+    print(f"sweep: {len(locked)} of {total} runs skipped, in use by another process (not "
+          "in this sweep's csv; run the same command again once they end):", file=sys.stderr)
+    for name, holder in locked:
+        print(f"  {name}: {holder}", file=sys.stderr)
+
+
+def shard_jobs(paths: list[Path], shard: int, shards: int) -> list[int]:
+    """The jobs of shard `shard` of `shards` (`falkit sweep --shard I/N`): the distinct run
+    directories, in job order, dealt out in turn, so that every run belongs to exactly one
+    shard and the same command gives every shard the same runs. Jobs that share a run
+    directory (the same run) share a shard."""
+    order: dict[Path, int] = {}
+    for path in paths:
+        order.setdefault(path, len(order))
+    return [i for i, path in enumerate(paths) if order[path] % shards == shard]
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or int(m[2]) < 1 or int(m[1]) >= int(m[2]):
+        raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. "
+                          f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT), got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _run_command(path: str | None, preset: str | None, overrides: dict[str, str]) -> str:
+    """The `falkit run` command line of one sweep job (`falkit sweep --list`)."""
+    import shlex
+
+    words = ["falkit", "run", *([path] if path else []), *(["--preset", preset] if preset
+                                                            else [])]
+    words += [f"{k}={v}" for k, v in overrides.items()]
+    return shlex.join(words)
 
 
 def _jobs_arg(text: str) -> int:
@@ -330,13 +395,13 @@ def _sweep_job(cfg: config_mod.Config, run_dir: str,
     return result.metrics, result.skipped, result.resumed_from
 
 
-def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: Path,
+def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table: Path,
                     done: int, n: int, firsts: list[int], left: list[int],
                     threads: list[int]) -> int:
     """`falkit sweep --jobs N`: the runs in N processes at once, one line per run as it
     starts and ends; a failed run does not stop the others; sweep.csv in job order, with
     the rows a --jobs 1 sweep writes."""
-    from falkit.parallel import Outcome, run_jobs
+    from falkit.parallel import LOCKED, Outcome, run_jobs
     from falkit.results import csv_text, read_metrics, write_atomic
     from falkit.rundir import RunDir
 
@@ -359,7 +424,9 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: P
     def finished(k: int, o: Outcome) -> None:
         i = left[k]
         name = paths[i].name
-        if not o.ok:
+        if o.code == LOCKED:
+            line = f"skipped {name}: {o.error}"
+        elif not o.ok:
             line = f"failed {name} ({o.seconds:.1f} s): {o.error}"
         elif o.value[1]:
             line = f"already complete {name}"
@@ -386,20 +453,23 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], out: P
         for row in metrics:
             long_rows.append({"run": cfg.run_name(), "strategy": cfg.strategy, "seed": cfg.seed,
                               **settings, **row})
-    failed = [(paths[i].name, by_job[i]) for i in left if not by_job[i].ok]
+    locked = [i for i in left if by_job[i].code == LOCKED]
+    failed = [(paths[i].name, by_job[i]) for i in left
+              if not by_job[i].ok and by_job[i].code != LOCKED]
     if long_rows:
-        write_atomic(out / "sweep.csv", csv_text(long_rows))
+        write_atomic(table, csv_text(long_rows))
+    _report_locked([(paths[i].name, by_job[i].error) for i in locked], len(set(firsts)))
     if not failed:
-        print(f"sweep results: {out / 'sweep.csv'}")
+        print(f"sweep results: {table}")
         return 0
-    kept = (f"sweep.csv holds the {ok} of {total} runs that finished" if long_rows
-            else "sweep.csv was not written")
+    kept = (f"{table.name} holds the {ok} of {total} runs that finished" if long_rows
+            else f"{table.name} was not written")
     print(f"falkit: error: {len(failed)} of {len(set(firsts))} runs failed ({kept}; run the "
           "same command again to retry them, finished runs are skipped):", file=sys.stderr)
     for name, o in failed:
         print(f"  {name}: {o.error}", file=sys.stderr)
     if long_rows:
-        print(f"sweep results (partial, {ok} of {total} runs): {out / 'sweep.csv'}")
+        print(f"sweep results (partial, {ok} of {total} runs): {table}")
     return 2 if all(o.code == 2 for _, o in failed) else 1
 
 
@@ -791,6 +861,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--jobs", default="1", metavar="N",
                     help="runs at once, each in a process of its own (default 1); with "
                     "runtime.threads=0 each gets the CPUs / N intra-op threads")
+    sp.add_argument("--list", action="store_true",
+                    help="print the jobs (run name, tab, its `falkit run` command) and stop")
+    sp.add_argument("--shard", metavar="I/N",
+                    help="run only shard I of N (0 <= I < N), e.g. in a Slurm job array: "
+                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; its table is "
+                    "sweep.shardIofN.csv")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("demo", help="the quick FMNIST-LT demo of `make demo`")

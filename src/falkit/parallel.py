@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from falkit.errors import FalkitError
+from falkit.errors import FalkitError, RunLocked
 
 GRACE_S = 3.0  # how long interrupted workers get to end by themselves before SIGTERM
+LOCKED = 75  # an Outcome's code for a run that a live process holds (EX_TEMPFAIL): skipped
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Outcome:
 
 def error_outcome(e: BaseException) -> Outcome:
     """The one-line error falkit's CLI would print for `e`, and its exit code."""
+    if isinstance(e, RunLocked):  # not a failure: another process is running it
+        return Outcome(False, error=f"in use by {e.holder}", code=LOCKED)
     if isinstance(e, FalkitError):
         return Outcome(False, error=str(e), code=2)
     if isinstance(e, OSError):  # disk full, read-only file system, permissions

@@ -38,15 +38,11 @@ import torch
 
 from falkit import config as config_mod
 from falkit.config import Config, check_name, identity
-from falkit.errors import ConfigError, FalkitError
+from falkit.errors import ConfigError, FalkitError, RunLocked
 from falkit.results import write_atomic
 
 # write_atomic's temporary files: ".<name>.<8 random characters of mkstemp>"
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
-
-
-class RunLocked(FalkitError):
-    """Another process is writing this run."""
 
 
 def is_run(path: Path) -> bool:
@@ -257,7 +253,7 @@ class RunDir:
                 holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise RunLocked(f"{self.path} is in use by {holder}; wait for it to end "
-                                "(or stop it) and run again") from None
+                                "(or stop it) and run again", holder) from None
             try:  # the holder may have released and unlinked the file after we opened it
                 same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
