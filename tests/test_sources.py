@@ -392,6 +392,18 @@ def test_npz_mean_std_are_the_agreed_constants(tmp_path: Path) -> None:
         assert str(path) in str(e.value)
 
 
+def test_a_file_that_is_no_npz_archive_is_named_as_such(tmp_path: Path) -> None:
+    # bytes numpy would take for a pickle (and tell to allow_pickle) or a truncated zip
+    for i, raw in enumerate((b"\x80\x04\x95garbage", b"PK\x03\x04truncated", b"")):
+        path = tmp_path / f"bad{i}.npz"
+        path.write_bytes(raw)
+        with pytest.raises(FalkitError, match=rf"cannot read .*bad{i}\.npz") as e:
+            load(f"npz:{path}")
+        assert "allow_pickle" not in str(e.value)
+        if not raw.startswith(b"PK"):
+            assert "not an npz archive" in str(e.value)
+
+
 def test_generic_npz_relative_to_data_root(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x_train=_images(4, H, W), y_train=[0, 1, 3, 2],
              x_test=_images(2, H, W), y_test=[1, 1])

@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from falkit.rundir import RunDir, RunLocked
 
     n_jobs = _jobs_arg(args.jobs)
+    if args.ray and n_jobs > 1:
+        raise ConfigError("give --ray or --jobs, not both (on Ray, the cluster's resources "
+                          "and --cpus-per-run / --gpus-per-run decide how many runs at once)")
     path, overrides = _split_config_arg(args)
     base = _load_config(path, args.preset, overrides)  # validates the base first
     out = Path(base.out_dir).expanduser() / config_mod.check_name(args.name or "sweep",
@@ -272,6 +276,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "than shards)", file=sys.stderr)
         return 0
     done = _check_jobs([c for c, _ in jobs])
+    if args.ray:
+        device_set = "runtime.device" in dict(config_mod.parse_overrides(overrides)) or any(
+            k == "runtime.device" for k, _ in grid)
+        code = _sweep_ray(args, jobs, out / out_csv, done, device_set)
+        if code >= 0:
+            return code
+    elif args.cpus_per_run is not None or args.gpus_per_run is not None:
+        raise ConfigError("--cpus-per-run and --gpus-per-run are for --ray (with --jobs N "
+                          "each run gets the CPUs / N threads)")
     plan = _parallel_plan([c for c, _ in jobs], n_jobs) if n_jobs > 1 else None
     if plan is not None:
         return _sweep_parallel(jobs, out / out_csv, done, *plan)
@@ -370,14 +383,19 @@ def _parallel_plan(cfgs: list[config_mod.Config],
     return n, firsts, left, threads
 
 
-def _sweep_job(cfg: config_mod.Config, run_dir: str,
-               threads: int) -> tuple[list[dict[str, Any]], bool, int | None]:
-    """One run of `falkit sweep --jobs N`, in a spawned process of its own (falkit.parallel):
-    its metrics rows, whether it was complete already, the cycle it resumed at (None: it
-    started afresh). Silent: the parent reports."""
+def _sweep_job(cfg: config_mod.Config, run_dir: str, threads: int,
+               device: str = "") -> tuple[list[dict[str, Any]], bool, int | None]:
+    """One run of `falkit sweep --jobs N`, in a spawned process of its own (falkit.parallel),
+    or of `--ray` in a Ray task (falkit.raysweep): its metrics rows, whether it was complete
+    already, the cycle it resumed at (None: it started afresh). Silent: the parent reports.
+    `device`: the runtime.device to run on instead of the config's (a GPU run on a node the
+    driver is not: checked here, where the GPU is)."""
     import os
 
     _setup_output()
+    if device:
+        config_mod.check_device(device)
+        cfg.runtime.device = device  # not part of the run's identity (config.NOT_IDENTITY)
     if threads:  # before numpy and torch are imported: their thread pools read these
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
@@ -395,11 +413,47 @@ def _sweep_job(cfg: config_mod.Config, run_dir: str,
     return result.metrics, result.skipped, result.resumed_from
 
 
+class _SweepLines:
+    """A sweep's lines (one per run as it starts and ends) above one overall progress bar
+    (on a terminal; elsewhere only the lines)."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=self.console, transient=True)
+        self.task = self.progress.add_task("sweep", total=total)
+
+    def __enter__(self) -> _SweepLines:
+        if self.console.is_terminal:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def line(self, text: str, done: bool = False) -> None:
+        self.console.print(text, soft_wrap=True, highlight=False, markup=False, emoji=False)
+        if done:
+            self.progress.advance(self.task)
+
+
 def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table: Path,
                     done: int, n: int, firsts: list[int], left: list[int],
-                    threads: list[int]) -> int:
-    """`falkit sweep --jobs N`: the runs in N processes at once, one line per run as it
-    starts and ends; a failed run does not stop the others; sweep.csv in job order, with
+                    threads: list[int], execute: Callable[..., list[Any]] | None = None,
+                    how: str = "", device: str = "") -> int:
+    """`falkit sweep --jobs N` (or `--ray`): the runs in N processes at once (or as Ray
+    tasks: `execute(job_args, on_start, on_finish)`, falkit.raysweep), one line per run as
+    it starts and ends; a failed run does not stop the others; sweep.csv in job order, with
     the rows a --jobs 1 sweep writes."""
     from falkit.parallel import LOCKED, Outcome, run_jobs
     from falkit.results import csv_text, read_metrics, write_atomic
@@ -410,16 +464,17 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
     each = sorted({threads[i] for i in left if threads[i]})
     per_job = (f", {'/'.join(map(str, each))} CPU thread(s) each (runtime.threads=0)"
                if each else "")
-    print(f"sweep: {total} runs ({done} already complete), {n} at once{per_job}",
+    print(f"sweep: {total} runs ({done} already complete), {how or f'{n} at once'}{per_job}",
           file=sys.stderr)
     by_job: dict[int, Outcome] = {}
     for i in sorted(set(firsts) - set(left)):  # finished: read, as run() does when it skips
         by_job[i] = Outcome(True, (read_metrics(paths[i]), True, None))
         print(f"[{i + 1}/{total}] already complete {paths[i].name}", file=sys.stderr)
+    lines = _SweepLines(len(left))
 
-    def started(k: int) -> None:
+    def started(k: int, where: str = "") -> None:
         i = left[k]
-        print(f"[{i + 1}/{total}] start {paths[i].name}", file=sys.stderr, flush=True)
+        lines.line(f"[{i + 1}/{total}] start {paths[i].name}{' ' + where if where else ''}")
 
     def finished(k: int, o: Outcome) -> None:
         i = left[k]
@@ -437,10 +492,12 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
                    if isinstance(last.get("accuracy"), float) else "")
             resumed = f" (resumed at cycle {o.value[2] + 1})" if o.value[2] else ""
             line = f"done {name} in {o.seconds:.1f} s{resumed}{acc}"
-        print(f"[{i + 1}/{total}] {line}", file=sys.stderr, flush=True)
+        lines.line(f"[{i + 1}/{total}] {line}", done=True)
 
-    outcomes = run_jobs(_sweep_job, [(jobs[i][0], str(paths[i]), threads[i]) for i in left],
-                        n, on_start=started, on_finish=finished)
+    args = [(jobs[i][0], str(paths[i]), threads[i], device) for i in left]
+    with lines:
+        outcomes = (execute(args, started, finished) if execute is not None else
+                    run_jobs(_sweep_job, args, n, on_start=started, on_finish=finished))
     by_job.update(zip(left, outcomes, strict=True))
     long_rows, ok = [], 0
     for i, (cfg, settings) in enumerate(jobs):
@@ -471,6 +528,59 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
     if long_rows:
         print(f"sweep results (partial, {ok} of {total} runs): {table}")
     return 2 if all(o.code == 2 for _, o in failed) else 1
+
+
+def _float_arg(text: str | None, flag: str, default: float, least: float) -> float:
+    if text is None:
+        return default
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v >= least or v == float("inf"):
+        raise ConfigError(f"{flag} must be a number >= {least:g} (fractions share a "
+                          f"{'GPU' if 'gpu' in flag else 'CPU'}), got {text!r}")
+    return v
+
+
+def _sweep_ray(args: argparse.Namespace, jobs: list[tuple[config_mod.Config, dict[str, str]]],
+               table: Path, done: int, device_set: bool) -> int:
+    """`falkit sweep --ray ADDRESS`: every run a Ray task of --cpus-per-run CPUs and
+    --gpus-per-run GPUs on the cluster (falkit.raysweep); the lines, table and exit codes
+    of --jobs N."""
+    from falkit import raysweep
+
+    cfgs = [c for c, _ in jobs]
+    default_cpus = float(max((c.runtime.threads for c in cfgs), default=0) or 1)
+    cpus = _float_arg(args.cpus_per_run, "--cpus-per-run", default_cpus, 0.0)
+    gpus = _float_arg(args.gpus_per_run, "--gpus-per-run", 0.0, 0.0)
+    if cpus == 0 and gpus == 0:
+        raise ConfigError("--cpus-per-run 0 needs --gpus-per-run > 0 (a run needs a CPU or "
+                          "a GPU)")
+    plan = _parallel_plan(cfgs, len(cfgs))
+    if plan is None:
+        return -1  # every run is complete: read, as --jobs 1 does
+    _, firsts, left, _ = plan
+    # a run's intra-op threads: runtime.threads, else the CPUs the task holds (at least 1)
+    threads = [0 if c.runtime.threads else max(1, int(cpus)) for c in cfgs]
+    # a GPU run runs on CUDA unless the command line chose the device (the driver may have
+    # no GPU: the worker checks it)
+    device = "cuda" if gpus > 0 and not device_set else ""
+    if device:
+        if any(c.runtime.device != "cpu" for c in cfgs):
+            device = ""  # the config chose a CUDA device itself
+    raysweep.connect(args.ray)
+    nodes = raysweep.check_nodes(sorted({Path(c.out_dir).expanduser() for c in cfgs}),
+                                 cpus, gpus)
+    how = (f"on Ray ({len(nodes)} node{'s' if len(nodes) != 1 else ''}), {cpus:g} CPU"
+           f"{f' and {gpus:g} GPU' if gpus else ''} per run"
+           f"{', runtime.device=cuda' if device else ''}")
+
+    def execute(job_args: list[tuple[Any, ...]], on_start: Any, on_finish: Any) -> list[Any]:
+        return raysweep.run_tasks(_sweep_job, job_args, cpus, gpus, on_start, on_finish)
+
+    return _sweep_parallel(jobs, table, done, len(left), firsts, left, threads, execute,
+                           how, device)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
@@ -867,6 +977,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run only shard I of N (0 <= I < N), e.g. in a Slurm job array: "
                     "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; its table is "
                     "sweep.shardIofN.csv")
+    sp.add_argument("--ray", metavar="ADDRESS",
+                    help="run each run as a task on a Ray cluster: auto (the cluster this "
+                    "machine belongs to) or HEAD:PORT; every node must see out_dir and the "
+                    "working directory at the same paths (a shared file system)")
+    sp.add_argument("--cpus-per-run", metavar="C",
+                    help="--ray: CPUs each run holds, fractional allowed (default: "
+                    "runtime.threads, else 1); its intra-op threads unless runtime.threads")
+    sp.add_argument("--gpus-per-run", metavar="G",
+                    help="--ray: GPUs each run holds, e.g. 0.25 = 4 runs per GPU (default 0); "
+                    "such runs see only their GPU and use runtime.device=cuda unless the "
+                    "command line sets runtime.device")
     sp.set_defaults(func=cmd_sweep)
 
     sp = sub.add_parser("demo", help="the quick FMNIST-LT demo of `make demo`")

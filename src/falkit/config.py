@@ -764,10 +764,10 @@ def validate(cfg: Config) -> None:
 
     create_strategy(cfg.strategy, **strategy_options(cfg))  # name, @G/@L, its options
     check_val_split(cfg.data.dataset, cfg.data.val_split)  # the dataset's name too
-    _check_device(cfg.runtime.device)
+    check_device(cfg.runtime.device)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """cpu, cuda or cuda:N, and only a CUDA device this machine has."""
     if device == "cpu":
         return

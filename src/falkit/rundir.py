@@ -41,6 +41,13 @@ from falkit.config import Config, check_name, identity
 from falkit.errors import ConfigError, FalkitError, RunLocked
 from falkit.results import write_atomic
 
+# Who holds a lock, besides pid and host: set by a Ray task of `falkit sweep --ray` ("ray task
+# <id>"). A lock held under the same tag is the task's own earlier try, whose node or worker
+# died and whose process (and so its lock) may not be gone yet: waited for, OWN_WAIT_S at most,
+# instead of skipping the run as one another process holds.
+LOCK_TAG = ""
+OWN_WAIT_S = 120.0
+
 # write_atomic's temporary files: ".<name>.<8 random characters of mkstemp>"
 _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 
@@ -245,6 +252,7 @@ class RunDir:
                         f.unlink(missing_ok=True)
 
     def _lock(self) -> None:
+        deadline = time.monotonic() + OWN_WAIT_S
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
@@ -252,6 +260,9 @@ class RunDir:
             except BlockingIOError:
                 holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
                 os.close(fd)
+                if LOCK_TAG and f"({LOCK_TAG})" in holder and time.monotonic() < deadline:
+                    time.sleep(0.5)  # this task's own dying try: its lock goes with it
+                    continue
                 raise RunLocked(f"{self.path} is in use by {holder}; wait for it to end "
                                 "(or stop it) and run again", holder) from None
             try:  # the holder may have released and unlinked the file after we opened it
@@ -262,7 +273,7 @@ class RunDir:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
+        cmd = LOCK_TAG or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]
         os.write(fd, (f"falkit pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({cmd})\n").encode())
         self._lock_fd = fd

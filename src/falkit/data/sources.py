@@ -856,6 +856,10 @@ def _load_svhn(info: DatasetInfo, base: Path) -> ImageDataset:
 # -- npz (MedMNIST and generic) ------------------------------------------------------------
 
 def _npz_arrays(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict:
+    with _reading(path), path.open("rb") as f:
+        head = f.read(6)
+    if not head.startswith((b"PK\x03\x04", b"\x93NUMPY")):  # a zip (savez) or one .npy
+        raise FalkitError(f"cannot read {path}: not an npz archive (numpy.savez writes one)")
     with _reading(path), np.load(path, allow_pickle=False) as z:
         if not hasattr(z, "files"):
             raise FalkitError(f"cannot read {path}: a single array, not an npz archive")
