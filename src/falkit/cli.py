@@ -493,6 +493,8 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
             resumed = f" (resumed at cycle {o.value[2] + 1})" if o.value[2] else ""
             line = f"done {name} in {o.seconds:.1f} s{resumed}{acc}"
         lines.line(f"[{i + 1}/{total}] {line}", done=True)
+        if o.detail:
+            lines.line(o.detail.rstrip())
 
     args = [(jobs[i][0], str(paths[i]), threads[i], device) for i in left]
     with lines:

@@ -39,6 +39,7 @@ class Outcome:
     error: str = ""  # one line (not ok)
     code: int = 1  # the exit code the error stands for: 2 falkit's own / an OSError, 1 else
     seconds: float = 0.0  # wall-clock time from start to answer
+    detail: str = ""  # a bug's traceback, where it happened on another machine (Ray)
 
 
 def error_outcome(e: BaseException) -> Outcome:

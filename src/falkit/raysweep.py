@@ -55,7 +55,9 @@ def connect(address: str) -> Any:
     try:
         with warnings.catch_warnings():  # Ray's tip on CUDA_VISIBLE_DEVICES of CPU tasks
             warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True,
+            # the workers' output stays in the nodes' Ray logs (a dying node's state dump
+            # too); a task's answer carries what the user needs, a bug's traceback included
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                      configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -149,9 +151,10 @@ class _Reports:
 
 
 def _task(reports: Any, job: int, cwd: str, env: dict[str, str],
-          target: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+          target: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Outcome, tuple[Any, ...]]:
     """The body of one Ray task: report the start, run the job in the driver's working
-    directory and environment, answer its Outcome (a failure is an answer, not raised)."""
+    directory and environment, answer its Outcome (a failure is an answer, not raised) and
+    where it ran (the start report, in case it arrives after the answer)."""
     import ray
 
     from falkit import rundir
@@ -161,25 +164,24 @@ def _task(reports: Any, job: int, cwd: str, env: dict[str, str],
     os.chdir(cwd)
     task = ctx.get_task_id()
     rundir.LOCK_TAG = f"ray task {task}"  # a retry of this task waits for its lock
-    with contextlib.suppress(Exception):  # waited for: the driver reads it before the end
-        ray.get(reports.started.remote(job, _node_name(ctx.get_node_id(),
-                                                       socket.gethostname()),
-                                       list(ray.get_gpu_ids())), timeout=30)
+    # not waited for: a task blocked in ray.get lends its CPUs to another task meanwhile
+    where = (job, _node_name(ctx.get_node_id(), socket.gethostname()), list(ray.get_gpu_ids()))
+    reports.started.remote(*where)
     t0 = time.monotonic()
     try:
         out = Outcome(True, target(*args))
-    except KeyboardInterrupt:  # ray.cancel: the run ended as on Ctrl-C
-        out = Outcome(False, error="interrupted", code=130)
+    except KeyboardInterrupt:  # ray.cancel: the run ended as on Ctrl-C; the task is
+        raise  # cancelled (an answer after the cancel trips Ray's bookkeeping)
     except BaseException as e:  # noqa: BLE001 - every failure is an answer
+        out = error_outcome(e)
         if not isinstance(e, (FalkitError, OSError)):
             import traceback
 
-            traceback.print_exc()  # a bug: its traceback reaches the driver's stderr
-        out = error_outcome(e)
+            out.detail = traceback.format_exc()  # a bug: the driver prints its traceback
     finally:
         rundir.LOCK_TAG = ""
     out.seconds = time.monotonic() - t0  # this try's, on its node
-    return out
+    return out, where
 
 
 def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus: float,
@@ -195,8 +197,10 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
+    # on the driver's node, which lives as long as the sweep does (soft=True lets Ray
+    # place it elsewhere, even on a node that may die)
     reports = ray.remote(_Reports).options(
-        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
     remote = ray.remote(_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES,
@@ -209,33 +213,49 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
     tries: dict[int, int] = {}
     outcomes: list[Outcome | None] = [None] * len(jobs)
 
+    def report(i: int, node: str, gpu_ids: list[Any]) -> None:
+        if outcomes[i] is not None:
+            return  # the late report of a task whose answer came first (shown then)
+        where = f"on node {node}"
+        if gpu_ids:
+            where += f", GPU {','.join(map(str, gpu_ids))}"
+        tries[i] = tries.get(i, 0) + 1
+        if tries[i] > 1:
+            where += f" (try {tries[i]}: the last one's node or process died)"
+        started.setdefault(i, time.monotonic())
+        if on_start is not None:
+            on_start(i, where)
+
     def poll() -> None:
-        for i, node, gpu_ids in ray.get(reports.take.remote()):
-            where = f"on node {node}"
-            if gpu_ids:
-                where += f", GPU {','.join(map(str, gpu_ids))}"
-            tries[i] = tries.get(i, 0) + 1
-            if tries[i] > 1:
-                where += f" (try {tries[i]}: the last one's node or process died)"
-            started.setdefault(i, time.monotonic())
-            if on_start is not None:
-                on_start(i, where)
+        try:
+            items = ray.get(reports.take.remote(), timeout=60)
+        except ray.exceptions.RayError:  # the reports are lost: the answers still come
+            return
+        for item in items:
+            report(*item)
 
     pending = list(refs)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-            poll()
+            # the answers first: a task that started after one ended on its node is shown
+            # after that one's end
             for ref in ready:
                 i = index[ref]
                 try:
-                    out = ray.get(ref)
+                    out, where = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     out = Outcome(False, error=_ray_error(e), code=1,
                                   seconds=time.monotonic() - started.get(i, t0))
+                else:
+                    if i not in started:  # its start report is still on its way
+                        poll()
+                        if i not in started:
+                            report(*where)
                 outcomes[i] = out
                 if on_finish is not None:
                     on_finish(i, out)
+            poll()
     except BaseException:
         _cancel(ray, pending)
         raise
@@ -258,14 +278,15 @@ def _ray_error(e: BaseException) -> str:
 def _cancel(ray: Any, refs: list[Any], grace: float = GRACE_S) -> None:
     """Cancel `refs`: a running task gets a KeyboardInterrupt (its run ends as on Ctrl-C),
     `grace` seconds to end, then its worker is killed; a waiting one never starts."""
+    left = list(refs)
     try:
         for ref in refs:
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=False)
         with contextlib.suppress(Exception):
-            ray.wait(refs, num_returns=len(refs), timeout=grace)
+            _, left = ray.wait(refs, num_returns=len(refs), timeout=grace)
     except KeyboardInterrupt:
         pass
-    for ref in refs:
+    for ref in left:
         with contextlib.suppress(Exception):
             ray.cancel(ref, force=True)
