@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from falkit.cli import main
 from tests.deployment import free_ports
 from tests.test_sweep_jobs import _rows
+
+from falkit.cli import main
 
 pytest.importorskip("ray")
 
@@ -95,9 +95,9 @@ class Cluster:
 
     def nodes(self) -> dict[str, dict]:
         """node id (8 characters, as falkit prints it) -> its resources."""
-        code = ("import json, ray; ray.init(address=%r, logging_level=40); print(json.dumps("
-                "{n['NodeID'][:8]: n['Resources'] for n in ray.nodes() if n['Alive']}))"
-                % self.address)
+        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level=40); "
+                "print(json.dumps({n['NodeID'][:8]: n['Resources'] for n in ray.nodes() "
+                "if n['Alive']}))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=self.env, timeout=120, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -108,7 +108,8 @@ class Cluster:
 
     def stop(self) -> None:
         # the client server names only the head's address
-        for pattern in (re.escape(self.worker_dir), re.escape(self.head_dir), rf"--address=[\d.]+:{self.port} "):
+        for pattern in (re.escape(self.worker_dir), re.escape(self.head_dir),
+                        rf"--address=[\d.]+:{self.port} "):
             _kill(pattern)
         for folder in (self.worker_dir, self.head_dir):
             shutil.rmtree(folder, ignore_errors=True)
