@@ -10,109 +10,26 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from tests.deployment import free_ports
+from tests.ray_cluster import BIN, Cluster
 from tests.test_sweep_jobs import _rows
 
 from falkit.cli import main
 
 pytest.importorskip("ray")
 
-BIN = Path(sys.executable).parent
 # digits; four cycles, so that a run killed after its first still has most of it to go
 JOB = ["data.dataset=digits", "data.rho=none", "partition.num_clients=3", "partition.alpha=1",
        "budget.cycles=4", "fl.rounds=3", "fl.local_epochs=2", "fl.lr=0.05",
        "model.backbone=resnet8_preact16", "runtime.threads=1"]
 GRID = ["--strategies", "random,entropy@G,margin@G", "--seeds", "0,1"]
 START = re.compile(r"\] start (\S+) on node (\w+) \(")
-
-
-def _tree(roots: set[int]) -> list[int]:
-    """`roots` and every process below them (a node's workers carry their own title, not
-    the node's temp dir)."""
-    parent = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    out, todo = [], list(roots)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += [c for c, pp in parent.items() if pp == pid and c not in out]
-    return out
-
-
-def _pids(pattern: str) -> set[int]:
-    """The processes whose command line matches `pattern` (a regular expression)."""
-    found = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and p.name != str(os.getpid()):
-            with contextlib.suppress(OSError):
-                line = (p / "cmdline").read_bytes().replace(b"\0", b" ")
-                if re.search(pattern, line.decode(errors="replace")):
-                    found.add(int(p.name))
-    return found
-
-
-def _kill(pattern: str) -> None:
-    for pid in _tree(_pids(pattern)):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-
-
-class Cluster:
-    """A Ray head and one worker node on 127.0.0.1, one CPU each; the worker declares a GPU
-    (scheduling only: this machine has none). Each node has its own temp dir, by which its
-    processes are found (and killed)."""
-
-    def __init__(self) -> None:
-        (self.port,) = free_ports(1)
-        self.address = f"127.0.0.1:{self.port}"
-        # short paths: Ray's unix sockets live under the temp dir (108 bytes at most)
-        self.head_dir = tempfile.mkdtemp(prefix="frh", dir="/tmp")
-        self.worker_dir = tempfile.mkdtemp(prefix="frw", dir="/tmp")
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-
-    def start(self) -> None:
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-        subprocess.run([str(BIN / "ray"), "start", "--head", "--port", str(self.port),
-                        "--temp-dir", self.head_dir, "--include-dashboard", "false", *common],
-                       check=True, capture_output=True, env=self.env, timeout=120)
-        subprocess.run([str(BIN / "ray"), "start", "--address", self.address, "--temp-dir",
-                        self.worker_dir, "--num-gpus", "1", *common],
-                       check=True, capture_output=True, env=self.env, timeout=120)
-
-    def nodes(self) -> dict[str, dict]:
-        """node id (8 characters, as falkit prints it) -> its resources."""
-        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level=40); "
-                "print(json.dumps({n['NodeID'][:8]: n['Resources'] for n in ray.nodes() "
-                "if n['Alive']}))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env=self.env, timeout=120, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    def kill_worker(self) -> None:
-        """The worker node dies: its raylet and every process under it, SIGKILL."""
-        _kill(f"raylet_socket_name={re.escape(self.worker_dir)}")
-
-    def stop(self) -> None:
-        # the client server names only the head's address
-        for pattern in (re.escape(self.worker_dir), re.escape(self.head_dir),
-                        rf"--address=[\d.]+:{self.port} "):
-            _kill(pattern)
-        for folder in (self.worker_dir, self.head_dir):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _sweep(cluster: Cluster, cwd: Path, *args: str) -> subprocess.Popen:
@@ -225,3 +142,55 @@ def test_a_sweep_on_a_two_node_ray_cluster(tmp_path, capsys):
         _same_runs(tmp_path / "b", tmp_path / "ref")
     finally:
         cluster.stop()
+
+
+def test_ray_flags_are_checked_before_anything_is_written(tmp_path, capsys):
+    from tests.deployment import free_ports
+
+    base = ["sweep", "data.dataset=digits", f"out_dir={tmp_path / 'o'}"]
+    (port,) = free_ports(1)  # nothing listens there
+    for extra, why in ((["--ray", "auto", "--jobs", "2"], "give --ray or --jobs, not both"),
+                       (["--cpus-per-run", "2"], "--cpus-per-run and --gpus-per-run are for "
+                                                 "--ray"),
+                       (["--ray", "auto", "--gpus-per-run", "-1"], "--gpus-per-run must be a "
+                                                                   "number >= 0"),
+                       (["--ray", "auto", "--cpus-per-run", "0"], "--cpus-per-run 0 needs "
+                                                                  "--gpus-per-run > 0"),
+                       (["--ray", "head-without-port"], "--ray must be auto or HEAD:PORT"),
+                       (["--ray", f"127.0.0.1:{port}"], f"--ray 127.0.0.1:{port}: no Ray head "
+                                                        "answers there")):
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_ray_tasks_retry_waits_for_its_own_dead_try_and_only_for_it(tmp_path):
+    """The lock of a task's earlier try (its node died, its process not yet) is waited for;
+    another process's lock is not: that run is skipped (RunLocked) at once."""
+    from falkit import rundir
+
+    child = ("import sys, time, os; from pathlib import Path; from falkit import rundir; "
+             "rundir.LOCK_TAG = 'ray task abc'; d = rundir.RunDir(Path(sys.argv[1])); "
+             "d._lock(); print('locked', flush=True); time.sleep(1.5); os._exit(0)")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        d = rundir.RunDir(tmp_path / "run")
+        for tag in ("", "ray task other"):
+            rundir.LOCK_TAG = tag
+            t0 = time.monotonic()
+            with pytest.raises(rundir.RunLocked) as e:
+                d._lock()
+            assert "(ray task abc)" in e.value.holder and time.monotonic() - t0 < 1.0
+        rundir.LOCK_TAG = "ray task abc"
+        t0 = time.monotonic()
+        d._lock()  # returns once the dead try's process is gone
+        assert proc.poll() is not None and time.monotonic() - t0 > 0.3
+        assert "(ray task abc)" in (tmp_path / ".run.lock").read_text()
+        d._unlock()
+    finally:
+        rundir.LOCK_TAG = ""
+        proc.kill()
+        proc.wait()

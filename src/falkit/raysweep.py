@@ -51,6 +51,7 @@ def connect(address: str) -> Any:
     ray = _ray()
     if ray.is_initialized():
         return ray
+    _reachable(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         with warnings.catch_warnings():  # Ray's tip on CUDA_VISIBLE_DEVICES of CPU tasks
@@ -65,6 +66,21 @@ def connect(address: str) -> Any:
                           "with `ray start --head` (and `ray start --address HEAD:PORT` on "
                           "the other machines)") from None
     return ray
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """HOST:PORT must accept a connection (Ray itself retries an absent head for minutes)."""
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"--ray must be auto or HEAD:PORT (the head's `ray start --head "
+                          f"--port`), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise FalkitError(f"--ray {address}: no Ray head answers there ({e.strerror or e}); "
+                          "start it with `ray start --head --port PORT`") from None
 
 
 def _node_name(node_id: str, host: str) -> str:
