@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test test-fast bench bench-gpu data browser lint clean
+.PHONY: demo test test-fast bench bench-gpu data browser lint clean docs
 
 # what `make demo` needs: torch and falkit's own dependencies
 $(VENV)/.base: pyproject.toml
@@ -61,6 +61,10 @@ $(LS_VENV)/.installed:
 	@$(PYTHON) -m venv $(LS_VENV) && $(LS_VENV)/bin/python -m pip install -q \
 	  "label-studio-sdk==2.1.2" && touch $@ || \
 	  echo "label-studio-sdk did not install: its round-trip test will be skipped"
+
+# the documentation site into site/ (open site/index.html); make test builds it too
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 test: data browser $(VENV)/.installed $(LS_VENV)/.installed
 	$(PY) -m pytest -q

@@ -76,7 +76,7 @@ def main() -> int:
         "# `falkit sweep --ray`: one node vs two, and Ray against `--jobs` (issue 28)",
         "",
         f"Measured by `python benchmarks/ray_sweep.py` on {platform.node()} "
-        f"({platform.processor() or platform.machine()}, 2 cores; Python "
+        f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
         f"{platform.python_version()}), {time.strftime('%Y-%m-%d')}. The sweep: 12 quick "
         "FMNIST-LT runs (`configs/fmnist_lt.toml --preset quick budget.cycles=2 "
         "runtime.threads=1 --strategies random,entropy@G --seeds 0,1,2,3,4,5`), one thread "
@@ -101,10 +101,12 @@ def main() -> int:
     lines += [
         "",
         f"- **One Ray node vs two:** {ray1 / ray2:.2f}x faster with two (wall {ray1:.0f} s "
-        f"-> {ray2:.0f} s). Less than 2x because both \"nodes\" are this one 2-core "
-        f"machine: a run takes {own['--ray, 1 node']:.1f} s alone and "
-        f"{own['--ray, 2 nodes']:.1f} s beside another (median), the two sharing its caches "
-        "and memory bandwidth, which two machines would not.",
+        f"-> {ray2:.0f} s)." + (
+            f" Less than 2x because both \"nodes\" are this one {os.cpu_count()}-core "
+            f"machine: a run takes {own['--ray, 1 node']:.1f} s alone and "
+            f"{own['--ray, 2 nodes']:.1f} s beside another (median), the two sharing its "
+            "caches and memory bandwidth, which two machines would not."
+            if own["--ray, 2 nodes"] > 1.05 * own["--ray, 1 node"] else ""),
         f"- **Ray against `--jobs 2`** (both two runs at once): {ray2 / jobs2:.2f}x the wall "
         f"time, {(ray2 - jobs2) / 6:+.1f} s per run per slot (the difference spread over the "
         "6 runs each slot ran). A run's own time is "

@@ -89,3 +89,17 @@ def test_run_strategy_fast_goes_to_fast(capsys, tmp_path):
     out = capsys.readouterr().out
     run_dir = next(p for p in tmp_path.iterdir() if "_fast_" in p.name)
     assert f"results: {run_dir}" in out and (run_dir / "clients.csv").is_file()
+
+
+def test_version_is_the_installed_packages(capsys):
+    import importlib.metadata
+
+    import pytest
+
+    import falkit
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"falkit {falkit.__version__}" == f"falkit {importlib.metadata.version('falkit')}"

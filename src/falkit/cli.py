@@ -231,7 +231,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from falkit.rundir import RunDir, RunLocked
 
     n_jobs = _jobs_arg(args.jobs)
-    if args.ray and n_jobs > 1:
+    if args.ray is not None and n_jobs > 1:
         raise ConfigError("give --ray or --jobs, not both (on Ray, the cluster's resources "
                           "and --cpus-per-run / --gpus-per-run decide how many runs at once)")
     path, overrides = _split_config_arg(args)
@@ -276,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "than shards)", file=sys.stderr)
         return 0
     done = _check_jobs([c for c, _ in jobs])
-    if args.ray:
+    if args.ray is not None:
         device_set = "runtime.device" in dict(config_mod.parse_overrides(overrides)) or any(
             k == "runtime.device" for k, _ in grid)
         code = _sweep_ray(args, jobs, out / out_csv, done, device_set)
@@ -287,7 +287,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           "each run gets the CPUs / N threads)")
     plan = _parallel_plan([c for c, _ in jobs], n_jobs) if n_jobs > 1 else None
     if plan is not None:
-        return _sweep_parallel(jobs, out / out_csv, done, *plan)
+        return _sweep_parallel(jobs, out / out_csv, done, *plan, quiet=args.quiet)
     print(f"sweep: {len(jobs)} runs ({done} already complete)", file=sys.stderr)
     long_rows, locked = [], []
     for i, (cfg, settings) in enumerate(jobs):
@@ -417,7 +417,7 @@ class _SweepLines:
     """A sweep's lines (one per run as it starts and ends) above one overall progress bar
     (on a terminal; elsewhere only the lines)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, quiet: bool = False):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -429,12 +429,13 @@ class _SweepLines:
 
         self.console = Console(stderr=True)
         self.progress = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=self.console, transient=True)
+                                 TimeElapsedColumn(), console=self.console, transient=True,
+                                 disable=quiet)
         self.task = self.progress.add_task("sweep", total=total)
 
     def __enter__(self) -> _SweepLines:
-        if self.console.is_terminal:
-            self.progress.start()
+        if self.console.is_terminal and not self.progress.disable:
+            self.progress.start()  # (rich's stop() writes a blank line where it never drew)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -450,7 +451,7 @@ class _SweepLines:
 def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table: Path,
                     done: int, n: int, firsts: list[int], left: list[int],
                     threads: list[int], execute: Callable[..., list[Any]] | None = None,
-                    how: str = "", device: str = "") -> int:
+                    how: str = "", device: str = "", quiet: bool = False) -> int:
     """`falkit sweep --jobs N` (or `--ray`): the runs in N processes at once (or as Ray
     tasks: `execute(job_args, on_start, on_finish)`, falkit.raysweep), one line per run as
     it starts and ends; a failed run does not stop the others; sweep.csv in job order, with
@@ -470,7 +471,7 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
     for i in sorted(set(firsts) - set(left)):  # finished: read, as run() does when it skips
         by_job[i] = Outcome(True, (read_metrics(paths[i]), True, None))
         print(f"[{i + 1}/{total}] already complete {paths[i].name}", file=sys.stderr)
-    lines = _SweepLines(len(left))
+    lines = _SweepLines(len(left), quiet)
 
     def started(k: int, where: str = "") -> None:
         i = left[k]
@@ -491,7 +492,8 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
                    f"{last.get('labeled_pct', float('nan')):.1f}% labeled"
                    if isinstance(last.get("accuracy"), float) else "")
             resumed = f" (resumed at cycle {o.value[2] + 1})" if o.value[2] else ""
-            line = f"done {name} in {o.seconds:.1f} s{resumed}{acc}"
+            where = f" {o.where}" if o.where else ""
+            line = f"done {name} in {o.seconds:.1f} s{where}{resumed}{acc}"
         lines.line(f"[{i + 1}/{total}] {line}", done=True)
         if o.detail:
             lines.line(o.detail.rstrip())
@@ -539,10 +541,10 @@ def _float_arg(text: str | None, flag: str, default: float, least: float) -> flo
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not v >= least or v == float("inf"):
-        raise ConfigError(f"{flag} must be a number >= {least:g} (fractions share a "
+    if not v >= least or v == float("inf") or 0 < v < 1e-4:
+        raise ConfigError(f"{flag} must be 0 or a number >= 0.0001 (fractions share a "
                           f"{'GPU' if 'gpu' in flag else 'CPU'}), got {text!r}")
-    return v
+    return round(v, 4)  # Ray's resolution
 
 
 def _sweep_ray(args: argparse.Namespace, jobs: list[tuple[config_mod.Config, dict[str, str]]],
@@ -582,7 +584,7 @@ def _sweep_ray(args: argparse.Namespace, jobs: list[tuple[config_mod.Config, dic
         return raysweep.run_tasks(_sweep_job, job_args, cpus, gpus, on_start, on_finish)
 
     return _sweep_parallel(jobs, table, done, len(left), firsts, left, threads, execute,
-                           how, device)
+                           how, device, args.quiet)
 
 
 def cmd_label(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ Names = Annotated[str, NAMES]
 
 @dataclass
 class DataConfig:
-    dataset: str = "fmnist"
+    dataset: str = "fmnist"  # a name of `falkit list`, or npz:/imagefolder:/csv:<path>
     # searched first; then $FALKIT_DATA, ~/.cache/falkit, /usr/share/datasets
     data_root: str | None = None
     rho: float | None = 20.0  # global long tail n_max / n_min; None = keep the dataset as it is
@@ -50,8 +50,8 @@ class PartitionConfig:
     # | sites (Flower: each client a site with its own data, set by the ServerApp)
     # | natural (the data says each sample's site: falkit.data.sources)
     method: str = "dirichlet_balanced"
-    num_clients: int = 10
-    alpha: float = 0.1
+    num_clients: int = 10  # clients (sites) the training set is split among
+    alpha: float = 0.1  # Dirichlet concentration: small = extreme non-IID
     min_partition_size: int = 10  # dirichlet, dirichlet_flwr (flwr-datasets semantics)
     self_balancing: bool = False  # dirichlet, dirichlet_flwr
     classes_per_client: int = 2  # pathological: exactly this many classes per client
@@ -65,8 +65,8 @@ class PartitionConfig:
     # (falkit.data.shift): none | rotate | color | noise | blur; its strength in (0, 1];
     # shift_test: the test images too (each through a client's transform drawn for it)
     shift: str = "none"
-    shift_strength: float = 0.5
-    shift_test: bool = False
+    shift_strength: float = 0.5  # how strong each client's transform is, in (0, 1]
+    shift_test: bool = False  # shift the test images too
 
 
 @dataclass
@@ -79,15 +79,15 @@ class BudgetConfig:
 
 @dataclass
 class FLConfig:
-    algorithm: str = "fedavg"
-    rounds: int = 100
-    local_epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
+    algorithm: str = "fedavg"  # the FL algorithm (falkit list): fedavg, fedprox, ...
+    rounds: int = 100  # FL rounds per cycle
+    local_epochs: int = 5  # epochs over its labeled data per client per round
+    batch_size: int = 64  # local SGD mini-batch
+    lr: float = 0.01  # local SGD learning rate
+    momentum: float = 0.9  # local SGD momentum
+    weight_decay: float = 1e-5  # local SGD weight decay
     lr_decay: float = 0.1  # lr x lr_decay once int(lr_decay_at * rounds) rounds are done
-    lr_decay_at: float = 0.75
+    lr_decay_at: float = 0.75  # the fraction of rounds after which lr decays
     # which round decays first, r counted from 0: paper = r + 1 > int(lr_decay_at * R)
     # ("after 75 % of the rounds": 75 rounds at lr, 25 decayed) | code = r > int(lr_decay_at
     # * R) (the FairFAL code's `r > 75` in util/misc.py: 76 at lr, 24 decayed) | at = r + 1
@@ -116,8 +116,8 @@ class LocalModelConfig:
     # from scratch on its labels (LoGo's own paper); FairFAL always uses scratch, KAFAL and
     # IFAL last_round
     mode: str = "last_round"
-    lr: float = 0.01
-    epochs: int = 50
+    lr: float = 0.01  # SGD lr of a local model trained from scratch
+    epochs: int = 50  # epochs of a local model trained from scratch
     decay_epoch: int = 37  # lr x 0.1 from this epoch (lr_step = batch: mini-batch) on
     lr_step: str = "epoch"  # epoch | batch (the reference code's per-batch MultiStepLR)
     stop_accuracy: float = 0.99  # stop early once the accuracy reaches this ...
@@ -126,7 +126,7 @@ class LocalModelConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "cnn4"
+    backbone: str = "cnn4"  # the network (falkit list), or frozen:<encoder>
     # dropout on the backbone's penultimate features (the classifier's input) while
     # training, p of dropping each; 0 = none (every preset). What MC-dropout strategies
     # (bald) sample at query time
@@ -136,15 +136,15 @@ class ModelConfig:
     # once (cached on the site's disk) and this head is trained on the embeddings:
     # linear | mlp (one hidden ReLU layer of head_hidden units)
     head: str = "linear"
-    head_hidden: int = 256
+    head_hidden: int = 256  # hidden units of the mlp head
     encode_batch: int = 64  # images per encoder forward pass
 
 
 @dataclass
 class RuntimeConfig:
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast; weights and aggregation stay fp32)
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout for convolutions
     threads: int = 0  # intra-op threads with workers = 1; 0 = torch's default
     # clients trained (and inference chunks run) concurrently, one intra-op thread each:
     # on small CPUs this beats one process with several OpenMP threads per op
@@ -164,9 +164,9 @@ class RuntimeConfig:
 @dataclass
 class Config:
     name: str = ""  # run directory name; empty = derived from the settings
-    seed: int = 0
-    strategy: str = "random"
-    out_dir: str = "runs"
+    seed: int = 0  # the run seed: every random stream (data, partition, init, query)
+    strategy: str = "random"  # the query strategy, e.g. fairfal, entropy@G (falkit list)
+    out_dir: str = "runs"  # where run directories are written
     # who answers the queries: "simulated" (the dataset's labels) | "human" (people, through
     # per-client queues and `falkit label`; a run waits for their answers)
     oracle: str = "simulated"

@@ -39,7 +39,8 @@ class Outcome:
     error: str = ""  # one line (not ok)
     code: int = 1  # the exit code the error stands for: 2 falkit's own / an OSError, 1 else
     seconds: float = 0.0  # wall-clock time from start to answer
-    detail: str = ""  # a bug's traceback, where it happened on another machine (Ray)
+    detail: str = ""  # a bug's traceback (the parent prints it under the job's line)
+    where: str = ""  # where it ran, when not here (a Ray node)
 
 
 def error_outcome(e: BaseException) -> Outcome:
@@ -56,6 +57,22 @@ def error_outcome(e: BaseException) -> Outcome:
     return Outcome(False, error=f"{name}: {text[0]}" if text else name, code=1)
 
 
+def call(target: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+    """`target(*args)` as an Outcome, timed: a failure is an answer, a bug's traceback in
+    `detail`. KeyboardInterrupt goes on (the caller decides what an interrupt is)."""
+    t0 = time.monotonic()
+    try:
+        out = Outcome(True, target(*args))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure is reported, not raised
+        out = error_outcome(e)
+        if not isinstance(e, (FalkitError, OSError)):
+            out.detail = traceback.format_exc()  # a bug: its traceback helps
+    out.seconds = time.monotonic() - t0
+    return out
+
+
 def _interrupt_once(signum: int, frame: Any) -> None:
     """A worker's SIGINT: one KeyboardInterrupt (from the terminal's Ctrl-C, the parent's, or
     both), so that the run's clean-up (unlocking its run directory) is not cut short."""
@@ -68,13 +85,9 @@ def _child(conn: Connection, target: Callable[..., Any], args: tuple[Any, ...]) 
     signal.signal(signal.SIGINT, _interrupt_once)
     try:
         try:
-            out = Outcome(True, target(*args))
+            out = call(target, args)
         except KeyboardInterrupt:
             out = Outcome(False, error="interrupted", code=130)
-        except BaseException as e:  # noqa: BLE001 - every failure is reported, not raised
-            if not isinstance(e, (FalkitError, OSError)):
-                traceback.print_exc()  # a bug: its traceback helps, the summary gets a line
-            out = error_outcome(e)
         try:
             conn.send(out)
         except Exception as e:  # e.g. a result that cannot be pickled

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from falkit.errors import ConfigError, FalkitError
-from falkit.parallel import GRACE_S, Outcome, error_outcome
+from falkit.parallel import GRACE_S, Outcome, call
 
 RETRIES = 3  # tries of a task after the first when its node or worker process dies
 FORWARDED = ("FALKIT_", "HF_", "TRANSFORMERS_")  # environment variables a task inherits
 POLL_S = 0.5  # how often the driver asks the start reports
+NO_NODE_S = 60.0  # how long the tasks left wait for a node that can hold them (then: failed)
 
 
 def _ray() -> Any:
@@ -108,9 +109,10 @@ def _probe(cwd: str, paths: list[str], token: str) -> tuple[str, str, str]:
 
 def check_nodes(folders: Sequence[Path], cpus: float, gpus: float) -> list[str]:
     """Every alive node that can hold a run (`cpus`, `gpus`) sees `folders` (the sweep's
-    out_dir) and the driver's working directory at the same paths: a file written here is
-    read back there by a task pinned to that node. Returns the nodes' names; raises a
-    one-line error naming the first node that does not, or when no node can hold a run."""
+    out_dir) and the driver's working directory at the same paths (the same folders, not
+    copies): a file written here is read back there by a task pinned to that node.
+    Returns the nodes' names; raises a one-line error naming the first node that does not,
+    or when no node can hold a run."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -125,10 +127,15 @@ def check_nodes(folders: Sequence[Path], cpus: float, gpus: float) -> list[str]:
                           f"a run (--cpus-per-run, --gpus-per-run); it has {have}")
     token = uuid.uuid4().hex
     probes = []
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in [*folders, Path.cwd()]:
         probe = folder / f".falkit-probe-{token}"
-        probe.write_text(token, encoding="utf-8")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text(token, encoding="utf-8")
+        except OSError:
+            if folder == Path.cwd():  # a read-only working directory: its path is checked
+                continue
+            raise
         probes.append(probe)
     remote = ray.remote(_probe)
     try:
@@ -183,21 +190,21 @@ def _task(reports: Any, job: int, cwd: str, env: dict[str, str],
     # not waited for: a task blocked in ray.get lends its CPUs to another task meanwhile
     where = (job, _node_name(ctx.get_node_id(), socket.gethostname()), list(ray.get_gpu_ids()))
     reports.started.remote(*where)
-    t0 = time.monotonic()
     try:
-        out = Outcome(True, target(*args))
-    except KeyboardInterrupt:  # ray.cancel: the run ended as on Ctrl-C; the task is
-        raise  # cancelled (an answer after the cancel trips Ray's bookkeeping)
-    except BaseException as e:  # noqa: BLE001 - every failure is an answer
-        out = error_outcome(e)
-        if not isinstance(e, (FalkitError, OSError)):
-            import traceback
-
-            out.detail = traceback.format_exc()  # a bug: the driver prints its traceback
-    finally:
+        out = call(target, args)  # KeyboardInterrupt (ray.cancel: the run ended as on
+    finally:  # Ctrl-C) goes on: the task is cancelled, an answer would trip Ray's books
         rundir.LOCK_TAG = ""
-    out.seconds = time.monotonic() - t0  # this try's, on its node
     return out, where
+
+
+def _fits(ray: Any, cpus: float, gpus: float) -> bool:
+    """Whether an alive node of the cluster can hold one run."""
+    try:
+        nodes = ray.nodes()
+    except Exception:  # the GCS is busy: assume so, ask again later
+        return True
+    return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
+               and n["Resources"].get("GPU", 0) >= gpus for n in nodes)
 
 
 def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus: float,
@@ -207,8 +214,9 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
     cluster `connect` joined), submitted in job order; Ray runs as many at once as the
     nodes hold. Returns the Outcomes in job order. `on_start(i, where)` is called as job i
     starts on a node (again, with "try k", when Ray runs it again after its node died),
-    `on_finish(i, outcome)` as it ends. Ctrl-C (or an exception of a callback) cancels
-    every task before it goes on."""
+    `on_finish(i, outcome)` as it ends. When no alive node can hold a run any more (the
+    last GPU node died), the tasks left fail after NO_NODE_S. Ctrl-C (or an exception of
+    a callback) cancels every task before it goes on."""
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -219,26 +227,31 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
-    remote = ray.remote(_task).options(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES,
-                                       retry_exceptions=False)
+    # max_calls=1: a GPU run gets a fresh worker process (CUDA, once initialised, stays on
+    # the GPU the process first saw, whatever CUDA_VISIBLE_DEVICES says for the next task)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES,
+                        retry_exceptions=False, max_calls=1 if gpus else 0)(_task)
     t0 = time.monotonic()
     refs = [remote.remote(reports, i, os.getcwd(), env, target, tuple(job))
             for i, job in enumerate(jobs)]
     index = {ref: i for i, ref in enumerate(refs)}
     started: dict[int, float] = {}
+    last: dict[int, tuple[str, list[Any]]] = {}  # each job's latest start: node, GPUs
     tries: dict[int, int] = {}
     outcomes: list[Outcome | None] = [None] * len(jobs)
+
+    def where_text(node: str, gpu_ids: list[Any]) -> str:
+        return f"on node {node}" + (f", GPU {','.join(map(str, gpu_ids))}" if gpu_ids else "")
 
     def report(i: int, node: str, gpu_ids: list[Any]) -> None:
         if outcomes[i] is not None:
             return  # the late report of a task whose answer came first (shown then)
-        where = f"on node {node}"
-        if gpu_ids:
-            where += f", GPU {','.join(map(str, gpu_ids))}"
+        where = where_text(node, gpu_ids)
         tries[i] = tries.get(i, 0) + 1
         if tries[i] > 1:
             where += f" (try {tries[i]}: the last one's node or process died)"
         started.setdefault(i, time.monotonic())
+        last[i] = (node, gpu_ids)
         if on_start is not None:
             on_start(i, where)
 
@@ -250,7 +263,14 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
         for item in items:
             report(*item)
 
+    def finish(i: int, out: Outcome) -> None:
+        outcomes[i] = out
+        if on_finish is not None:
+            on_finish(i, out)
+
     pending = list(refs)
+    no_node_since: float | None = None
+    checked = time.monotonic()
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
@@ -259,19 +279,31 @@ def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus:
             for ref in ready:
                 i = index[ref]
                 try:
-                    out, where = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    out = Outcome(False, error=_ray_error(e), code=1,
-                                  seconds=time.monotonic() - started.get(i, t0))
-                else:
-                    if i not in started:  # its start report is still on its way
-                        poll()
-                        if i not in started:
-                            report(*where)
-                outcomes[i] = out
-                if on_finish is not None:
-                    on_finish(i, out)
+                    out, (_, node, gpu_ids) = ray.get(ref)
+                except ray.exceptions.RayError as e:  # its node died RETRIES + 1 times, ...
+                    finish(i, Outcome(False, error=_ray_error(e), code=2,
+                                      seconds=time.monotonic() - started.get(i, t0)))
+                    continue
+                if last.get(i) != (node, gpu_ids):  # this try's start report is on its way
+                    poll()
+                    if last.get(i) != (node, gpu_ids):
+                        report(i, node, gpu_ids)
+                out.where = where_text(node, gpu_ids)
+                finish(i, out)
             poll()
+            if pending and time.monotonic() - checked > 5.0:
+                checked = time.monotonic()
+                if _fits(ray, cpus, gpus):
+                    no_node_since = None
+                elif no_node_since is None:
+                    no_node_since = checked
+                elif checked - no_node_since > NO_NODE_S:
+                    _cancel(ray, pending)
+                    for ref in pending:
+                        finish(index[ref], Outcome(False, code=2, error=(
+                            f"no alive node of the Ray cluster has {cpus:g} CPU and "
+                            f"{gpus:g} GPU for it any more (for {NO_NODE_S:.0f} s)")))
+                    pending = []
     except BaseException:
         _cancel(ray, pending)
         raise

@@ -92,6 +92,7 @@ class FairFALConfig(Options):
     """[fairfal] (ALGORITHMS.md §5): defaults are the paper's; the ablation switches of its
     Table 2 and appendix, and the reference code's choice as `embedding_probs = "code"`."""
 
+    # which model scores a client: adaptive (FairFAL Eq. 6) | complement | global | local
     selector: str = option("adaptive", choices=("adaptive", "complement", "global", "local"))
     # off = plain top-b uncertainty of the chosen model
     classwise: bool = True
@@ -100,6 +101,7 @@ class FairFALConfig(Options):
     # stage-1 pool = floor(kappa * q_c) most uncertain; 0 = one stage
     kappa: float = 4.0
     delta: float = option(0.75, low=0, high=1)  # global model iff s_k > delta
+    # the uncertainty score of stage 1
     uncertainty: str = option("entropy", choices=("entropy", "margin", "least_confidence"))
     # paper: global probs | code: global iff gamma_bar < 0.5
     embedding_probs: str = option("paper", choices=("paper", "code"))

@@ -295,17 +295,17 @@ class FASTConfig(Options):
     # client's training-set size, FAST-official's num_samples), SGD lr, weight decay, batch,
     # random-crop padding (None: the dataset's) and lr milestones (fractions of R)
     weighting: str = option("uniform", choices=("uniform", "labeled"))
-    lr: float | None = option(None, low=0, low_in=False)
-    weight_decay: float | None = option(None, low=0)
-    batch_size: int | None = option(None, low=2)
-    crop_pad: int | None = option(None, low=0)
-    lr_milestones: Names = ""
+    lr: float | None = option(None, low=0, low_in=False)  # SGD lr
+    weight_decay: float | None = option(None, low=0)  # SGD weight decay
+    batch_size: int | None = option(None, low=2)  # SGD mini-batch
+    crop_pad: int | None = option(None, low=0)  # random-crop padding
+    lr_milestones: Names = ""  # lr decay points, fractions of the rounds
     # "" = fl.lr_decay_rule
     lr_decay_rule: str = option("", choices=("", "paper", "code", "at"))
     # scope = pooled: the refinement count, all = ceil(budget x N) | code = int(budget x
     # |U_0|), the samples left unlabeled after the initial set (FAST-official data.py)
     pooled_budget: str = option("all", choices=("all", "code"))
-    encode_batch: int = option(64, low=1)
+    encode_batch: int = option(64, low=1)  # images per encoder forward pass
     cache_dir: str | None = None  # embedding cache; none = $FALKIT_CACHE or ~/.cache/falkit
 
     def check(self, cfg: Any) -> None:

@@ -115,7 +115,7 @@ class IFALConfig(Options):
     kd_epochs: int = option(500, low=1)  # at most this many epochs ...
     # ... stopping after this many without a lower training loss
     kd_patience: int = option(5, low=1)
-    kd_temperature: float = option(4.0, low=0, low_in=False)
+    kd_temperature: float = option(4.0, low=0, low_in=False)  # softmax temperature of KD
     kd_ce_weight: float = option(0.1, low=0, high=1)  # loss = w * CE + (1 - w) * KD
     # the weights it ends with: best = a copy of the lowest-loss epoch's (what early stopping
     # means) | last = the last epoch's (the IFAL code's EarlyStopping keeps a live
