@@ -1,8 +1,8 @@
-"""A Flower deployment on loopback, started as the README's "Across machines" recipe starts
-one: a SuperLink (optionally TLS with a private CA, and SuperNode authentication: only
-registered keys connect), SuperNodes with their node configs, `flwr` against it. Every
-process runs in its own process group and is stopped by its PID. Used by tests/test_flower.py
-and benchmarks/flower_rounds.py."""
+"""A Flower deployment on loopback, started as the docs' "Across machines" recipe
+(docs/guide/flower.md) starts one: a SuperLink (optionally TLS with a private CA, and SuperNode
+authentication: only registered keys connect), SuperNodes with their node configs, `flwr` against
+it. Every process runs in its own process group and is stopped by its PID. Used by
+tests/test_flower.py and benchmarks/flower_rounds.py."""
 
 from __future__ import annotations
 

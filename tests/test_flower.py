@@ -286,7 +286,7 @@ def local_superlink(tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         yield env
     finally:
-        pattern = f"flower-superlink.*{home}/local-superlink"  # the README's command
+        pattern = f"flower-superlink.*{home}/local-superlink"  # the docs' command
         for sig in ("-TERM", "-KILL"):
             subprocess.run(["pkill", sig, "-f", pattern], check=False)
             time.sleep(2)
@@ -301,10 +301,10 @@ def _flwr_run(env: dict, cwd: Path, run_config: str) -> str:
 
 @pytest.mark.slow
 def test_flwr_run_on_the_managed_local_superlink(tmp_path, local_superlink):
-    """The README's first Flower example: `flwr run` with falkit's settings as run-config
-    keys, on Flower's own local SuperLink (3 simulated SuperNodes), no flag to know. A bad
-    config is refused in one line before any client is contacted; a good one gives the
-    results directory `falkit run` writes, with progress in the stream."""
+    """The docs' first Flower example (docs/guide/flower.md): `flwr run` with falkit's settings
+    as run-config keys, on Flower's own local SuperLink (3 simulated SuperNodes), no flag
+    to know. A bad config is refused in one line before any client is contacted; a good one
+    gives the results directory `falkit run` writes, with progress in the stream."""
     keys = {**SMALL, "strategy": "fairfal"}
 
     def native(**extra) -> str:  # TOML values, as a user types them
@@ -375,7 +375,7 @@ def _accuracies(run_dir: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_across_machines_recipe_with_tls_and_supernode_auth(tmp_path):
-    """The README's "Across machines" recipe, verbatim but for the addresses: a CA and a
+    """The docs' "Across machines" recipe, verbatim but for the addresses: a CA and a
     server certificate made here, a TLS SuperLink that admits only registered SuperNodes,
     two sites with their own npz files (one without any 0). A bad config submitted to the
     running deployment shows falkit's one-line error in the stream within seconds and the

@@ -1,9 +1,9 @@
-"""The README's "Label with people", followed verbatim in a real headless browser
-(Debian's chromium and chromedriver, through Selenium): a digits run with oracle=human
-waits, every queued sample is labeled with the keyboard using the true labels (one wrong
-key taken back with Backspace), the same command continues, and the results equal the
-simulated-oracle run's. Leaves docs/labeling.png and docs/labeling-phone.png, screenshots of
-the page on a desktop and on a phone's viewport."""
+"""The docs' "Label with people" (docs/guide/labeling.md), followed verbatim in a real headless
+browser (Debian's chromium and chromedriver, through Selenium): a digits run with oracle=human
+waits, every queued sample is labeled with the keyboard using the true labels (one wrong key taken
+back with Backspace), the same command continues, and the results equal the simulated-oracle run's.
+Leaves docs/labeling.png and docs/labeling-phone.png, screenshots of the page on a desktop and on a
+phone's viewport."""
 
 import os
 import re
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
                                         "(make test installs them)")]
 ROOT = Path(__file__).resolve().parents[1]
 FALKIT = str(Path(sys.executable).parent / "falkit")
-# the README's command, with a small digits setting instead of its dataset
+# the docs' command, with a small digits setting instead of its dataset
 ARGS = ["data.dataset=digits", "data.rho=5", "partition.num_clients=3", "partition.alpha=1.0",
         "budget.fraction=0.05", "budget.cycles=2", "fl.rounds=2", "fl.local_epochs=1",
         "model.backbone=resnet8_preact16", "runtime.threads=1", "strategy=entropy@G"]

@@ -818,8 +818,8 @@ def cmd_list(args: argparse.Namespace) -> int:
           ("noise", "its own level of Gaussian noise"),
           ("blur", "its own Gaussian blur")]),
         ("presets", [("paper", "the papers' protocol as their text states it (the defaults)"),
-                     ("quick", "the same protocol scaled to a 2-core CPU (see README)"),
-                     ("reference", "every choice of the authors' code (README Fidelity)")]),
+                     ("quick", "the same protocol scaled to a 2-core CPU (docs: Presets)"),
+                     ("reference", "every choice of the authors' code (docs: Fidelity)")]),
     ]
     from falkit import registry
 

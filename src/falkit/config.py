@@ -244,7 +244,8 @@ class Config:
         return hashlib.sha256(repr(sorted(identity(self).items())).encode()).hexdigest()[:6]
 
 
-# The `quick` preset: the FairFAL protocol scaled to a 2-core CPU (README "Presets").
+# The `quick` preset: the FairFAL protocol scaled to a 2-core CPU (docs/guide/running.md,
+# "Presets").
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "quick": {
@@ -257,8 +258,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budget.cycles": 5,
         "ifal.kd_epochs": 20,
     },
-    # every choice of the authors' code where it differs from the papers' text (README
-    # "Fidelity"); combine with quick as --preset reference,quick
+    # every choice of the authors' code where it differs from the papers' text
+    # (docs/guide/running.md, "Fidelity"); combine with quick as --preset reference,quick
     "reference": {
         "fl.lr_decay_rule": "code",
         "data.normalization": "code",

@@ -70,7 +70,7 @@ class LoGo(Strategy):
     description = "LoGo: k-means on local-model embeddings, top global entropy per cluster"
     uses_selector = False  # a fixed design: local model clusters, global model picks
     # local_model.mode: scratch in LoGo's own paper, last_round in the FairFAL authors'
-    # comparison code (the default; README "Fidelity")
+    # comparison code (the default; docs/guide/running.md "Fidelity")
     local_model_mode = None
 
     def __init__(self, at: str | None = None, *, n_init: int = 10, **options: object):

@@ -35,7 +35,7 @@ def batches(idx: torch.Tensor, gen: torch.Generator, batch_size: int) -> Iterato
     """Shuffled mini-batches of one epoch. A trailing batch of one sample is dropped:
     BatchNorm cannot normalise one sample on a 1×1 feature map, which some backbones
     reach at small image sizes (the FairFAL code's CNN-4, whose smallest map is 3×3 /
-    4×4, trains on it; no FMNIST-LT protocol budget makes one: README "Fidelity")."""
+    4×4, trains on it; no FMNIST-LT protocol budget makes one: docs/guide/running.md "Fidelity")."""
     perm = idx[torch.randperm(len(idx), generator=gen)]
     for b in range(0, len(perm), batch_size):
         bi = perm[b:b + batch_size]
