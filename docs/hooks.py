@@ -4,7 +4,9 @@ they cannot drift from it (issue 29):
 * docs/reference/cli.md: every `falkit` command and flag, from the argparse parser;
 * docs/reference/config.md: every config key with its default, valid values and meaning,
   from the config dataclasses (their field metadata and the comment beside each field),
-  the core sections and every registered method's options section.
+  the core sections and every registered method's options section;
+* docs/reference/flower.md: the run-config keys of falkit's Flower App, from the App's own
+  `[tool.flwr.app.config]` (`falkit.flower.common.app_config_toml`).
 
 Both files are written before MkDocs reads the docs (and are not in git).
 """
@@ -28,6 +30,7 @@ def on_pre_build(config: Any) -> None:  # noqa: ARG001 - the MkDocs hook's signa
     ref.mkdir(exist_ok=True)
     _write(ref / "cli.md", cli_page())
     _write(ref / "config.md", config_page())
+    _write(ref / "flower.md", flower_page())
 
 
 def _write(path: Path, text: str) -> None:
@@ -180,3 +183,25 @@ def config_page() -> str:
     for name, cls in sorted(registry.option_sections().items()):
         out += _section(f"[{name}]", f"{name}.", cls, choices, ranges, "###")
     return "\n".join(out)
+
+
+# -- the Flower App's run config ----------------------------------------------------------
+def flower_page() -> str:
+    import warnings
+
+    with warnings.catch_warnings():  # flwr's typer on a newer click: not ours to show
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from falkit.flower.common import app_config_toml
+
+    own, _, _ = app_config_toml(methods=False).partition("# every falkit setting")
+    return "\n".join([
+        "# Flower run config", "",
+        "Generated from falkit's Flower App (`falkit.flower.common.app_config_toml`, the "
+        "`[tool.flwr.app.config]` of the App's pyproject.toml) at every build of these "
+        "pages. `flwr run --run-config \"k=v k=v\"` (or a TOML file) sets these keys; "
+        "`falkit config --flower \"k=v k=v\"` checks a value before it is submitted.", "",
+        "## The App's own keys and the conveniences", "", "```toml", own.rstrip(), "```", "",
+        "## Every falkit setting", "",
+        "Every [config key](config.md) is a run-config key of the same dotted name "
+        "(`fl.rounds`, `strategy`, `partition.alpha`, `fairfal.kappa`, ...), `\"\"` meaning "
+        "falkit's default; these win over `config`, `preset` and `overrides`.", ""])

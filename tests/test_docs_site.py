@@ -66,6 +66,15 @@ def test_the_docs_build_strictly_and_the_reference_covers_the_code(tmp_path):
     assert not silent, f"config keys without a comment beside their field: {silent}"
     assert "alpha" in conf and "dirichlet_balanced" in conf
 
+    flower = _text(site / "reference" / "flower.html")
+    from falkit.flower.common import CONVENIENCE_KEYS, FLOWER_KEYS
+
+    for key in (*FLOWER_KEYS, *CONVENIENCE_KEYS):
+        assert f"{key} = " in flower, key
+
     api = _text(site / "reference" / "api.html")
-    for name in ("run", "Result", "load_runs"):
-        assert name in api
+    for name in ("falkit.api.run", "falkit.api.Result", "falkit.api.load_runs",
+                 "falkit.al.base.Strategy", "falkit.fl.algorithms.base.FedAvg",
+                 "check_strategy", "check_options", "falkit.data.federation.FederatedData"):
+        assert name in api, name
+    assert "Raises:" in api and "Returns:" in api  # the docstrings' sections rendered

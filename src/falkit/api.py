@@ -13,15 +13,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from falkit import config as config_mod
 from falkit.config import Config
 
+if TYPE_CHECKING:
+    import pandas
+    import torch
+
 
 @dataclass
 class Result:
-    """What `falkit.run` did: the run directory and its metrics rows (one per cycle)."""
+    """What `falkit.run` did.
+
+    Attributes:
+        run_dir: The run directory (its config.toml, metrics.csv, checkpoint/, ...).
+        metrics: The run's metrics rows, one dict per cycle, as metrics.csv holds them.
+        skipped: Whether the run was complete already (nothing ran).
+        resumed_from: The first cycle this call ran when it resumed a run, else None.
+    """
 
     run_dir: Path
     metrics: list[dict[str, Any]]
@@ -30,14 +41,26 @@ class Result:
 
     @property
     def accuracy(self) -> list[float]:
+        """The global model's test accuracy after each cycle, in [0, 1]."""
         return [float(r["accuracy"]) for r in self.metrics]
 
-    def frame(self):
-        """This run as `load_runs` gives it (a pandas DataFrame)."""
+    def frame(self) -> pandas.DataFrame:
+        """This run as `load_runs` gives it.
+
+        Returns:
+            One row per cycle.
+        """
         return load_runs([self.run_dir])
 
-    def model(self, cycle: int = -1):
-        """The global model of `cycle` (default the last), rebuilt (an nn.Module)."""
+    def model(self, cycle: int = -1) -> torch.nn.Module:
+        """The global model after a cycle, rebuilt from the run's saved weights.
+
+        Args:
+            cycle: An index into `metrics` (default -1: the last cycle).
+
+        Returns:
+            The model, on the CPU.
+        """
         from falkit.models.saved import load_model, model_file
 
         c = int(self.metrics[cycle]["cycle"])
@@ -46,9 +69,23 @@ class Result:
 
 def run(config: str | Path | Config | None = None, *, preset: str | None = None,
         quiet: bool = False, overwrite: bool = False, **overrides: Any) -> Result:
-    """Run (or resume, or skip if finished) one experiment: a TOML file, a `Config`, or the
-    defaults, with a preset and settings on top (`strategy="fairfal"`, `fl={"rounds": 3}`,
-    `**{"partition.alpha": 100}`). Shows progress bars unless `quiet`. FAST runs too."""
+    """Run, resume, or (when it is finished) skip one experiment, as `falkit run` does.
+
+    Args:
+        config: A TOML file, a `Config`, or None for the defaults.
+        preset: Presets to apply first, e.g. "quick" or "reference,quick".
+        quiet: No progress bars (the per-cycle lines remain).
+        overwrite: Discard a finished or different run of the same name and start again.
+        **overrides: Settings on top, e.g. `strategy="fairfal"`, `fl={"rounds": 3}` or
+            `**{"partition.alpha": 100}`; a strategy or FL-algorithm class may stand for
+            its name.
+
+    Returns:
+        The `Result`: the run directory and its metrics.
+
+    Raises:
+        falkit.errors.FalkitError: A bad setting or missing data, with a one-line message.
+    """
     # a class given for a method (strategy=MyStrategy): its registered name, or its
     # `module:Class` spec (a class defined in a script runs in this process only)
     from falkit import registry
@@ -68,13 +105,24 @@ def run(config: str | Path | Config | None = None, *, preset: str | None = None,
     return Result(res.run_dir, res.metrics, res.skipped, res.resumed_from)
 
 
-def load_runs(paths: str | Path | list[str | Path]):
-    """Every run under `paths` (run directories, or folders searched for them) as one tidy
-    pandas DataFrame: a row per run × cycle with the run, its method (strategy and its
-    non-default options), setting, seed, every setting that differs between the runs, the
-    cycle, target and labeled %, accuracy, AUC (NaN where not recorded), per-class accuracy
-    (`acc_<class>`), the share of each class among the cycle's queries (`share_<class>`),
-    times and communication. The same loader as `falkit report` (falkit.report.load_runs)."""
+def load_runs(paths: str | Path | list[str | Path]) -> pandas.DataFrame:
+    """Every run under `paths` as one tidy pandas DataFrame (needs pandas).
+
+    The same loader as `falkit report` (`falkit.report.load_runs`).
+
+    Args:
+        paths: Run directories, or folders searched for them; one path or a list.
+
+    Returns:
+        A row per run and cycle, with the run, its method (strategy and its non-default
+            options), setting, seed, every setting that differs between the runs, the
+            cycle, target and labeled %, accuracy, AUC (NaN where not recorded), per-class
+            accuracy (`acc_<class>`), the share of each class among the cycle's queries
+            (`share_<class>`), times and communication.
+
+    Raises:
+        falkit.errors.FalkitError: pandas is missing, or a result file is damaged.
+    """
     try:
         import pandas as pd
     except ImportError:
