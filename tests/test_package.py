@@ -7,6 +7,7 @@ digits run, away from this checkout (nothing imported from src/)."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import tarfile
@@ -21,9 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # the Makefile's CPU wheel
 
 
+# a fresh environment: no PYTHONPATH (Flower's Ray backend puts this venv's sys.path there,
+# in os.environ, when a simulation test ran in this process before) nor PYTHONHOME
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV")}
+
+
 def _run(*cmd: str | Path, cwd: Path | None = None, timeout: float = 900) -> str:
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
-                       timeout=timeout)
+                       timeout=timeout, env=ENV)
     assert p.returncode == 0, f"{' '.join(map(str, cmd))}:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     return p.stdout + p.stderr
 
