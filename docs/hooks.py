@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import tokenize
@@ -89,15 +90,22 @@ def cli_page() -> str:
 
 
 # -- the config keys ----------------------------------------------------------------------
-def _comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment beside it (same line) or the comment lines right above."""
-    path = Path(inspect.getsourcefile(cls) or "")
-    source = path.read_text(encoding="utf-8")
+@functools.cache
+def _parsed(path: str) -> tuple[list[str], dict[int, str], ast.Module]:
+    """A source file's lines, its same-line comments by line number, and its syntax tree
+    (each file once: config.py holds eight sections)."""
+    source = Path(path).read_text(encoding="utf-8")
     lines = source.splitlines()
     trailing = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].split("#")[0].strip()}
-    node = next(n for n in ast.walk(ast.parse(source))
+    return lines, trailing, ast.parse(source)
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment beside it (same line) or the comment lines right above."""
+    lines, trailing, tree = _parsed(inspect.getsourcefile(cls) or "")
+    node = next(n for n in ast.walk(tree)
                 if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     out = {}
     for stmt in node.body:
@@ -140,20 +148,18 @@ def _valid(key: str, choices: dict[str, tuple], ranges: dict[str, tuple]) -> str
 
 
 def _section(title: str, prefix: str, cls: type, choices: dict, ranges: dict,
-             level: str = "##") -> list[str]:
+             level: str = "##", skip: frozenset[str] = frozenset()) -> list[str]:
+    """A table of `cls`'s fields but those in `skip` (the top level's own sections)."""
     notes = _comments(cls)
     out = [f"{level} `{title}`", ""]
     out += ["| key | default | valid | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
-        if cls.__name__ == "Config" and f.name in _SECTIONS:
-            continue  # a section of its own
+        if f.name in skip:
+            continue
         key = f"{prefix}{f.name}"
         out.append(f"| `{key}` | {_default(f)} | {_valid(key, choices, ranges)} | "
                    f"{_cell(notes.get(f.name, ''))} |")
     return out + [""]
-
-
-_SECTIONS: set[str] = set()
 
 
 def config_page() -> str:
@@ -164,8 +170,7 @@ def config_page() -> str:
     choices = config_mod.choices()
     ranges = {r[0]: r[1:] for r in config_mod.ranges()}
     core = {f.name: f for f in dataclasses.fields(config_mod.Config)}
-    _SECTIONS.clear()
-    _SECTIONS.update(n for n, f in core.items() if f.default_factory is not dataclasses.MISSING)
+    sections = [n for n, f in core.items() if f.default_factory is not dataclasses.MISSING]
     out = ["# Config keys", "",
            "Generated from the config dataclasses (`falkit.config`) and every registered "
            "method's options (`falkit.options`) at every build of these pages. A key is set "
@@ -173,8 +178,9 @@ def config_page() -> str:
            "`section.key=value`; `falkit config` prints every key of a resolved config. "
            "*valid*: the choices or the range the config checks (others are checked where "
            "they are used, e.g. a dataset or strategy name against the registry).", ""]
-    out += _section("top level", "", config_mod.Config, choices, ranges)
-    for name in sorted(_SECTIONS, key=list(core).index):
+    out += _section("top level", "", config_mod.Config, choices, ranges,
+                    skip=frozenset(sections))
+    for name in sections:
         cls = type(core[name].default_factory())  # type: ignore[misc]
         out += _section(f"[{name}]", f"{name}.", cls, choices, ranges)
     out += ["## Method options", "",

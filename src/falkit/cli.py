@@ -280,7 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         device_set = "runtime.device" in dict(config_mod.parse_overrides(overrides)) or any(
             k == "runtime.device" for k, _ in grid)
         code = _sweep_ray(args, jobs, out / out_csv, done, device_set)
-        if code >= 0:
+        if code is not None:
             return code
     elif args.cpus_per_run is not None or args.gpus_per_run is not None:
         raise ConfigError("--cpus-per-run and --gpus-per-run are for --ray (with --jobs N "
@@ -358,8 +358,8 @@ def _jobs_arg(text: str) -> int:
     return n
 
 
-def _parallel_plan(cfgs: list[config_mod.Config],
-                   n_jobs: int) -> tuple[int, list[int], list[int], list[int]] | None:
+def _parallel_plan(cfgs: list[config_mod.Config], n_jobs: int, threads_each: int = 0
+                   ) -> tuple[int, list[int], list[int], list[int]] | None:
     """How a sweep runs with --jobs N > 1: (processes, each job's first job with the same
     run directory, the jobs to run, each job's intra-op threads), or None when every run is
     complete (the sweep only reads them, as with --jobs 1). Jobs with one run directory (the
@@ -367,7 +367,8 @@ def _parallel_plan(cfgs: list[config_mod.Config],
     the CPUs divided by the processes (at least one), so that the processes do not
     oversubscribe the CPU. The worker sets that thread count itself and the job's config
     stays as it is; the thread count is no part of a run's identity (config.NOT_IDENTITY)
-    nor of its name, so a run resumes with any --jobs."""
+    nor of its name, so a run resumes with any --jobs. `threads_each`: that many instead
+    (--ray: the CPUs a task holds)."""
     from falkit.parallel import cpu_count
     from falkit.rundir import RunDir
 
@@ -378,8 +379,8 @@ def _parallel_plan(cfgs: list[config_mod.Config],
     if not left:
         return None
     n = min(n_jobs, len(left))
-    threads = [0 if cfg.runtime.threads or n == 1 else max(1, cpu_count() // n)
-               for cfg in cfgs]
+    each = threads_each or (0 if n == 1 else max(1, cpu_count() // n))
+    threads = [0 if cfg.runtime.threads else each for cfg in cfgs]
     return n, firsts, left, threads
 
 
@@ -534,45 +535,43 @@ def _sweep_parallel(jobs: list[tuple[config_mod.Config, dict[str, str]]], table:
     return 2 if all(o.code == 2 for _, o in failed) else 1
 
 
-def _float_arg(text: str | None, flag: str, default: float, least: float) -> float:
+def _float_arg(text: str | None, flag: str, default: float) -> float:
+    """A resource amount of --ray: 0, or at least Ray's resolution 0.0001."""
     if text is None:
         return default
     try:
         v = float(text)
     except ValueError:
         v = float("nan")
-    if not v >= least or v == float("inf") or 0 < v < 1e-4:
+    if not v >= 0 or v == float("inf") or 0 < v < 1e-4:
         raise ConfigError(f"{flag} must be 0 or a number >= 0.0001 (fractions share a "
                           f"{'GPU' if 'gpu' in flag else 'CPU'}), got {text!r}")
     return round(v, 4)  # Ray's resolution
 
 
 def _sweep_ray(args: argparse.Namespace, jobs: list[tuple[config_mod.Config, dict[str, str]]],
-               table: Path, done: int, device_set: bool) -> int:
+               table: Path, done: int, device_set: bool) -> int | None:
     """`falkit sweep --ray ADDRESS`: every run a Ray task of --cpus-per-run CPUs and
     --gpus-per-run GPUs on the cluster (falkit.raysweep); the lines, table and exit codes
-    of --jobs N."""
+    of --jobs N. None when every run is complete (read as --jobs 1 does: no cluster)."""
     from falkit import raysweep
 
     cfgs = [c for c, _ in jobs]
     default_cpus = float(max((c.runtime.threads for c in cfgs), default=0) or 1)
-    cpus = _float_arg(args.cpus_per_run, "--cpus-per-run", default_cpus, 0.0)
-    gpus = _float_arg(args.gpus_per_run, "--gpus-per-run", 0.0, 0.0)
+    cpus = _float_arg(args.cpus_per_run, "--cpus-per-run", default_cpus)
+    gpus = _float_arg(args.gpus_per_run, "--gpus-per-run", 0.0)
     if cpus == 0 and gpus == 0:
         raise ConfigError("--cpus-per-run 0 needs --gpus-per-run > 0 (a run needs a CPU or "
                           "a GPU)")
-    plan = _parallel_plan(cfgs, len(cfgs))
-    if plan is None:
-        return -1  # every run is complete: read, as --jobs 1 does
-    _, firsts, left, _ = plan
     # a run's intra-op threads: runtime.threads, else the CPUs the task holds (at least 1)
-    threads = [0 if c.runtime.threads else max(1, int(cpus)) for c in cfgs]
-    # a GPU run runs on CUDA unless the command line chose the device (the driver may have
-    # no GPU: the worker checks it)
-    device = "cuda" if gpus > 0 and not device_set else ""
-    if device:
-        if any(c.runtime.device != "cpu" for c in cfgs):
-            device = ""  # the config chose a CUDA device itself
+    plan = _parallel_plan(cfgs, len(cfgs), threads_each=max(1, int(cpus)))
+    if plan is None:
+        return None
+    n, firsts, left, threads = plan
+    # a GPU run runs on CUDA unless the command line or the config chose the device (the
+    # driver may have no GPU: the worker checks it)
+    device = ("cuda" if gpus > 0 and not device_set
+              and all(c.runtime.device == "cpu" for c in cfgs) else "")
     raysweep.connect(args.ray)
     nodes = raysweep.check_nodes(sorted({Path(c.out_dir).expanduser() for c in cfgs}),
                                  cpus, gpus)
@@ -583,8 +582,8 @@ def _sweep_ray(args: argparse.Namespace, jobs: list[tuple[config_mod.Config, dic
     def execute(job_args: list[tuple[Any, ...]], on_start: Any, on_finish: Any) -> list[Any]:
         return raysweep.run_tasks(_sweep_job, job_args, cpus, gpus, on_start, on_finish)
 
-    return _sweep_parallel(jobs, table, done, len(left), firsts, left, threads, execute,
-                           how, device, args.quiet)
+    return _sweep_parallel(jobs, table, done, n, firsts, left, threads, execute, how, device,
+                           args.quiet)
 
 
 def cmd_label(args: argparse.Namespace) -> int:

@@ -117,8 +117,7 @@ def check_nodes(folders: Sequence[Path], cpus: float, gpus: float) -> list[str]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fit = [n for n in nodes if n["Resources"].get("CPU", 0) >= cpus
-           and n["Resources"].get("GPU", 0) >= gpus]
+    fit = _fitting(nodes, cpus, gpus)
     if not fit:
         have = ", ".join(f"{_node_name(n['NodeID'], n['NodeManagerHostname'])}: "
                          f"{n['Resources'].get('CPU', 0):g} CPU, "
@@ -197,14 +196,18 @@ def _task(reports: Any, job: int, cwd: str, env: dict[str, str],
     return out, where
 
 
+def _fitting(nodes: list[dict[str, Any]], cpus: float, gpus: float) -> list[dict[str, Any]]:
+    """The alive nodes among `nodes` (ray.nodes()) that can hold one run."""
+    return [n for n in nodes if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
+            and n["Resources"].get("GPU", 0) >= gpus]
+
+
 def _fits(ray: Any, cpus: float, gpus: float) -> bool:
     """Whether an alive node of the cluster can hold one run."""
     try:
-        nodes = ray.nodes()
+        return bool(_fitting(ray.nodes(), cpus, gpus))
     except Exception:  # the GCS is busy: assume so, ask again later
         return True
-    return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
-               and n["Resources"].get("GPU", 0) >= gpus for n in nodes)
 
 
 def run_tasks(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], cpus: float,
